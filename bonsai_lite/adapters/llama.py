@@ -1,0 +1,4 @@
+"""Llama-2/3 and SmolLM2 (`LlamaForCausalLM`)."""
+from bonsai_lite.adapters.base import Adapter
+
+LLAMA = Adapter(name="llama", architectures=("LlamaForCausalLM",))

@@ -1,0 +1,67 @@
+"""Materialise one decoder block (or the embedding rows, final norm, LM-head chunks) at a time.
+
+Every tensor comes from the lazy `Checkpoint`, is cut to the current `Structure` and cast to the
+compute dtype on its way to the device; the caller drops the block when done, so at most the
+blocks the memory plan allows (one, or two with prefetch) are ever alive.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.ops import BlockWeights
+from bonsai_lite.prune.slicing import slice_param
+from bonsai_lite.structure import LayerStructure, ModelSpec
+
+
+class BlockLoader:
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, layers: tuple[LayerStructure, ...], *, device, dtype):
+        self.ckpt, self.spec, self.layers = ckpt, spec, layers
+        self.device, self.dtype = torch.device(device), dtype
+        self.bytes_to_device = 0
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.dtype)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        self.bytes_to_device += t.numel() * t.element_size()
+        return t
+
+    def block(self, layer: int) -> BlockWeights:
+        names = self.spec.adapter.block_tensor_names(layer)
+        structure = self.layers[layer]
+        kw: dict[str, torch.Tensor | None] = {}
+        for key, name in names.items():
+            is_bias = key.endswith("_b")
+            if name not in self.ckpt.infos:
+                if not is_bias:
+                    self.ckpt.info(name)  # raises a clear "tensor missing" error
+                kw[key] = None
+                continue
+            role = key.rsplit("_", 1)[0] if key not in ("attn_norm", "mlp_norm") else key
+            t = slice_param(self.ckpt.read(name), role, is_bias=is_bias, layer=structure, head_dim=self.spec.head_dim)
+            kw[key] = self._to_device(t)
+        return BlockWeights(kv_map=structure.kv_map.to(self.device), head_dim=self.spec.head_dim, **kw)
+
+    def block_bytes(self, layer: int) -> int:
+        """Bytes of the block in the compute dtype after slicing (what lands on the device)."""
+        return self.spec.block_params(self.layers[layer]) * torch.empty(0, dtype=self.dtype).element_size()
+
+    def final_norm(self) -> torch.Tensor:
+        return self._to_device(self.ckpt.read(self.spec.adapter.final_norm))
+
+    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows for the given token ids (host memory, compute dtype)."""
+        return self.ckpt.read_rows(self.spec.adapter.embed, token_ids).to(self.dtype)
+
+    def head_name(self) -> str:
+        a = self.spec.adapter
+        return a.embed if self.spec.tie_embeddings or a.lm_head not in self.ckpt.infos else a.lm_head
+
+    def head_chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        name = self.head_name()
+        vocab = self.ckpt.info(name).shape[0]
+        for v0 in range(0, vocab, chunk_rows):
+            yield v0, self._to_device(self.ckpt.read(name, slice(v0, min(vocab, v0 + chunk_rows))))

@@ -1,0 +1,180 @@
+"""Lazy, read-only view of a safetensors checkpoint (single file or sharded with an index).
+
+Tensors are read with plain positional reads into freshly allocated buffers, not through mmap:
+mapped pages would count towards the process's resident memory and blur the memory budget, and a
+positional read lets us fetch a row range (an LM-head chunk, a few embedding rows) without
+touching the rest of the tensor. Only safetensors are ever read; pickles are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bonsai_lite.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# A header larger than this is not a real safetensors header (the format caps it at 100 MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes); re-download this file")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-download this file") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    infos: dict[str, TensorInfo] = {}
+    start = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            begin, end = meta["data_offsets"]
+            shape = tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt shard ({name!r} needs bytes {start + begin}..{start + end}, "
+                f"file has {size}); re-download this file"
+            )
+        infos[name] = TensorInfo(path, dtype, shape, start + begin, end - begin)
+    return infos
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: corrupt index (no weight_map); re-download it") from e
+        root = model_dir.resolve()
+        files = []
+        for fname in sorted(set(weight_map.values())):
+            path = (model_dir / fname).resolve()
+            if root not in path.parents:
+                raise CheckpointError(f"{index}: names {fname!r}, which is outside the model directory; refusing")
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names {fname!r}, which is missing; re-download the checkpoint")
+            files.append(path)
+        return files
+    if (model_dir / SINGLE_NAME).is_file():
+        return [model_dir / SINGLE_NAME]
+    singles = sorted(model_dir.glob("*.safetensors"))
+    if singles:
+        return singles
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir}: only pickle weights ({', '.join(pickles[:3])}); bonsai-lite reads safetensors only. "
+            "Convert them first (e.g. load with transformers and save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"{model_dir}: no model.safetensors or {INDEX_NAME}")
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """Mapping from tensor name to CPU tensor, read on access. Counts the bytes it reads."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.root = Path(model_dir)
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: model directory not found")
+        self.infos: dict[str, TensorInfo] = {}
+        for path in _shard_files(self.root):
+            self.infos.update(_read_header(path))
+        self.bytes_read = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or a contiguous range of its leading dimension."""
+        info = self.info(name)
+        shape = list(info.shape)
+        offset, nbytes = info.offset, info.nbytes
+        if rows is not None:
+            start, stop, step = rows.indices(shape[0])
+            assert step == 1, "row ranges must be contiguous"
+            row_bytes = info.nbytes // max(shape[0], 1)
+            offset += start * row_bytes
+            nbytes = (stop - start) * row_bytes
+            shape[0] = stop - start
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(buf.numpy()))
+        if got != nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading {name!r}; re-download this file")
+        self.bytes_read += nbytes
+        return buf.view(info.dtype).reshape(shape)
+
+    def read_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Selected rows (e.g. the embedding rows of the calibration tokens), one read per run of rows."""
+        info = self.info(name)
+        index = index.to(torch.long).cpu()
+        out = torch.empty((len(index), *info.shape[1:]), dtype=info.dtype)
+        if len(index) == 0:
+            return out
+        order = torch.argsort(index)
+        sorted_idx = index[order].tolist()
+        pos = 0
+        while pos < len(sorted_idx):
+            end = pos
+            while end + 1 < len(sorted_idx) and sorted_idx[end + 1] == sorted_idx[end] + 1:
+                end += 1
+            block = self.read(name, slice(sorted_idx[pos], sorted_idx[end] + 1))
+            out[order[pos : end + 1]] = block
+            pos = end + 1
+        return out
+
+    def nbytes(self, names: list[str] | None = None) -> int:
+        return sum(self.infos[n].nbytes for n in (names if names is not None else self.infos))
