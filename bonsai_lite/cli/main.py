@@ -1,0 +1,60 @@
+"""`bonsai-lite` entry point: dispatch to one module per subcommand; user errors as one line."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from bonsai_lite.errors import BonsaiError
+
+SUBCOMMANDS = ["eval", "plan", "prune", "adapt", "fetch_demo", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bonsai-lite", description="Structured pruning of LLMs with forward passes only.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"bonsai_lite.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bonsai_lite.cli.{name}":
+                continue  # subcommand not shipped in this build
+            raise
+        module.add_parser(sub)
+    return p
+
+
+def emit_json(obj: dict) -> None:
+    """The last stdout line of a --json run: one JSON object."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.run(args) or 0)
+    except BonsaiError as e:
+        if debug:
+            raise
+        print(f"bonsai-lite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bonsai-lite: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except MemoryError as e:
+        if debug:
+            raise
+        print("bonsai-lite: error: out of memory; pass a smaller --memory-budget so the planner streams more", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Streamed perplexity: exp(mean token NLL) over non-overlapping windows of a text file."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
+from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.search.engine import evaluate
+from bonsai_lite.search.planner import Work, detect_machine, make_plan
+
+
+def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tokens: int | None = None,
+               budget: int | None = None, device: str | None = None, dtype: str | None = None, spill_dir=None,
+               log=None) -> dict:
+    model = StreamedModel.open(model_dir)
+    ids = tokenize(load_tokenizer(model_dir), read_text(text))
+    win = windows(ids, seq_len, max_tokens=max_tokens)
+    machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir)
+    plan = make_plan(model.spec, model.layers, Work(1, win.shape[0], seq_len), machine, dtype=dtype)
+    if log:
+        log(plan.describe())
+    res = evaluate(model, win, None, plan, spill_dir=spill_dir)
+    nll = res.row_nll[0].mean().item()  # every window predicts seq_len - 1 tokens: equal weights
+    return {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": int(win.numel()),
+        "windows": int(win.shape[0]),
+        "seq_len": seq_len,
+        "params": model.params(),
+        "seconds": res.stats.seconds,
+        "plan": plan.to_json(),
+    }
