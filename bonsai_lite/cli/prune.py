@@ -1,0 +1,67 @@
+"""`bonsai-lite prune`: search (resumable) then export shard by shard."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from bonsai_lite.cli.common import add_budget_args
+from bonsai_lite.cli.main import emit_json
+from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.search.planner import parse_bytes
+
+log = logging.getLogger("bonsai_lite.prune")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model directory to a target sparsity and export it")
+    p.add_argument("model_dir")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of non-embedding parameters to remove")
+    p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    p.add_argument("--calib", default=None, help="calibration text file (default: text sampled from the model)")
+    p.add_argument("--method", default="bonsai", choices=METHODS)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quick: minutes on a CPU; paper: appendix A.2 settings (explicit flags win)")
+    p.add_argument("--p-iter", type=float, default=None, help="fraction pruned per iteration (paper: 0.05)")
+    p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
+    p.add_argument("--prior", default="wanda", choices=["wanda", "activation"])
+    p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
+    p.add_argument("--rank", default="per-param", choices=["per-param", "relevance"],
+                   help="global ranking of Bonsai's relevances: per parameter removed, or raw")
+    p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
+    p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_budget_args(p)
+    p.set_defaults(run=run)
+
+
+def config_from_args(args) -> RunConfig:
+    preset = PRESETS[args.preset or "paper"]
+    pick = lambda v, k: v if v is not None else preset[k]  # noqa: E731
+    calib = CalibConfig(text=str(Path(args.calib).resolve()) if args.calib else None,
+                        samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
+    search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
+                          masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
+                          penalty=args.penalty, rank=args.rank, uniform=args.uniform, seed=args.seed)
+    return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
+                     search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+                     device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
+
+
+def run(args) -> int:
+    from bonsai_lite.prune.api import prune
+
+    t0 = time.perf_counter()
+    cfg = config_from_args(args)
+    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True)
+    result["seconds"] = time.perf_counter() - t0
+    log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],
+             result["params_before"], result["params_after"],
+             100 * (1 - result["prunable_params_after"] / result["prunable_params_before"]), result["seconds"])
+    if args.json:
+        emit_json(result)
+    return 0

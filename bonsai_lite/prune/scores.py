@@ -1,0 +1,77 @@
+"""Unit scores per method ("higher = keep"), from activation statistics and output projections."""
+from __future__ import annotations
+
+import torch
+
+from bonsai_lite.search import priors as P
+from bonsai_lite.structure import UnitLayout
+
+PRIOR_METHODS = {"wanda", "activation"}
+
+
+def output_projections(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """o_proj and down_proj of one layer, sliced to the current structure, float32 on the CPU."""
+    from bonsai_lite.prune.slicing import slice_param
+
+    a, s = model.spec.adapter, model.layers[layer]
+    names = a.block_tensor_names(layer)
+    o = slice_param(model.ckpt.read(names["o_w"]), "o", is_bias=False, layer=s, head_dim=model.spec.head_dim)
+    d = slice_param(model.ckpt.read(names["down_w"]), "down", is_bias=False, layer=s, head_dim=model.spec.head_dim)
+    return o.float(), d.float()
+
+
+def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.Tensor:
+    """Module-level Wanda (appendix F.2), activation magnitude (F.1), or weight magnitude."""
+    out = torch.zeros(layout.total, dtype=torch.float64)
+    hd = model.spec.head_dim
+    for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+        o, d = output_projections(model, l) if kind in ("wanda", "magnitude") else (None, None)
+        for sl, k, w, g in ((h, "heads", o, hd), (m, "mlp", d, 1)):
+            if sl.stop == sl.start:
+                continue
+            if kind == "wanda":
+                out[sl] = P.wanda_scores(w, stats[(l, k)], group_size=g).double()
+            elif kind == "activation":
+                out[sl] = P.activation_magnitude_scores(stats[(l, k)], group_size=g).double()
+            elif kind == "magnitude":
+                out[sl] = P.magnitude_scores(w, group_size=g).double()
+            else:
+                raise ValueError(kind)
+    return out
+
+
+def flap_unit_scores(model, stats: dict, layout: UnitLayout) -> tuple[torch.Tensor, dict]:
+    """FLAP: fluctuation x squared column norm, standardised per (layer, kind); plus what bias
+    compensation needs (each layer's output projections and input means)."""
+    hd = model.spec.head_dim
+    scores, groups, sizes, slots = torch.zeros(layout.total, dtype=torch.float64), [], [], []
+    for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+        o, d = output_projections(model, l)
+        for sl, k, w, g in ((h, "heads", o, hd), (m, "mlp", d, 1)):
+            if sl.stop == sl.start:
+                continue
+            # column-level fluctuation; flap_standardize averages head columns after z-scoring
+            groups.append(P.flap_scores(w, stats[(l, k)], group_size=1))
+            sizes.append(g)
+            slots.append(sl)
+    for sl, z in zip(slots, P.flap_standardize(groups, group_sizes=sizes)):
+        scores[sl] = z.double()
+    return scores, {}
+
+
+def noregress_scores(model, tap, layout: UnitLayout, masks: torch.Tensor) -> torch.Tensor:
+    """Paper appendix B: the Wanda prior computed inside each perturbed sub-model, averaged over
+    the sub-models in which the unit is present."""
+    hd = model.spec.head_dim
+    out = torch.zeros(layout.total, dtype=torch.float64)
+    for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+        o, d = output_projections(model, l)
+        for sl, k, w, g in ((h, "heads", o, hd), (m, "mlp", d, 1)):
+            if sl.stop == sl.start or (l, k) not in tap.per_mask_sq:
+                continue
+            rms = (tap.per_mask_sq[(l, k)] / tap.per_mask_count[(l, k)][:, None].clamp_min(1)).sqrt()  # [K, cols]
+            col = rms * w.abs().mean(0).double()[None, :]
+            unit = col.reshape(col.shape[0], -1, g).mean(-1)  # [K, units]
+            present = masks[:, sl].double()
+            out[sl] = (unit * present).sum(0) / present.sum(0).clamp_min(1)
+    return out

@@ -1,0 +1,55 @@
+"""Pure selection (eq. 2): drop the lowest-scoring units until a parameter target is met.
+
+Scores are "higher = keep". Units with score +inf (Bonsai's fixed units) are never dropped.
+Costs are the parameters a unit's removal frees; a KV head freed by its last query head is
+counted by the caller from the resulting structure, so the greedy pass may slightly overshoot.
+"""
+from __future__ import annotations
+
+import torch
+
+from bonsai_lite.structure import LayerStructure, UnitLayout
+
+
+def unit_costs(layout: UnitLayout, *, head_params: int, mlp_params: int) -> torch.Tensor:
+    costs = torch.empty(layout.total, dtype=torch.float64)
+    for h, m in zip(layout.heads, layout.mlp):
+        costs[h] = head_params
+        costs[m] = mlp_params
+    return costs
+
+
+def greedy_drop(scores: torch.Tensor, costs: torch.Tensor, target: float) -> torch.Tensor:
+    """Bool [U] of units to drop: ascending score (stable: ties by index) until costs reach target."""
+    order = torch.sort(scores.to(torch.float64), stable=True).indices
+    order = order[torch.isfinite(scores[order]) | (scores[order] < 0)]
+    cum = torch.cumsum(costs[order], 0)
+    n = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)).item()) + 1
+    drop = torch.zeros_like(scores, dtype=torch.bool)
+    drop[order[: min(n, len(order))]] = True
+    return drop
+
+
+def uniform_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, layers: tuple[LayerStructure, ...]) -> torch.Tensor:
+    """Spread a global selection evenly: every layer drops the same number of heads (the same number
+    per KV group, so the export is a stock GQA config) and of MLP units, chosen by score in-layer."""
+    n_layers = len(layers)
+    out = torch.zeros_like(drop)
+    per_layer_mlp = round(sum(int(drop[m].sum()) for m in layout.mlp) / n_layers)
+    groups = len(layers[0].kv)
+    per_group = round(sum(int(drop[h].sum()) for h in layout.heads) / (n_layers * groups))
+    for s, h, m in zip(layers, layout.heads, layout.mlp):
+        if per_layer_mlp:
+            idx = torch.arange(m.start, m.stop)
+            out[idx[torch.sort(scores[m], stable=True).indices[:per_layer_mlp]]] = True
+        if per_group:
+            kv = torch.tensor(s.kv_of_head)
+            for g in s.kv:
+                members = torch.arange(h.start, h.stop)[kv == g]
+                order = torch.sort(scores[members], stable=True).indices
+                out[members[order[: min(per_group, len(members))]]] = True
+    return out
+
+
+def apply_drop(layers: tuple[LayerStructure, ...], layout: UnitLayout, drop: torch.Tensor) -> tuple[LayerStructure, ...]:
+    return tuple(s.keep(heads=~drop[h], mlp=~drop[m]) for s, h, m in zip(layers, layout.heads, layout.mlp))
