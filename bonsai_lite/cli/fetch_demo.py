@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever is in OUT_DIR")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
-    parser.set_defaults(func=run)
+    parser.set_defaults(run=run)
     return parser
 
 
