@@ -1,0 +1,216 @@
+"""Module-level priors rho (paper section 3.2, appendix F) and FLAP's fluctuation metric.
+
+Every score here is computed from the *input* of a block's output projection: the concatenated
+head outputs entering ``o_proj`` (width ``n_heads * head_dim``) or the MLP intermediate entering
+``down_proj`` (width ``I``). A prunable unit is ``group_size`` consecutive input columns
+(``head_dim`` for a head, 1 for an MLP unit), so one function serves both kinds.
+
+Pure tensor maths: no I/O, no hooks. The engine feeds activation tiles to ``ActivationStats``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ActivationStats",
+    "wanda_scores",
+    "activation_magnitude_scores",
+    "magnitude_scores",
+    "flap_scores",
+    "flap_standardize",
+    "flap_bias_compensation",
+]
+
+
+@dataclass
+class ActivationStats:
+    """Per-channel running sums of an output projection's input activations.
+
+    Sums are float64 because they run over ~10^5 token rows of bf16/fp16 activations; float32
+    would lose the low bits that ``variance`` needs (it subtracts two large sums). ``count`` is the
+    number of token rows seen. ``update`` accumulates in place; ``merge`` returns a new object and
+    leaves both operands untouched, so tiles streamed on different devices or processes combine
+    in any order.
+    """
+
+    sum: torch.Tensor
+    sq_sum: torch.Tensor
+    abs_sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, width: int, *, device: torch.device | str | None = None) -> ActivationStats:
+        """Zeroed statistics for ``width`` input channels."""
+        zeros = lambda: torch.zeros(width, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(sum=zeros(), sq_sum=zeros(), abs_sum=zeros(), count=0)
+
+    @property
+    def width(self) -> int:
+        return self.sum.numel()
+
+    def update(self, x: torch.Tensor) -> None:
+        """Accumulate a tile ``x`` of shape ``[..., width]`` (any float dtype, any device)."""
+        if x.shape[-1] != self.width:
+            raise ValueError(f"expected last dim {self.width}, got shape {tuple(x.shape)}")
+        rows = x.reshape(-1, self.width).to(torch.float64)
+        # Reduce on x's device, move only the three width-long vectors: a tile can be
+        # thousands of rows and the stats may live on the CPU.
+        dev = self.sum.device
+        self.sum += rows.sum(0).to(dev)
+        self.sq_sum += rows.square().sum(0).to(dev)
+        self.abs_sum += rows.abs().sum(0).to(dev)
+        self.count += rows.shape[0]
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        """Statistics of the union of both streams (new object)."""
+        if other.width != self.width:
+            raise ValueError(f"cannot merge widths {self.width} and {other.width}")
+        dev = self.sum.device
+        return ActivationStats(
+            sum=self.sum + other.sum.to(dev),
+            sq_sum=self.sq_sum + other.sq_sum.to(dev),
+            abs_sum=self.abs_sum + other.abs_sum.to(dev),
+            count=self.count + other.count,
+        )
+
+    def _require_rows(self, minimum: int) -> None:
+        if self.count < minimum:
+            raise ValueError(f"need at least {minimum} activation rows, have {self.count}")
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self._require_rows(1)
+        return self.sum / self.count
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        self._require_rows(1)
+        return self.abs_sum / self.count
+
+    @property
+    def rms(self) -> torch.Tensor:
+        self._require_rows(1)
+        return (self.sq_sum / self.count).sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance (n - 1 denominator, as FLAP's running estimate)."""
+        self._require_rows(2)
+        centered = self.sq_sum - self.sum.square() / self.count
+        # Cancellation can leave -1e-17 on constant channels; a variance is never negative.
+        return (centered / (self.count - 1)).clamp_min(0.0)
+
+
+def _per_unit(column_scores: torch.Tensor, group_size: int, *, reduce: str) -> torch.Tensor:
+    width = column_scores.numel()
+    if group_size < 1 or width % group_size:
+        raise ValueError(f"width {width} is not a multiple of group_size {group_size}")
+    units = column_scores.reshape(width // group_size, group_size)
+    pooled = units.mean(1) if reduce == "mean" else units.sum(1)
+    return pooled.to(torch.float32)
+
+
+def _check_weight(w_out: torch.Tensor, stats: ActivationStats | None) -> None:
+    if w_out.dim() != 2:
+        raise ValueError(f"w_out must be [out_features, in_features], got {tuple(w_out.shape)}")
+    if stats is not None and stats.width != w_out.shape[1]:
+        raise ValueError(f"w_out has {w_out.shape[1]} input columns, stats have {stats.width}")
+
+
+def _column_abs_mean(w_out: torch.Tensor) -> torch.Tensor:
+    # mean(dtype=) avoids materialising a float64 copy of a 4096 x 11008 matrix.
+    return w_out.abs().mean(0, dtype=torch.float32).to(torch.float64)
+
+
+def wanda_scores(w_out: torch.Tensor, stats: ActivationStats, *, group_size: int) -> torch.Tensor:
+    """Module-level Wanda (appendix F.2, eq. 6): mean_o |W[o, c]| * RMS(a_c), averaged per unit.
+
+    ``w_out`` is the output projection ``[out_features, d]``; returns float32 ``[d // group_size]``.
+    """
+    _check_weight(w_out, stats)
+    column = _column_abs_mean(w_out) * stats.rms.to(w_out.device)
+    return _per_unit(column, group_size, reduce="mean")
+
+
+def activation_magnitude_scores(stats: ActivationStats, *, group_size: int) -> torch.Tensor:
+    """Mean |a| per unit (appendix F.1, eqs. 4-5).
+
+    Flattening a head's ``[B, S, d_h]`` activations and averaging equals the mean of its columns'
+    means, because every column has the same row count. Eq. 4 averages per sequence first; with
+    equal-length calibration sequences that is the same number.
+    """
+    return _per_unit(stats.mean_abs, group_size, reduce="mean")
+
+
+def magnitude_scores(w_out: torch.Tensor, *, group_size: int) -> torch.Tensor:
+    """Data-free baseline: mean |W_out| over the unit's input columns (all output rows).
+
+    Only the output projection is looked at because it is the one matrix whose columns map
+    one-to-one onto units for both heads and MLP units; q/k/v and gate/up rows would need
+    architecture knowledge (GQA sharing) that this module must not have.
+    """
+    _check_weight(w_out, None)
+    return _per_unit(_column_abs_mean(w_out), group_size, reduce="mean")
+
+
+def flap_scores(w_out: torch.Tensor, stats: ActivationStats, *, group_size: int) -> torch.Tensor:
+    """FLAP's WIFV fluctuation metric: Var(a_c) * ||W[:, c]||^2 per column, summed per unit.
+
+    An et al. 2024, eq. (3) and their ``metrics['WIFV']``. Their AL-AM mode additionally squares
+    the attention columns' metric and standardises columns before averaging into heads; to
+    reproduce that, call with ``group_size=1``, square, and pass ``group_sizes`` to
+    ``flap_standardize``.
+    """
+    _check_weight(w_out, stats)
+    col_sq_norm = w_out.float().square().sum(0).to(torch.float64)
+    column = stats.variance.to(w_out.device) * col_sq_norm
+    return _per_unit(column, group_size, reduce="sum")
+
+
+def flap_standardize(
+    scores_per_group: Sequence[torch.Tensor], *, group_sizes: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """Z-score each (layer, kind) group's scores so that groups rank on one global scale.
+
+    FLAP standardises every layer's metric vector separately (mean, unbiased std) before its
+    global ranking; it stacks layers of one kind, so each row is one of our groups. With
+    ``group_sizes[i] = g > 1`` the i-th input holds column scores that are standardised first and
+    then averaged over ``g`` consecutive columns, FLAP's order for attention heads. A group whose
+    scores are all equal (or that has one element) gets zeros instead of FLAP's NaNs: it carries
+    no ranking information and NaNs would poison a global sort.
+    """
+    if group_sizes is not None and len(group_sizes) != len(scores_per_group):
+        raise ValueError("group_sizes must have one entry per group")
+    out = []
+    for i, scores in enumerate(scores_per_group):
+        s = scores.to(torch.float64).flatten()
+        if s.numel() < 2:
+            z = torch.zeros_like(s)
+        else:
+            std = s.std()
+            z = torch.zeros_like(s) if std == 0 else (s - s.mean()) / std
+        g = 1 if group_sizes is None else group_sizes[i]
+        out.append(_per_unit(z, g, reduce="mean"))
+    return out
+
+
+def flap_bias_compensation(
+    w_out: torch.Tensor, stats: ActivationStats, *, keep_columns: torch.Tensor
+) -> torch.Tensor:
+    """Output bias ``W[:, removed] @ mean(a)[removed]`` that preserves removed channels' mean.
+
+    FLAP's ``compress(..., bias=True)``: after slicing the columns away, adding this bias to the
+    output projection makes the pruned layer exact on the mean calibration input. Float32
+    ``[out_features]``; callers cast to the weight dtype.
+    """
+    _check_weight(w_out, stats)
+    keep = keep_columns.to(device=w_out.device, dtype=torch.bool).flatten()
+    if keep.numel() != w_out.shape[1]:
+        raise ValueError(f"keep_columns has {keep.numel()} entries, w_out {w_out.shape[1]} columns")
+    removed = ~keep
+    mean = stats.mean.to(w_out.device)[removed]
+    return (w_out[:, removed].to(torch.float64) @ mean).to(torch.float32)

@@ -1,0 +1,119 @@
+"""Prior-guided sub-model sampling with complements (Algorithm 1 lines 3-6, section 3.2).
+
+Units live in one global vector of length U, organised in groups (one per (layer, kind)). In every
+group the top ``1 - 2 p_iter`` fraction by prior is fixed on; the rest are candidates. Each sampled
+mask keeps half of a group's candidates, drawn with probability proportional to the prior, and is
+followed by its complement, which keeps exactly the candidates the mask dropped (Covert & Lee
+2020: antithetic pairs reduce the variance of the regression estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MaskSample", "sample_masks", "group_indices"]
+
+# Candidates whose prior is zero (dead units) or negative (standardised scores) must still be kept
+# sometimes: torch.multinomial refuses to draw more items than there are positive weights, and a
+# unit that is always dropped in masks and always kept in complements has a column identical to
+# every other such unit, so the regression could not tell them apart. The floor is relative to the
+# group's mean positive prior so that it does not depend on the prior's units.
+PRIOR_FLOOR_FRACTION = 1e-2
+
+
+@dataclass(frozen=True)
+class MaskSample:
+    """Sampled sub-models. ``masks[2k]`` and ``masks[2k + 1]`` are a (mask, complement) pair.
+
+    masks: bool [n_masks, U], True = unit kept. fixed: bool [U], kept in every mask (includes
+    units in no group). candidates: bool [U], perturbed units (``fixed`` xor ``candidates`` is all
+    True).
+    """
+
+    masks: torch.Tensor
+    fixed: torch.Tensor
+    candidates: torch.Tensor
+
+
+def group_indices(group: torch.Tensor | slice, n_units: int) -> torch.Tensor:
+    """A group given as index tensor, bool mask or slice -> 1-D int64 indices."""
+    if isinstance(group, slice):
+        return torch.arange(n_units)[group]
+    group = torch.as_tensor(group)
+    if group.dtype == torch.bool:
+        return group.nonzero().flatten()
+    return group.to(torch.int64).flatten()
+
+
+def _n_fixed(n: int, p_iter: float) -> int:
+    if n < 2:
+        return n  # a lone unit (e.g. a layer's last head) is never perturbed
+    # floor(x + 0.5): round half up, unlike Python's banker's round(), so 2.5 -> 3 everywhere.
+    return min(n, max(0, math.floor((1.0 - 2.0 * p_iter) * n + 0.5)))
+
+
+def _floored(prior: torch.Tensor) -> torch.Tensor:
+    positive = prior[prior > 0]
+    if positive.numel() == 0:
+        return torch.ones_like(prior)  # no information at all: sample uniformly
+    return prior.clamp_min(PRIOR_FLOOR_FRACTION * positive.mean())
+
+
+def sample_masks(
+    prior: torch.Tensor,
+    *,
+    groups: Sequence[torch.Tensor | slice],
+    p_iter: float,
+    n_masks: int,
+    generator: torch.Generator,
+) -> MaskSample:
+    """Draw ``n_masks`` masks in (mask, complement) pairs; an odd ``n_masks`` is rounded up.
+
+    Per group of n units: the top ``floor((1 - 2 p_iter) n + 0.5)`` by prior are fixed (ties go to
+    the lower index); of the c remaining candidates a mask keeps ``c // 2`` drawn without
+    replacement with probability proportional to the (floored) prior, and its complement keeps the
+    other ``c - c // 2``. Groups of one unit are never perturbed; units in no group are fixed.
+    ``generator`` is a CPU ``torch.Generator``; the same state gives the same output.
+    """
+    prior = prior.detach().to(torch.float64).flatten().cpu()
+    n_units = prior.numel()
+    if not torch.isfinite(prior).all():
+        raise ValueError(f"prior has {int((~torch.isfinite(prior)).sum())} non-finite entries")
+    if not 0.0 < p_iter < 1.0:
+        raise ValueError(f"p_iter must be in (0, 1), got {p_iter}")
+    if n_masks < 1:
+        raise ValueError(f"n_masks must be positive, got {n_masks}")
+    n_pairs = (n_masks + 1) // 2
+
+    candidates = torch.zeros(n_units, dtype=torch.bool)
+    seen = torch.zeros(n_units, dtype=torch.bool)
+    kept = torch.zeros(n_pairs, n_units, dtype=torch.bool)  # candidate bits of the first mask
+    for group in groups:
+        idx = group_indices(group, n_units)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n_units):
+            raise ValueError(f"group indices out of range [0, {n_units})")
+        if seen[idx].any() or idx.unique().numel() != idx.numel():
+            raise ValueError("groups must not overlap")
+        seen[idx] = True
+        n_fix = _n_fixed(idx.numel(), p_iter)
+        order = torch.sort(prior[idx], descending=True, stable=True).indices
+        cand = idx[order[n_fix:]]
+        if cand.numel() == 0:
+            continue
+        candidates[cand] = True
+        n_keep = cand.numel() // 2
+        if n_keep == 0:
+            continue  # one candidate: the mask drops it, the complement keeps it
+        weights = _floored(prior[cand]).expand(n_pairs, -1)
+        draws = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+        kept[torch.arange(n_pairs).unsqueeze(1), cand[draws]] = True
+
+    fixed = ~candidates
+    mask = fixed | kept
+    complement = fixed | (candidates & ~kept)
+    masks = torch.stack([mask, complement], dim=1).reshape(2 * n_pairs, n_units)
+    return MaskSample(masks=masks, fixed=fixed, candidates=candidates)

@@ -1,0 +1,143 @@
+"""Priors against explicit per-unit python loops on tiny random tensors."""
+
+import math
+
+import pytest
+import torch
+
+from bonsai_lite.search.priors import (
+    ActivationStats,
+    activation_magnitude_scores,
+    flap_bias_compensation,
+    flap_scores,
+    flap_standardize,
+    magnitude_scores,
+    wanda_scores,
+)
+
+pytestmark = pytest.mark.unit
+
+HEAD_DIM, N_HEADS, OUT = 4, 3, 5
+WIDTH = HEAD_DIM * N_HEADS
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(2, 7, WIDTH, generator=g) * torch.linspace(0.1, 3.0, WIDTH) + 0.5
+    w_out = torch.randn(OUT, WIDTH, generator=g)
+    stats = ActivationStats.empty(WIDTH)
+    stats.update(acts)
+    return acts.reshape(-1, WIDTH).double(), w_out, stats
+
+
+def _units(group_size):
+    return [range(u * group_size, (u + 1) * group_size) for u in range(WIDTH // group_size)]
+
+
+@pytest.mark.parametrize("group_size", [1, HEAD_DIM])
+def test_wanda_matches_loops(data, group_size):
+    rows, w, stats = data
+    expected = []
+    for cols in _units(group_size):
+        per_col = []
+        for c in cols:
+            w_mean = sum(abs(float(w[o, c])) for o in range(OUT)) / OUT
+            rms = math.sqrt(sum(float(r[c]) ** 2 for r in rows) / len(rows))
+            per_col.append(w_mean * rms)
+        expected.append(sum(per_col) / len(per_col))
+    got = wanda_scores(w, stats, group_size=group_size)
+    assert got.dtype == torch.float32 and got.shape == (WIDTH // group_size,)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("group_size", [1, HEAD_DIM])
+def test_activation_magnitude_and_weight_magnitude_match_loops(data, group_size):
+    rows, w, stats = data
+    act, mag = [], []
+    for cols in _units(group_size):
+        # A head's activations flattened to one vector (appendix F.1, eq. 5).
+        values = [abs(float(r[c])) for r in rows for c in cols]
+        act.append(sum(values) / len(values))
+        weights = [abs(float(w[o, c])) for o in range(OUT) for c in cols]
+        mag.append(sum(weights) / len(weights))
+    torch.testing.assert_close(
+        activation_magnitude_scores(stats, group_size=group_size), torch.tensor(act)
+    )
+    torch.testing.assert_close(magnitude_scores(w, group_size=group_size), torch.tensor(mag))
+
+
+@pytest.mark.parametrize("group_size", [1, HEAD_DIM])
+def test_flap_scores_match_loops(data, group_size):
+    rows, w, stats = data
+    n = len(rows)
+    expected = []
+    for cols in _units(group_size):
+        total = 0.0
+        for c in cols:
+            mean = sum(float(r[c]) for r in rows) / n
+            var = sum((float(r[c]) - mean) ** 2 for r in rows) / (n - 1)
+            total += var * sum(float(w[o, c]) ** 2 for o in range(OUT))
+        expected.append(total)
+    got = flap_scores(w, stats, group_size=group_size)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_stats_streamed_in_chunks_equal_one_shot():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 10, WIDTH, generator=g) * 4 + 2).to(torch.bfloat16)
+    whole = ActivationStats.empty(WIDTH)
+    whole.update(x)
+    parts = [ActivationStats.empty(WIDTH) for _ in range(3)]
+    for part, chunk in zip(parts, x.reshape(-1, WIDTH).split([5, 11, 14])):
+        part.update(chunk)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.count == whole.count == 30
+    for name in ("sum", "sq_sum", "abs_sum"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name))
+    # merge is pure: the operands are unchanged
+    assert parts[0].count == 5
+    ref = x.reshape(-1, WIDTH).double()
+    torch.testing.assert_close(merged.variance, ref.var(0))
+    torch.testing.assert_close(merged.mean, ref.mean(0))
+
+
+def test_stats_reject_wrong_width_and_empty():
+    stats = ActivationStats.empty(WIDTH)
+    with pytest.raises(ValueError):
+        stats.update(torch.zeros(2, WIDTH + 1))
+    with pytest.raises(ValueError):
+        _ = stats.rms
+
+
+def test_bias_compensation_preserves_mean_output(data):
+    _, w, stats = data
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    mean_in = stats.mean.float()
+    full = torch.nn.functional.linear(mean_in, w)
+    pruned = torch.nn.functional.linear(mean_in[keep], w[:, keep])
+    bias = flap_bias_compensation(w, stats, keep_columns=keep)
+    assert bias.shape == (OUT,)
+    torch.testing.assert_close(pruned + bias, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pruned, full)  # the compensation is doing work
+
+
+def test_flap_standardize_per_group_and_pooling():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.rand(6, generator=g) * 10, torch.rand(8, generator=g)
+    za, zb = flap_standardize([a, b])
+    for z, s in ((za, a), (zb, b)):
+        ref = [(float(v) - float(s.mean())) / float(s.std()) for v in s]
+        torch.testing.assert_close(z, torch.tensor(ref))
+    # FLAP's head order: standardise columns, then average groups of head_dim columns.
+    (zh,) = flap_standardize([b], group_sizes=[4])
+    torch.testing.assert_close(zh, zb.reshape(2, 4).mean(1))
+    # constant or singleton groups carry no ranking: zeros, not NaN
+    zc, z1 = flap_standardize([torch.full((5,), 3.0), torch.tensor([7.0])])
+    assert torch.equal(zc, torch.zeros(5)) and torch.equal(z1, torch.zeros(1))
+
+
+def test_group_size_must_divide_width(data):
+    _, w, stats = data
+    with pytest.raises(ValueError):
+        wanda_scores(w, stats, group_size=5)
