@@ -25,6 +25,7 @@ class SearchConfig:
     prior: str = "wanda"  # "wanda" | "activation"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     rank: str = "per-param"  # "per-param" | "relevance": global ranking of Bonsai's beta (eq. 2)
+    keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     uniform: bool = False
     seed: int = 0
 

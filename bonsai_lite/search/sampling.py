@@ -70,6 +70,7 @@ def sample_masks(
     p_iter: float,
     n_masks: int,
     generator: torch.Generator,
+    keep_spread: float = 0.0,
 ) -> MaskSample:
     """Draw ``n_masks`` masks in (mask, complement) pairs; an odd ``n_masks`` is rounded up.
 
@@ -105,7 +106,18 @@ def sample_masks(
         if cand.numel() == 0:
             continue
         candidates[cand] = True
-        n_keep = cand.numel() // 2
+        c = cand.numel()
+        n_keep = c // 2
+        if keep_spread > 0 and c > 1:
+            half = keep_spread * c / 2
+            lo, hi = max(0, math.ceil(c / 2 - half)), min(c, math.floor(c / 2 + half))
+            counts = torch.randint(lo, hi + 1, (n_pairs,), generator=generator)
+            weights = _floored(prior[cand]).expand(n_pairs, -1)
+            order_w = torch.multinomial(weights, c, replacement=False, generator=generator)  # weighted order
+            take = torch.arange(c).unsqueeze(0) < counts.unsqueeze(1)
+            rows = torch.arange(n_pairs).unsqueeze(1).expand(-1, c)
+            kept[rows[take], cand[order_w][take]] = True
+            continue
         if n_keep == 0:
             continue  # one candidate: the mask drops it, the complement keeps it
         weights = _floored(prior[cand]).expand(n_pairs, -1)

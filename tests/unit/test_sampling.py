@@ -98,3 +98,18 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError):
         sample_masks(torch.tensor([1.0, float("nan")]), groups=[torch.arange(2)],
                      p_iter=0.2, n_masks=2, generator=gen)
+
+
+def test_keep_spread_varies_counts_and_keeps_pairs():
+    g = torch.Generator().manual_seed(0)
+    prior = torch.rand(60, generator=torch.Generator().manual_seed(1))
+    groups = [torch.arange(0, 30), torch.arange(30, 60)]
+    s = sample_masks(prior, groups=groups, p_iter=0.25, n_masks=40, generator=g, keep_spread=1.0)
+    counts = s.masks[:, :30][:, s.candidates[:30]].sum(1)
+    assert len(set(counts.tolist())) > 3  # the kept count varies between masks
+    for k in range(0, 40, 2):
+        a, b = s.masks[k], s.masks[k + 1]
+        assert torch.equal(a[s.candidates], ~b[s.candidates]) and a[s.fixed].all() and b[s.fixed].all()
+    g2 = torch.Generator().manual_seed(0)
+    again = sample_masks(prior, groups=groups, p_iter=0.25, n_masks=40, generator=g2, keep_spread=1.0)
+    assert torch.equal(again.masks, s.masks)
