@@ -1,0 +1,1 @@
+"""Files copied into exported checkpoints (`modeling_bonsai.py`); the library itself never imports them."""
