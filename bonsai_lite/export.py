@@ -36,6 +36,7 @@ import torch
 from bonsai_lite import __version__
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint
+from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.slicing import slice_param
 from bonsai_lite.structure import PER_LAYER_KEY, LayerStructure, ModelSpec, load_spec, read_config
 
@@ -247,6 +248,7 @@ def write_shard(job: ShardJob, source: Checkpoint, layers: tuple[LayerStructure,
             del x
         f.flush()
         os.fsync(f.fileno())  # the rename publishes the export; its bytes must be on disk first
+    checkpoint("export")  # test hook (prune/faults.py): a kill here leaves a half-written export
     return ShardResult(job.file, offset, job.params, {t.name: job.file for t in order})
 
 

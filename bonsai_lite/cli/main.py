@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -10,6 +11,7 @@ import sys
 from bonsai_lite.errors import BonsaiError
 
 SUBCOMMANDS = ["eval", "plan", "prune", "adapt", "fetch_demo", "demo"]
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"bonsai-lite: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (full disk, permissions) outside a wrapped write
+        if debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "; free space and re-run the same command to resume" if e.errno in _DISK_FULL else ""
+        print(f"bonsai-lite: error: {e.strerror or e}{where}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bonsai-lite: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -8,6 +8,7 @@ from pathlib import Path
 from bonsai_lite.cli.common import add_budget_args
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.errors import BonsaiError
 from bonsai_lite.search.planner import parse_bytes
 
 log = logging.getLogger("bonsai_lite.prune")
@@ -35,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--checkpoint-masks", type=int, default=None, metavar="N",
+                   help="save the run state after at most N evaluated sub-models (default: after each pass of "
+                        "the memory plan, at most ~10 minutes of work); smaller loses less work to a crash but "
+                        "reads the weights once more per save")
     add_budget_args(p)
     p.set_defaults(run=run)
 
@@ -42,7 +47,9 @@ def add_parser(sub) -> None:
 def config_from_args(args) -> RunConfig:
     preset = PRESETS[args.preset or "paper"]
     pick = lambda v, k: v if v is not None else preset[k]  # noqa: E731
-    calib = CalibConfig(text=str(Path(args.calib).resolve()) if args.calib else None,
+    # A file becomes an absolute path (the run state records it); a dataset name stays as given.
+    text = str(Path(args.calib).resolve()) if args.calib and Path(args.calib).exists() else args.calib
+    calib = CalibConfig(text=text,
                         samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
@@ -57,7 +64,10 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     cfg = config_from_args(args)
-    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True)
+    if args.checkpoint_masks is not None and args.checkpoint_masks < 1:
+        raise BonsaiError(f"--checkpoint-masks must be at least 1, got {args.checkpoint_masks}")
+    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True,
+                   checkpoint_masks=args.checkpoint_masks)
     result["seconds"] = time.perf_counter() - t0
     log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],
              result["params_before"], result["params_after"],

@@ -51,6 +51,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             if n > _MAX_HEADER_BYTES or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes); re-download this file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download this file")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-download this file") from e
     except OSError as e:
@@ -61,15 +63,19 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[meta["dtype"]]
-            begin, end = meta["data_offsets"]
+            dtype_name = meta["dtype"]
+            begin, end = (int(x) for x in meta["data_offsets"])
             shape = tuple(int(s) for s in meta["shape"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from e
+        if dtype_name not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which bonsai-lite does not read "
+                                  f"({', '.join(DTYPES)}); convert the checkpoint to float16/bfloat16/float32")
+        dtype = DTYPES[dtype_name]
         numel = 1
         for s in shape:
             numel *= s
-        if end - begin != numel * dtype.itemsize or start + end > size:
+        if begin < 0 or end - begin != numel * dtype.itemsize or start + end > size:
             raise CheckpointError(
                 f"{path}: truncated or corrupt shard ({name!r} needs bytes {start + begin}..{start + end}, "
                 f"file has {size}); re-download this file"
@@ -83,14 +89,17 @@ def _shard_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: corrupt index (no weight_map); re-download it") from e
-        root = model_dir.resolve()
         files = []
-        for fname in sorted(set(weight_map.values())):
-            path = (model_dir / fname).resolve()
-            if root not in path.parents:
+        for fname in names:
+            # Judged by the name, not by where symlinks lead: a Hugging Face cache snapshot links
+            # its files into ../../blobs, and that is the user's own layout.
+            parts = Path(str(fname)).parts
+            if not isinstance(fname, str) or not parts or Path(fname).is_absolute() or ".." in parts:
                 raise CheckpointError(f"{index}: names {fname!r}, which is outside the model directory; refusing")
+            path = model_dir / fname
             if not path.is_file():
                 raise CheckpointError(f"{index}: names {fname!r}, which is missing; re-download the checkpoint")
             files.append(path)
@@ -102,11 +111,14 @@ def _shard_files(model_dir: Path) -> list[Path]:
         return singles
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
+        # Unpickling runs arbitrary code from the file; we never do it. Converting is the user's step,
+        # with torch.load(weights_only=True) and safetensors (docs/RELIABILITY.md has the recipe).
         raise CheckpointError(
-            f"{model_dir}: only pickle weights ({', '.join(pickles[:3])}); bonsai-lite reads safetensors only. "
-            "Convert them first (e.g. load with transformers and save_pretrained(safe_serialization=True))"
+            f"{model_dir}: only pickle weights ({', '.join(pickles[:3])}); bonsai-lite reads safetensors only and "
+            "never unpickles (a pickle can run code). Convert them first: torch.load(f, weights_only=True) and "
+            "safetensors.torch.save_file, or transformers' save_pretrained(safe_serialization=True)"
         )
-    raise CheckpointError(f"{model_dir}: no model.safetensors or {INDEX_NAME}")
+    raise CheckpointError(f"{model_dir}: no weights (no model.safetensors, {INDEX_NAME} or *.safetensors)")
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):

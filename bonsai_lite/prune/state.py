@@ -2,20 +2,28 @@
 
 Each commit writes `tensors-<gen>.safetensors` (temp file, fsync, rename), then `state.json`
 naming that generation (temp file, fsync, rename), then removes older generations. A kill at any
-instant leaves a `state.json` that names a complete tensors file. Nothing here ever unpickles.
+instant leaves a `state.json` that names a complete tensors file; a failed write (full disk)
+leaves the previous generation in place. Nothing here ever unpickles.
+
+One process at a time: `RunState.lock` holds an exclusive `flock` on `<run dir>/lock`, which the
+kernel drops when the process dies, however it dies.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as dump_tensors
 
 from bonsai_lite.errors import BonsaiError
 
 STATE = "state.json"
+LOCK = "lock"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -25,8 +33,15 @@ def _fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
+
+
+def _save_error(folder: Path, e: OSError) -> BonsaiError:
+    return BonsaiError(f"could not save run state to {folder} ({e.strerror or e}); the previous state is intact: "
+                       "free disk space and re-run the same command to resume")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -38,9 +53,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BonsaiError(f"could not save run state to {path.parent} ({e.strerror}); the previous state is intact, "
-                          "free disk space and re-run the same command to resume") from e
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _save_error(path.parent, e) from e
     _fsync_dir(path.parent)
 
 
@@ -61,31 +76,52 @@ class RunState:
         try:
             doc = json.loads((self.dir / STATE).read_text())
             self.meta, self.generation = doc["meta"], int(doc["generation"])
-            tensors_file = self.dir / doc["tensors"]
-            self.tensors = load_file(str(tensors_file)) if doc["tensors"] else {}
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            self.tensors = load_tensors((self.dir / doc["tensors"]).read_bytes()) if doc["tensors"] else {}
+        except (OSError, KeyError, TypeError, ValueError, SafetensorError) as e:
             raise BonsaiError(f"{self.dir}: run state is unreadable ({e.__class__.__name__}); "
                               "pass --restart to start over") from e
         return self
 
     def commit(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.generation += 1
-        name = f"tensors-{self.generation:06d}.safetensors"
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        tmp = self.dir / (name + ".tmp")
+        """Write meta and tensors as the next generation; on failure the previous one stays current."""
+        name = f"tensors-{self.generation + 1:06d}.safetensors"
+        data = dump_tensors({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()})
+        doc = json.dumps({"generation": self.generation + 1, "tensors": name, "meta": self.meta}, indent=1,
+                         default=str).encode()
         try:
-            save_file(tensors, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
+            self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            self.generation -= 1
-            raise BonsaiError(f"could not save run state to {self.dir} ({e.strerror}); the previous state is intact, "
-                              "free disk space and re-run the same command to resume") from e
-        doc = {"generation": self.generation, "tensors": name, "meta": self.meta}
-        atomic_write_bytes(self.dir / STATE, json.dumps(doc, indent=1, default=str).encode())
+            raise _save_error(self.dir, e) from e
+        atomic_write_bytes(self.dir / name, data)
+        try:
+            atomic_write_bytes(self.dir / STATE, doc)
+        except BonsaiError:
+            (self.dir / name).unlink(missing_ok=True)
+            raise
+        self.generation += 1
         for old in self.dir.glob("tensors-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive use of the run directory for the duration of the `with` block."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; concurrent runs are the user's to avoid
+            yield self
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BonsaiError(f"cannot use run directory {self.dir} ({e.strerror or e}); choose another --run-dir") from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise BonsaiError(f"{self.dir} is in use by another bonsai-lite process; wait for it to finish "
+                                  "or choose another --run-dir") from None
+            yield self
+        finally:
+            os.close(fd)

@@ -7,6 +7,7 @@ process's resident memory (the budget is about RSS on a CPU run).
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -28,9 +29,13 @@ class ActivationCache:
         elif location == "host":
             self._buf = torch.empty((rows, tokens, hidden), dtype=dtype, pin_memory=self.device.type == "cuda")
         elif location == "disk":
-            spill = Path(spill_dir or tempfile.gettempdir())
-            spill.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="bonsai-acts-", suffix=".bin", dir=spill)
+            spill = self.spill_dir = Path(spill_dir or tempfile.gettempdir())
+            try:
+                spill.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix="bonsai-acts-", suffix=".bin", dir=spill)
+            except OSError as e:
+                raise BonsaiError(f"cannot spill activations to {spill} ({e.strerror or e}); pass another --spill-dir "
+                                  "or a larger --memory-budget") from e
             os.unlink(name)  # anonymous: the space is reclaimed even if we are killed
             self._file = os.fdopen(fd, "r+b", buffering=0)
         else:
@@ -41,12 +46,21 @@ class ActivationCache:
             self._buf[rows].copy_(x, non_blocking=True)
             return
         data = x.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).reshape(-1)
+        view = memoryview(data.numpy())
         self._file.seek(rows.start * self.row_bytes)
         try:
-            self._file.write(memoryview(data.numpy()))
+            # A raw write may be short when the disk fills up; an unwritten range would read back as
+            # zeros (a hole), i.e. silently wrong hidden states, so write until done or failed.
+            done = 0
+            while done < len(view):
+                n = self._file.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
         except OSError as e:
             raise BonsaiError(
-                f"could not spill activations to disk ({e.strerror}); free space or give a larger --memory-budget"
+                f"could not spill activations to disk in {self.spill_dir} ({e.strerror or e}); free space there, "
+                "pass another --spill-dir or a larger --memory-budget, and re-run the same command to resume"
             ) from e
         self.bytes_written += data.numel()
 
