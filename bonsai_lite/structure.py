@@ -127,7 +127,12 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
     adapter = adapter_for(raw.get("architectures"))
     from transformers import AutoConfig  # deferred: transformers is slow to import
 
-    hf = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    if "model_type" not in raw:
+        raise CheckpointError(f"{model_dir}/config.json has no model_type; is it a Hugging Face causal LM config?")
+    try:
+        hf = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{model_dir}/config.json is not a valid {raw['model_type']} config ({e})") from e
     return spec_from_hf_config(hf, adapter=adapter, raw=raw)
 
 
