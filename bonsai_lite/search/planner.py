@@ -1,13 +1,21 @@
 """Memory planner: choose how masked evaluation runs inside a memory budget, from byte counts alone.
 
 The planner needs only the model's shape (config.json), the work (masks x samples x tokens) and the
-machine (budget, host RAM, disk, device kind). It enumerates execution orders and tile sizes,
-predicts each one's peak memory and time with the cost model below, keeps those under the budget
-and picks the fastest. docs/design.md ("Memory planner") explains the model; tools/bench_engine.py
-measures how well it predicts.
+machine (budget, host RAM, disk, device kind). It enumerates execution orders, tile and group sizes,
+LM-head chunks, prefetch and precision, predicts each candidate's peak memory and time with the cost
+model below, keeps those under the budget and picks the fastest. docs/design.md ("Memory planner")
+explains the model; tools/bench_engine.py measures how well it predicts (docs/PERFORMANCE.md).
+
+Peak memory is modelled in two phases that never overlap in the engine: the *block phase* (weights
+of one block, two with prefetch, the copies made while the next one is read, sliced and cast, and a
+tile's activations) and the *head phase* (an LM-head chunk, the normed tile and its logits). What
+lives through both (hidden-state cache, embedding rows; all weights when resident) is added to the
+larger of the two.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -21,20 +29,46 @@ from bonsai_lite.structure import LayerStructure, ModelSpec
 # Allocator fragmentation and short-lived temporaries we do not model one by one.
 FRAGMENTATION = 1.15
 # Fixed cost we never see in byte counts: CUDA context is outside `max_memory_reserved`, but the
-# caching allocator's rounding and cuBLAS workspaces are inside it; on the CPU, glibc arenas.
+# caching allocator's rounding and cuBLAS workspaces are inside it; on the CPU, Python objects and
+# glibc's small-chunk heap (large blocks go straight back to the OS, see `bound_host_allocator`).
 FIXED_OVERHEAD = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 # Fraction of free host RAM / disk we allow ourselves: the OS and page cache need the rest.
 HOST_RAM_FRACTION = 0.7
 DISK_FRACTION = 0.8
-# Throughputs for the time model. CPU: measured SmolLM2-135M fp32 forward ~300 tokens/s on 2 cores
-# (~80 GFLOP/s); GPU: fraction of the dense bf16 peak a decoder block reaches in practice.
-CPU_FLOPS_PER_CORE = 40e9
+# Throughputs for the time model. CPU: the engine's F.linear calls ran at ~58 GFLOP/s per thread on
+# the development machine's EPYC (an isolated fp32 GEMM: 105), elementwise work and other jobs
+# take the rest (docs/PERFORMANCE.md); GPU: fraction of the dense bf16 peak a block reaches.
+CPU_FLOPS_PER_CORE = 50e9
 GPU_EFFICIENCY = 0.55
 GPU_PEAK_FLOPS = {"H100": 990e12, "H200": 990e12, "A100": 312e12, "4090": 165e12, "3090": 71e12, "A6000": 155e12}
 DEFAULT_GPU_FLOPS = 80e12
-DISK_BPS = 2e9  # cold NVMe-class read; the page cache is faster, so this is conservative
+# GPUs without fast bf16: evaluate in float16 there (appendix G's fp32 retry catches overflows).
+FP16_ONLY_GPUS = ("V100", "T4", "P100", "P40", "1080", "2080")
+# A tile of N tokens reaches N / (N + HALF_EFFICIENCY_TOKENS) of the device's GEMM rate: small
+# GEMMs are bound by memory and launch latency. CPU: one thread ran a 64-token fp32 GEMM as fast as
+# a 2048-token one; GPU: an H100 needs ~1k tokens per GEMM to pass half its bf16 peak.
+HALF_EFFICIENCY_TOKENS = {"cpu": 32, "cuda": 1024}
+# Fixed cost of one block call / one LM-head chunk call on one tile: Python and ~30 kernel launches.
+CALL_SECONDS = {"cpu": 5e-4, "cuda": 4e-4}
+# CPU bf16/fp16 GEMMs without AMX run at about half the fp32 rate; LLM.int8 matmuls (quantise the
+# activations, int8 GEMM, dequantise, outlier columns in fp16) reach about 60% of a bf16 GEMM.
+LOW_PRECISION_CPU_FACTOR = 0.5
+INT8_FACTOR = 0.6
+# Device bytes beside an int8 block while the next projection is quantised: a 16 MiB slab of rows
+# in the compute dtype, its fp16 copy and its int8 result (int8.QUANT_CHUNK_BYTES).
+INT8_SLAB_TRANSIENT = 48 * 2**20
+DISK_BPS = 2e9  # cold NVMe-class read
+PAGE_CACHE_BPS = 6e9  # re-reading a checkpoint that the OS keeps in its page cache (one reader thread)
 H2D_BPS = {"pinned": 25e9, "pageable": 12e9}
-HOST_COPY_BPS = 8e9
+HOST_COPY_BPS = 8e9  # memcpy-class host work: slicing, casting, pinning
+# On a CPU run every large tensor is a fresh mapping (`bound_host_allocator`): one minor fault per
+# 4 KiB page, ~1.4 us with the zeroing. Re-reading 3 GB of weights cost 2.5 s of system time on the
+# budget test (1.5M faults), which made many small passes slower than one spilling pass.
+FRESH_PAGE_BPS = 3e9
+# Host tensors at least this large are mmapped by glibc and unmapped on free (`bound_host_allocator`):
+# weight tensors and large activations; smaller ones reuse the heap without page faults. 64 KiB
+# gave 21 MiB RSS growth on the budget test but 1.4x its page faults of 1 MiB (24 MiB growth).
+MMAP_THRESHOLD = 2**20
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -53,6 +87,29 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def bound_host_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make freed tensors leave the process's RSS at once (glibc only; True when applied).
+
+    glibc serves a large allocation with mmap and, when it is freed, raises its mmap threshold to
+    that size (up to 32 MiB); from then on blocks of that size come from the heap and stay resident
+    after `free`. Streaming a model allocates and frees one block's tensors per layer, so RSS grows
+    by several blocks beyond what is alive: 45 MiB of RSS growth for ~24 MiB of live tensors on the
+    budget test's model, over its 36 MiB budget. A fixed threshold (mallopt also switches the
+    adjustment off) keeps RSS within a few MiB of the live tensors, which is what a CPU memory
+    budget promises. Cost: every large tensor is a fresh mapping whose pages fault in (about 3x the
+    minor faults; ~20% more CPU time on that test, whose passes are tiny; less on real work).
+    Process-wide and idempotent; `detect_machine` applies it for CPU runs.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # glibc's own rule when it adjusts the pair: trim the heap top above twice the mmap threshold.
+    return bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, 2 * int(threshold)))
 
 
 @dataclass(frozen=True)
@@ -77,14 +134,23 @@ class Machine:
     flops: float
     cores: int = 1
     gpu_name: str = ""
+    page_cache: int = 0  # host RAM the OS can use to cache the checkpoint between passes
 
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
 
+def _gpu_flops(name: str) -> float:
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_FLOPS) * GPU_EFFICIENCY
+
+
 def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) -> Machine:
-    """Probe the machine (psutil for RAM/disk, torch for the GPU). A CPU run's budget is RAM."""
+    """Probe the machine (psutil for RAM/disk, torch for the GPU). A CPU run's budget is RAM.
+
+    For a CPU run this also calls `bound_host_allocator`, without which glibc keeps freed weight
+    buffers resident and the process's RSS outgrows the budget the plan was made for.
+    """
     import os
     import tempfile
 
@@ -96,18 +162,20 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) ->
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in props.name), DEFAULT_GPU_FLOPS)
-        return Machine(device, budget or props.total_memory, free_ram, disk, peak * GPU_EFFICIENCY, cores, props.name)
+        return Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
+                       props.name, page_cache=free_ram)
+    bound_host_allocator()
     threads = torch.get_num_threads()
-    return Machine("cpu", budget or free_ram, budget or free_ram, disk, CPU_FLOPS_PER_CORE * threads, cores)
+    budget = budget or free_ram
+    return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * threads, cores,
+                   page_cache=max(0, free_ram - budget))
 
 
 def nominal_machine(*, device: str, budget: int, gpu_name: str = "", host_ram: int = 64 * 2**30, disk: int = 500 * 2**30) -> Machine:
     """A machine described, not probed: `plan` answers 'will it fit?' for hardware you do not have."""
     if device.startswith("cuda"):
-        peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu_name), DEFAULT_GPU_FLOPS)
-        return Machine(device, budget, host_ram, disk, peak * GPU_EFFICIENCY, 8, gpu_name)
-    return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * 2, 2)
+        return Machine(device, budget, host_ram, disk, _gpu_flops(gpu_name), 8, gpu_name, page_cache=host_ram)
+    return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * 2, 2, page_cache=max(0, host_ram - budget))
 
 
 @dataclass(frozen=True)
@@ -130,7 +198,8 @@ class Plan:
         return asdict(self)
 
     def describe(self) -> str:
-        b = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.breakdown.items() if isinstance(v, (int, float)) and v)
+        b = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.breakdown.items()
+                      if isinstance(v, (int, float)) and v and not k.endswith("_s"))
         return (
             f"plan: {self.order} on {self.device} ({self.dtype}{', 8-bit weights' if self.weights_8bit else ''}), "
             f"hidden states on {self.cache}, {self.group_rows} rows per pass in tiles of {self.tile_rows}, "
@@ -154,114 +223,220 @@ def activation_bytes_per_row(spec: ModelSpec, layers, tokens: int, b: int) -> in
     Attention: residual, normed input, q, expanded k and v, rotary temporaries for q and k, the SDPA
     output and its transposed copy -> ~ 3 hidden + 8 head-widths. MLP: residual, normed input, gate,
     up, activated gate, their product -> 3 hidden + 4 intermediate. The RMSNorm works in fp32.
+    SDPA is a flash kernel on CPU and CUDA: its workspace is O(tokens), not O(tokens^2).
     """
-    heads = max(len(s.heads) for s in layers) * spec.head_dim
-    width = max(len(s.mlp) for s in layers)
-    per_token = max(3 * spec.hidden + 8 * heads, 3 * spec.hidden + 4 * width) * b + 2 * spec.hidden * 4
-    return tokens * per_token
+    return _Shape.of(spec, layers).activation_bytes_per_row(tokens, b)
+
+
+def flops_per_token(spec: ModelSpec, layers, tokens: int) -> float:
+    """Forward FLOPs per token of the (unmasked) structure: what the engine computes for every row."""
+    return _Shape.of(spec, layers).flops_per_token(tokens)
+
+
+def _efficiency(machine: Machine, tile_tokens: int) -> float:
+    half = HALF_EFFICIENCY_TOKENS["cuda" if machine.is_cuda else "cpu"]
+    return tile_tokens / (tile_tokens + half)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The per-model numbers the cost model needs, summed over layers once per `make_plan`."""
+
+    hidden: int
+    vocab: int
+    head_dim: int
+    window: int | None
+    n_layers: int
+    block_params: tuple[int, ...]
+    largest: int  # parameters of the largest projection
+    max_heads: int
+    max_width: int
+    attn_heads: int  # query heads over all layers
+
+    @classmethod
+    def of(cls, spec: ModelSpec, layers) -> "_Shape":
+        return cls(spec.hidden, spec.vocab, spec.head_dim, spec.sliding_window, len(layers),
+                   tuple(spec.block_params(s) for s in layers), max(_largest_tensor_params(spec, s) for s in layers),
+                   max(len(s.heads) for s in layers), max(len(s.mlp) for s in layers), sum(len(s.heads) for s in layers))
+
+    def flops_per_token(self, tokens: int) -> float:
+        """Dense forward FLOPs per token: 2 x block params, causal attention over half the context, the head."""
+        ctx = min(tokens, self.window or tokens) / 2
+        return 2 * sum(self.block_params) + 4 * ctx * self.attn_heads * self.head_dim + 2 * self.hidden * self.vocab
+
+    def activation_bytes_per_row(self, tokens: int, b: int) -> int:
+        per_token = max(3 * self.hidden + 8 * self.max_heads * self.head_dim, 3 * self.hidden + 4 * self.max_width)
+        return tokens * (per_token * b + 2 * self.hidden * 4)
 
 
 def candidate_cost(spec: ModelSpec, layers, work: Work, machine: Machine, *, dtype: str, order: str, cache: str,
                    group_rows: int, tile_rows: int, head_chunk: int, prefetch: bool, weights_8bit: bool,
                    src_bytes: int) -> tuple[int, float, dict, int]:
     """(device peak bytes, seconds, breakdown, host bytes) of one candidate plan."""
+    return _cost(_Shape.of(spec, layers), work, machine, dtype=dtype, order=order, cache=cache, group_rows=group_rows,
+                 tile_rows=tile_rows, head_chunk=head_chunk, prefetch=prefetch, weights_8bit=weights_8bit,
+                 src_bytes=src_bytes)
+
+
+def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, cache: str, group_rows: int,
+          tile_rows: int, head_chunk: int, prefetch: bool, weights_8bit: bool, src_bytes: int):
+    cuda = machine.is_cuda
     b = _dtype_bytes(dtype)
     wb = 1 if weights_8bit else b
-    t = work.tokens
-    rows = work.rows
-    block_params = [spec.block_params(s) for s in layers]
-    blocks_bytes = sum(block_params) * wb
-    max_block = max(block_params) * wb
-    head_rows = spec.vocab
-    head_bytes_full = head_rows * spec.hidden * b
-    bd: dict[str, int] = {}
-    if order == "resident":
-        bd["weights"] = blocks_bytes + head_bytes_full
-    else:
-        bd["weights"] = max_block * (2 if prefetch else 1) + head_chunk * spec.hidden * b
-    # The raw tensor read from disk, its sliced copy and its cast: transient, one tensor at a time.
-    bd["load_transient"] = max(_largest_tensor_params(spec, s) for s in layers) * (2 * src_bytes + b)
-    bd["activations"] = tile_rows * activation_bytes_per_row(spec, layers, t, b)
-    bd["head_logits"] = tile_rows * t * head_chunk * 4 * 2
-    row_state = t * spec.hidden * b
+    t, h, rows = work.tokens, m.hidden, work.rows
+    tile = min(tile_rows, group_rows)
+    params = sum(m.block_params)
+    blocks_bytes = params * wb
+    max_block = max(m.block_params) * wb
+    largest = m.largest
+    head_full = m.vocab * h * b
+    row_state = t * h * b
+    resident = order == "resident"
+    # ---- memory: what lives through both phases ----
+    live: dict[str, int] = {}
+    if resident:
+        live["weights"] = blocks_bytes + head_full
     if cache == "device":
-        bd["hidden_cache"] = group_rows * row_state
-    else:
-        bd["hidden_tile"] = 2 * tile_rows * row_state
-    bd["loss_state"] = rows * t * 8
-    unique_tokens = min(spec.vocab, work.samples * t)
+        live["hidden_cache"] = group_rows * row_state
+    unique_tokens = min(m.vocab, work.samples * t)
+    emb = unique_tokens * h * b
     host = 0
-    emb = unique_tokens * spec.hidden * b
-    if machine.is_cuda:
-        host += emb + (rows * row_state if cache == "host" else 0) + max_block * 2
+    if cuda:
+        # Host side: embedding rows, a host cache, and the read -> slice -> cast -> pin chain of the
+        # tensors in flight (the pinned copies stay in torch's caching host allocator).
+        host = emb + (rows * row_state if cache == "host" else 0) + max(m.block_params) * b + largest * (2 * src_bytes + b)
     else:
-        bd["embedding_rows"] = emb
+        live["embedding_rows"] = emb
         if cache == "host":
-            bd["hidden_cache"] = rows * row_state
-    peak = int(sum(bd.values()) * FRAGMENTATION) + FIXED_OVERHEAD["cuda" if machine.is_cuda else "cpu"]
+            live["hidden_cache"] = rows * row_state
+    # ---- block phase ----
+    blk: dict[str, int] = {}
+    if not resident:
+        blk["weights"] = max_block * (2 if prefetch else 1)
+    if cuda:
+        # Int8Loader quantises a 16 MiB slab of rows at a time on the device (search/int8.py).
+        blk["load_transient"] = INT8_SLAB_TRANSIENT if weights_8bit else 0
+    else:
+        # Read (src) -> index_select copy (src) -> cast (b): beyond the block's own copy, the peak is
+        # max(raw + sliced, sliced + cast) - cast for the largest tensor.
+        blk["load_transient"] = largest * (max(2 * src_bytes, src_bytes + b) - b)
+    blk["activations"] = tile * m.activation_bytes_per_row(t, b)
+    if m.window is not None and t > m.window:
+        blk["window_mask"] = t * t * 9  # bool mask, and SDPA's float copy of it
+    if cache != "device":
+        blk["hidden_tile"] = 2 * tile * row_state  # the tile read back and the tile written out
+    # ---- head phase ----
+    hd: dict[str, int] = {}
+    if not resident:
+        hd["head_chunk"] = head_chunk * h * (b + (src_bytes if not cuda and src_bytes != b else 0))
+    hd["head_normed"] = tile * t * h * (b + 8)  # fp32 RMSNorm temporaries
+    hd["head_logits"] = tile * t * head_chunk * (b + 8)  # logits, fp32 copy, logsumexp's exp()
+    hd["loss_state"] = group_rows * t * 8 + tile * t * 8  # running lse/target per token, targets
+    if cache != "device":
+        hd["hidden_tile"] = tile * row_state
+    phase = max(sum(blk.values()), sum(hd.values()))
+    peak = int((sum(live.values()) + phase) * FRAGMENTATION) + FIXED_OVERHEAD["cuda" if cuda else "cpu"]
+    bd = {**{f"block:{k}": v for k, v in blk.items()}, **{f"head:{k}": v for k, v in hd.items()}, **live}
+    bd = {k: v for k, v in bd.items() if v}
 
     # ---- time ----
     n_passes = math.ceil(rows / group_rows)
-    avg_ctx = t / 2  # causal attention sees half the sequence on average
-    flops_per_token = 2 * sum(block_params) + sum(4 * avg_ctx * len(s.heads) * spec.head_dim for s in layers)
-    flops_per_token += 2 * spec.hidden * spec.vocab
-    eff = machine.flops * (0.5 if (weights_8bit or (not machine.is_cuda and dtype != "float32")) else 1.0)
-    # Small tiles under-use the device: a tile of fewer than ~4k tokens loses efficiency on a GPU.
-    tile_tokens = tile_rows * t
-    if machine.is_cuda:
-        eff *= min(1.0, tile_tokens / 4096)
-    compute = rows * t * flops_per_token / eff
-    src_block_bytes = sum(block_params) * src_bytes
-    weight_loads = 1 if order == "resident" else n_passes
-    h2d = H2D_BPS["pinned"] if machine.is_cuda else HOST_COPY_BPS
-    io = weight_loads * (src_block_bytes / DISK_BPS + blocks_bytes / h2d)
-    io += n_passes * head_bytes_full / h2d
-    cache_bw = {"device": float("inf"), "host": h2d, "disk": DISK_BPS}[cache]
-    io += 2 * rows * row_state * len(layers) / cache_bw if cache != "device" else 0
-    seconds = max(compute, io) if prefetch else compute + io
+    tile_calls = n_passes * math.ceil(group_rows / tile)
+    kind = "cuda" if cuda else "cpu"
+    flops_per_token = m.flops_per_token(t)
+    rate = machine.flops * _efficiency(machine, tile * t)
+    if weights_8bit:
+        rate *= INT8_FACTOR
+    elif not cuda and dtype != "float32":
+        rate *= LOW_PRECISION_CPU_FACTOR
+    compute = rows * t * flops_per_token / rate
+    compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
+    # Weights: read each pass (once when resident); the first read is cold, later ones come from
+    # the page cache when the checkpoint fits there.
+    src_total = (params + m.vocab * h) * src_bytes
+    loads = 1 if resident else n_passes
+    warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else DISK_BPS
+    read = src_total / DISK_BPS + (loads - 1) * src_total / warm_bps
+    cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
+    prep = loads * (src_total + cast_bytes) / HOST_COPY_BPS  # slice + cast (+ pin) on the host
+    if not cuda:  # the read buffer, the sliced copy and the cast copy all fault their pages in
+        prep += loads * (2 * src_total + cast_bytes) / FRESH_PAGE_BPS
+        compute += rows * m.n_layers * m.activation_bytes_per_row(t, b) / FRESH_PAGE_BPS
+    h2d = loads * (blocks_bytes + head_full) / H2D_BPS["pinned"] if cuda else 0.0
+    cache_bw = {"device": math.inf, "host": H2D_BPS["pinned"] if cuda else HOST_COPY_BPS, "disk": DISK_BPS}[cache]
+    spill = 2 * rows * row_state * m.n_layers / cache_bw
+    if cuda:  # host work and transfers overlap GPU compute when prefetching
+        overlappable, serial = read + prep + h2d, compute + spill
+    else:  # the loader thread's copies compete with the GEMMs for the same cores; only I/O overlaps
+        overlappable, serial = read, compute + prep + spill
+    seconds = max(serial, overlappable) if prefetch else serial + overlappable
+    bd.update(compute_s=round(compute, 3), weights_io_s=round(read + prep + h2d, 3), spill_s=round(spill, 3))
     return peak, seconds, bd, host
+
+
+def _plan_dtypes(machine: Machine, dtype: str | None) -> list[str]:
+    if dtype:
+        return [dtype]
+    if not machine.is_cuda:
+        return ["float32"]
+    return ["float16" if any(g in machine.gpu_name for g in FP16_ONLY_GPUS) else "bfloat16"]
+
+
+# Group sizes (in tiles) tried for device-resident hidden states: steps of sqrt(2), so the group
+# chosen is at most 1.4x smaller than the largest that fits; budget-independent, which keeps the
+# choice monotone in the budget (see the end of `make_plan`).
+GROUP_TILES = sorted({round(2 ** (k / 2)) for k in range(40)})
 
 
 def make_plan(spec: ModelSpec, layers, work: Work, machine: Machine, *, dtype: str | None = None,
               allow_8bit: bool = False, src_bytes: int | None = None) -> Plan:
     """The fastest plan under the budget; BudgetError naming the smallest budget that would work."""
-    dtypes = [dtype] if dtype else (["bfloat16"] if machine.is_cuda else ["float32"])
+    shape = _Shape.of(spec, layers)
     src_bytes = src_bytes or spec.dtype.itemsize
     rows = work.rows
     tiles = sorted({min(rows, 2**i) for i in range(0, 16)})
-    head_chunk = min(spec.vocab, 8192 if machine.is_cuda else 4096)
-    fits, everything = [], []
-    for dt in dtypes:
+    chunks = sorted({min(spec.vocab, c) for c in ((1024, 4096, 16384) if machine.is_cuda else (1024, 4096))})
+    fits: list[Plan] = []
+    smallest: Plan | None = None
+    for dt in _plan_dtypes(machine, dtype):
+        state_bytes = rows * work.tokens * spec.hidden * _dtype_bytes(dt)
         for w8 in ([False, True] if allow_8bit and machine.is_cuda else [False]):
             for tile in tiles:
-                groups = sorted({tile * k for k in (1, 2, 4, 8, 16, 32, 64, 128) if tile * k <= rows} | {rows})
-                combos = [("resident", "device", g) for g in groups]
-                combos += [("mask-group-major", "device", g) for g in groups if g < rows]
-                combos += [("layer-major", c, rows) for c in ("device", "host", "disk")]
-                for order, cache, group in combos:
-                    if group % tile and group != rows:
-                        continue
-                    for prefetch in ([False] if order == "resident" else [False, True]):
-                        peak, secs, bd, host = candidate_cost(
-                            spec, layers, work, machine, dtype=dt, order=order, cache=cache, group_rows=group,
-                            tile_rows=tile, head_chunk=head_chunk, prefetch=prefetch, weights_8bit=w8,
-                            src_bytes=src_bytes)
-                        rows_state = rows * work.tokens * spec.hidden * _dtype_bytes(dt)
-                        if cache == "disk" and rows_state > machine.disk:
+                groups = sorted({tile * k for k in GROUP_TILES if tile * k < rows} | {rows})
+                combos = [("layer-major", c, rows, pf) for c in ("device", "host", "disk") for pf in (False, True)]
+                combos += [("mask-group-major", "device", g, pf) for g in groups[:-1] for pf in (False, True)]
+                combos += [("resident", "device", g, False) for g in groups]
+                for chunk in chunks:
+                    for order, cache, group, prefetch in combos:
+                        if cache == "disk" and state_bytes > machine.disk:
                             continue
-                        plan = Plan(machine.device, dt, order, cache, group, tile, head_chunk, prefetch, w8,
-                                    peak, secs, machine.budget, bd)
-                        everything.append(plan)
-                        if peak <= machine.budget and host <= machine.host_ram:
+                        peak, secs, bd, host = _cost(
+                            shape, work, machine, dtype=dt, order=order, cache=cache, group_rows=group,
+                            tile_rows=tile, head_chunk=chunk, prefetch=prefetch, weights_8bit=w8, src_bytes=src_bytes)
+                        if host > machine.host_ram:
+                            continue  # a larger device budget would not help this one
+                        plan = Plan(machine.device, dt, order, cache, group, tile, chunk, prefetch, w8, peak, secs,
+                                    machine.budget, bd)
+                        if smallest is None or peak < smallest.predicted_peak_bytes:
+                            smallest = plan
+                        if peak <= machine.budget:
                             fits.append(plan)
+    if smallest is None:
+        raise BudgetError(
+            f"no plan fits this machine's host RAM ({fmt_bytes(machine.host_ram)} usable) and disk "
+            f"({fmt_bytes(machine.disk)} free) for {work.masks} masks x {work.samples} samples x {work.tokens} tokens; "
+            "free RAM or disk, or evaluate fewer masks or tokens at once")
     if not fits:
-        smallest = min(everything, key=lambda p: p.predicted_peak_bytes)
+        need = smallest.predicted_peak_bytes
+        hint = ", or allow 8-bit weights" if machine.is_cuda and not allow_8bit else ""
         raise BudgetError(
             f"memory budget {fmt_bytes(machine.budget)} is too small for {work.masks} masks x {work.samples} samples x "
-            f"{work.tokens} tokens of this model; the smallest plan needs {fmt_bytes(smallest.predicted_peak_bytes)} "
-            f"(try --memory-budget {math.ceil(smallest.predicted_peak_bytes / 2**20)}MiB or fewer tokens per sample)",
-            minimum_bytes=smallest.predicted_peak_bytes,
+            f"{work.tokens} tokens of this model; the smallest plan needs {fmt_bytes(need)} "
+            f"(try --memory-budget {math.ceil(need / 2**20)}MiB, or fewer tokens per sample{hint})",
+            minimum_bytes=need,
         )
     # Fastest first; among near-ties (2%) prefer the smaller peak, it leaves room for the unexpected.
+    # The candidates do not depend on the budget, so a larger budget only adds plans whose peak
+    # exceeds every old one: the choice stays the same or gets faster (monotone, tested).
     best = min(p.predicted_seconds for p in fits)
     return min((p for p in fits if p.predicted_seconds <= best * 1.02), key=lambda p: p.predicted_peak_bytes)

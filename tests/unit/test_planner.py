@@ -1,0 +1,152 @@
+"""Memory planner on real 7-8B shapes (config.json only, no weights): fits, refuses, monotone, precision."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bonsai_lite.errors import BudgetError
+from bonsai_lite.search.planner import (
+    Plan, Work, detect_machine, fmt_bytes, make_plan, nominal_machine, parse_bytes,
+)
+from bonsai_lite.structure import load_spec
+
+pytestmark = pytest.mark.unit
+
+GB = 2**30
+CONFIGS = {
+    "llama3-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+        torch_dtype="bfloat16", tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5,
+        hidden_act="silu", max_position_embeddings=8192),
+    "mistral-7b": dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
+        torch_dtype="bfloat16", tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu",
+        sliding_window=None, max_position_embeddings=32768),
+    "qwen2.5-7b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+        torch_dtype="bfloat16", tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu",
+        use_sliding_window=False, max_position_embeddings=32768),
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+        torch_dtype="bfloat16", tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu"),
+}
+BIG = ["llama3-8b", "mistral-7b", "qwen2.5-7b"]
+BUDGETS_GB = [8, 12, 16, 24]
+WORKS = {"paper": Work(200, 32, 2048), "small": Work(32, 8, 2048)}
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    out = {}
+    for name, cfg in CONFIGS.items():
+        d = tmp_path_factory.mktemp(name)
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = load_spec(d)
+    return out
+
+
+def h100(budget: int):
+    return nominal_machine(device="cuda", budget=budget, gpu_name="H100")
+
+
+def test_shapes_are_the_real_models(specs):
+    s = specs["llama3-8b"]
+    assert (s.hidden, s.n_layers, s.n_heads, s.n_kv, s.intermediate, s.vocab) == (4096, 32, 32, 8, 14336, 128256)
+    assert 7.9e9 < s.non_embedding_params() + s.embedding_params() < 8.1e9  # Llama-3-8B: 8.03B
+    assert 7.1e9 < specs["mistral-7b"].non_embedding_params() + specs["mistral-7b"].embedding_params() < 7.3e9
+    q = specs["qwen2.5-7b"]  # 7.61B with biases (ignored by block_params: a few hundred thousand)
+    assert 7.5e9 < q.non_embedding_params() + q.embedding_params() < 7.7e9 and not q.tie_embeddings
+
+
+@pytest.mark.parametrize("work", list(WORKS))
+@pytest.mark.parametrize("model", BIG)
+def test_fits_every_budget_and_is_monotone(specs, model, work):
+    spec, w = specs[model], WORKS[work]
+    weights = (spec.non_embedding_params() + spec.embedding_params()) * 2
+    plans = []
+    for gb in BUDGETS_GB:
+        plan = make_plan(spec, spec.layers, w, h100(gb * GB))
+        assert isinstance(plan, Plan)
+        assert plan.predicted_peak_bytes <= gb * GB, plan.describe()
+        assert plan.budget_bytes == gb * GB and plan.dtype == "bfloat16" and plan.predicted_seconds > 0
+        assert 1 <= plan.tile_rows <= plan.group_rows <= w.rows
+        if weights > gb * GB:  # the model does not fit: weights must stream
+            assert plan.order != "resident", plan.describe()
+        plans.append(plan)
+    times = [p.predicted_seconds for p in plans]
+    assert times == sorted(times, reverse=True), times  # a larger budget never predicts a slower plan
+
+
+@pytest.mark.parametrize("model", BIG)
+def test_monotone_on_a_fine_budget_grid(specs, model):
+    spec = specs[model]
+    times = [make_plan(spec, spec.layers, WORKS["small"], h100(int(gb * GB))).predicted_seconds
+             for gb in (2, 3, 4, 6, 8, 10, 14, 20, 32, 48, 80)]
+    assert times == sorted(times, reverse=True), times
+
+
+@pytest.mark.parametrize("model", BIG)
+def test_impossible_budget_names_the_minimum_and_the_minimum_works(specs, model):
+    spec, w = specs[model], WORKS["paper"]
+    with pytest.raises(BudgetError) as e:
+        make_plan(spec, spec.layers, w, h100(1 * GB))
+    need = e.value.minimum_bytes
+    assert need is not None and need > 1 * GB
+    msg = str(e.value)
+    assert fmt_bytes(need) in msg and "--memory-budget" in msg
+    suggested = msg.split("--memory-budget ")[1].split(",")[0]
+    assert parse_bytes(suggested) >= need  # the suggestion itself is enough
+    plan = make_plan(spec, spec.layers, w, h100(need))  # consistency: the minimum is sufficient...
+    assert plan.predicted_peak_bytes <= need
+    with pytest.raises(BudgetError):  # ...and really the minimum
+        make_plan(spec, spec.layers, w, h100(need - 1))
+
+
+def test_8bit_weights_lower_the_minimum_on_cuda(specs):
+    spec, w = specs["llama3-8b"], WORKS["small"]
+    with pytest.raises(BudgetError) as full:
+        make_plan(spec, spec.layers, w, h100(GB))
+    with pytest.raises(BudgetError) as eight:
+        make_plan(spec, spec.layers, w, h100(GB // 2), allow_8bit=True)
+    assert "8-bit" in str(full.value)
+    assert eight.value.minimum_bytes < full.value.minimum_bytes
+    plan = make_plan(spec, spec.layers, w, h100(eight.value.minimum_bytes), allow_8bit=True)
+    assert plan.weights_8bit and plan.dtype == "bfloat16"
+
+
+def test_cpu_machine_picks_float32_and_ignores_8bit(specs):
+    spec = specs["smollm2-135m"]
+    w = Work(8, 2, 128)
+    for machine in (nominal_machine(device="cpu", budget=2 * GB), detect_machine(device="cpu", budget=2 * GB)):
+        plan = make_plan(spec, spec.layers, w, machine, allow_8bit=True)
+        assert plan.device == "cpu" and plan.dtype == "float32" and not plan.weights_8bit
+        assert plan.predicted_peak_bytes <= 2 * GB
+    assert make_plan(spec, spec.layers, w, h100(8 * GB)).dtype == "bfloat16"
+    v100 = nominal_machine(device="cuda", budget=16 * GB, gpu_name="Tesla V100-SXM2-16GB")
+    assert make_plan(spec, spec.layers, w, v100).dtype == "float16"
+
+
+def test_describe_states_peak_and_time(specs):
+    plan = make_plan(specs["smollm2-135m"], specs["smollm2-135m"].layers, WORKS["paper"], h100(8 * GB))
+    text = plan.describe()
+    assert fmt_bytes(plan.predicted_peak_bytes) in text and f"{plan.predicted_seconds:.1f} s" in text
+
+
+def test_host_ram_and_disk_limits_are_reported(specs):
+    spec = specs["llama3-8b"]
+    starved = nominal_machine(device="cuda", budget=80 * GB, gpu_name="H100", host_ram=2**20, disk=2**20)
+    with pytest.raises(BudgetError, match="host RAM"):
+        make_plan(spec, spec.layers, WORKS["paper"], starved)
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GB") == 8 * GB == parse_bytes("8 GiB") == parse_bytes("8g")
+    assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1.5G") == int(1.5 * GB)
+    assert parse_bytes(12345) == 12345 and parse_bytes("100") == 100
+    with pytest.raises(BudgetError, match="8GB"):
+        parse_bytes("lots")
