@@ -289,7 +289,7 @@ def write_docs(result: dict, command: str) -> None:
         s = r["settings"]
         lines += ["", f"Sweep, {s['model']} {s['masks']} x {s['samples']} x {s['seq_len']} under "
                   f"{fmt_bytes(s['budget'])} on {r['hardware'].get('gpu') or r['hardware']['cpu']} "
-                  f"({r['hardware']['threads']} threads), first row = planner's choice:", "",
+                  f"({r['hardware']['threads']} thr), first row = planner's choice:", "",
                   "| plan | predicted | measured | peak meas / pred |", "| --- | --- | --- | --- |"]
         for x in r["sweep"]:
             lines.append(f"| {describe_plan(x['plan'])} | {x['predicted_seconds']:.1f} s | {x['seconds']:.1f} s "
