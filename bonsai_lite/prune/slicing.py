@@ -28,6 +28,9 @@ def slice_param(tensor: torch.Tensor, role: str, *, is_bias: bool, layer: LayerS
         return tensor
     axis, kind = SLICE_RULES[role]
     idx = kept_index(layer, kind, head_dim)
+    dim = 0 if axis == "rows" or is_bias else 1
+    if is_identity(tensor.shape[dim], idx):  # nothing pruned: avoid a full copy of a dense weight
+        return tensor
     if axis == "rows":
         return tensor.index_select(0, idx)
     if is_bias:  # a bias is per output feature; column slicing leaves it intact

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.ops import BlockWeights, ChunkedNLL, block_forward, rms_norm, rotary_cos_sin
 from bonsai_lite.search.cache import ActivationCache
-from bonsai_lite.search.planner import Plan
+from bonsai_lite.search.planner import Plan, bound_host_allocator
 from bonsai_lite.structure import UnitLayout
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
     """
     t0 = time.perf_counter()
     spec, device = model.spec, torch.device(plan.device)
+    if device.type == "cpu":
+        bound_host_allocator()  # freed weight buffers must leave RSS (see planner)
     dtype = getattr(torch, plan.dtype)
     layout = UnitLayout.of(model.layers)
     if masks is not None:
