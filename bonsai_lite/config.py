@@ -24,7 +24,7 @@ class SearchConfig:
     masks_per_iter: int = 200  # paper appendix A.2
     prior: str = "wanda"  # "wanda" | "activation"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
-    rank: str = "per-param"  # "per-param" | "relevance": global ranking of Bonsai's beta (eq. 2)
+    rank: str = "relevance"  # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     uniform: bool = False
     seed: int = 0

@@ -29,8 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
     p.add_argument("--prior", default="wanda", choices=["wanda", "activation"])
     p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
-    p.add_argument("--rank", default="per-param", choices=["per-param", "relevance"],
-                   help="global ranking of Bonsai's relevances: per parameter removed, or raw")
+    p.add_argument("--rank", default="relevance", choices=["relevance", "per-param"],
+                   help="global ranking of Bonsai's relevances: raw (default, measured better on SmolLM2) or "
+                        "per parameter removed")
+    p.add_argument("--keep-spread", type=float, default=0.0,
+                   help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
@@ -53,7 +56,7 @@ def config_from_args(args) -> RunConfig:
                         samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
-                          penalty=args.penalty, rank=args.rank, uniform=args.uniform, seed=args.seed)
+                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
