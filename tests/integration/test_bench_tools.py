@@ -1,0 +1,110 @@
+"""tools/bench_scale.py and tools/bench_infer.py end to end on the `tiny` shape, CPU, minimal work.
+
+No timing thresholds: the fields the docs tables and the GPU session rely on must exist and be sane.
+The docs writers are checked on a copy of the page: only the text between their markers changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
+
+
+def _run(tool: str, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(TOOLS / tool), "--threads", "1", *args], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    scale = _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(work), "--budgets", "64MB",
+                 "--masks", "4", "--samples", "2", "--seq-len", "16", "--ref-batches", "1", "--export",
+                 "--sweep", "--sweep-per-order", "1")
+    infer = _run("bench_infer.py", "--shape", "tiny", "--work-dir", str(work), "--sparsities", "0.5",
+                 "--trust-remote-code", "--batch", "2", "--prefill-len", "16", "--prompt-len", "8",
+                 "--new-tokens", "4", "--repeats", "1")
+    return work, scale, infer
+
+
+def test_bench_scale_fields(results):
+    work, r, _ = results
+    assert r["tool"] == "bench_scale" and r["commit"] and r["hardware"]["cpu"]
+    assert r["settings"]["model"] == "tiny" and r["settings"]["device"] == "cpu"
+    index = json.loads((work / "tiny" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    (run,) = r["runs"]
+    assert run["budget"] == 64 * 2**20
+    assert set(run["stages"]) >= {"priors", "sampling", "evaluate", "regression", "selection"}
+    assert all(s["seconds"] > 0 for s in run["stages"].values())
+    ev = run["stages"]["evaluate"]
+    assert ev["mask_tokens"] == 4 * 2 * 15 and ev["bytes_read"] > 0 and ev["bytes_to_device"] > 0
+    assert run["mask_tokens_per_s"] > 0 and 0 < run["mfu"] < 5
+    assert run["peak_rss"] >= run["rss_at_start"] > 0 and run["peak_gpu_reserved"] == 0
+    assert run["removed_units"] > 0 and run["export"]["bytes"] > 0
+    assert not (work / "export-tiny").exists()
+    ex = run["extrapolation"]
+    assert ex["iterations"] == 10 and ex["seconds"] > run["seconds"] and ex["regression_measured_at_200"]
+    fracs = [row["fraction"] for row in ex["per_iteration"]]
+    assert fracs[0] == 1.0 and fracs[-1] == pytest.approx(0.55)
+    assert ex["per_iteration"][-1]["evaluate_s"] < ex["per_iteration"][0]["evaluate_s"]
+    ref = r["reference"]
+    assert ref["engine"]["mask_tokens_per_s"] > 0 and ref["transformers"]["mask_tokens_per_s"] > 0
+    assert set(run["vs_reference"]) == {"engine", "transformers"}
+    sw = run["sweep"]
+    assert {x["plan"]["order"] for x in sw["runs"]} == {"mask-group-major", "layer-major"}
+    assert sw["choice_vs_best"] >= 1.0 and isinstance(sw["within_tolerance"], bool)
+
+
+def test_bench_infer_fields(results):
+    work, _, r = results
+    assert r["tool"] == "bench_infer" and r["settings"]["dtype"] == "float32"
+    names = [m["name"] for m in r["models"]]
+    assert names == ["parent", "per-layer-50", "uniform-50"]
+    parent, *pruned = r["models"]
+    assert parent["prefill_speedup"] == 1.0 and parent["decode_speedup"] == 1.0
+    for m in r["models"]:
+        assert m["prefill"]["tokens_per_s"] > 0 and m["decode"]["ms_per_token"] > 0
+        assert m["decode"]["ttft_seconds"] > 0
+    for m in pruned:
+        assert 0.4 < m["params_fraction"] < 0.65 and m["params"] < parent["params"]
+        assert not (work / f"tiny-{m['name']}").exists()  # variants deleted without --keep
+
+
+def test_per_layer_needs_trust(results):
+    sys.path.insert(0, str(TOOLS))
+    import bench_infer
+
+    args = bench_infer.parse_args(["--shape", "tiny", "--formats", "per-layer"])
+    with pytest.raises(SystemExit, match="trust-remote-code"):
+        bench_infer.run(args)
+
+
+def test_docs_rewrite_only_own_block(results, tmp_path, monkeypatch):
+    _, scale, infer = results
+    sys.path.insert(0, str(TOOLS))
+    import bench_docs
+
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text("# Performance\n\nbefore\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    monkeypatch.setattr(bench_docs, "DOCS", page)
+    for _ in range(2):  # a second write replaces the rows, it does not add them again
+        bench_docs.write_scale_docs({**scale, "command": "python tools/bench_scale.py X"})
+        bench_docs.write_infer_docs({**infer, "command": "python tools/bench_infer.py Y"})
+    text = page.read_text()
+    assert text.startswith("# Performance\n\nbefore\n\n<!-- other:begin -->\nkept\n<!-- other:end -->")
+    assert text.count("<!-- bench_scale:begin -->") == 1 and text.count("<!-- bench_infer:begin -->") == 1
+    assert text.count("| tiny | 4 x 2 x 16 | 64.0 MiB |") == 1 and text.count("| tiny | uniform-50 |") == 1
+    assert "How to run on an H100" in text

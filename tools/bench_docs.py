@@ -1,0 +1,214 @@
+"""docs/PERFORMANCE.md blocks of tools/bench_scale.py and tools/bench_infer.py.
+
+Each tool owns the text between `<!-- TOOL:begin -->` and `<!-- TOOL:end -->` and nothing else; the
+block keeps every result as a JSON record line, so a run on another machine (`--from-json`) or of
+another setting adds rows instead of replacing the table.
+"""
+from __future__ import annotations
+
+import json
+
+import bench_engine as BE
+from bonsai_lite.search.planner import fmt_bytes
+
+STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
+
+DOCS = BE.DOCS
+H100_HOWTO = """### How to run on an H100
+
+The device runs each command in the repository root (10 minutes per command at most, 30 minutes
+of device time in all; the checkpoint in /tmp/bonsai-bench is reused while the machine stays warm,
+else regenerated in ~2 minutes). Results come back as JSON under $OUT and are recorded here with
+--from-json, so the docs are written from this checkout, not the device's copy:
+
+```
+# 1. one budgeted iteration at 8B per budget, references, export timed, paper run extrapolated (~6 min)
+python tools/bench_scale.py --shape llama3-8b --work-dir /tmp/bonsai-bench --budgets 8GB,12GB,24GB --masks 32 --samples 8 --seq-len 2048 --export --deadline 540 > $OUT/scale.json
+# 2. planner check: tiles x both orders per budget, choice within 15% of the best (~6 min)
+python tools/bench_scale.py --shape llama3-8b --work-dir /tmp/bonsai-bench --budgets 8GB,12GB,24GB --masks 32 --samples 8 --seq-len 2048 --sweep --sweep-per-order 2 --no-reference --no-paper-regression --deadline 540 > $OUT/sweep.json
+# 3. inference speed, parent vs pruned 20/35/50%, one export format per command (~5 min each)
+python tools/bench_infer.py --shape llama3-8b --work-dir /tmp/bonsai-bench --sparsities 0.2,0.35,0.5 --formats per-layer --trust-remote-code --deadline 480 > $OUT/infer-per-layer.json
+python tools/bench_infer.py --shape llama3-8b --work-dir /tmp/bonsai-bench --sparsities 0.2,0.35,0.5 --formats uniform --deadline 480 > $OUT/infer-uniform.json
+# then here, with FILES = the run tool's files_at folder:
+python tools/bench_scale.py --from-json FILES/scale.json FILES/sweep.json --write-docs
+python tools/bench_infer.py --from-json FILES/infer-per-layer.json FILES/infer-uniform.json --write-docs
+```
+"""
+
+
+def read_records(tool: str) -> list[dict]:
+    """The JSON records kept inside a tool's block of docs/PERFORMANCE.md."""
+    doc = DOCS.read_text() if DOCS.is_file() else ""
+    begin, end, prefix = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->", f"<!-- {tool}:record "
+    if begin not in doc or end not in doc:
+        return []
+    block = doc[doc.index(begin): doc.index(end)]
+    return [json.loads(line[len(prefix): -len(" -->")]) for line in block.splitlines() if line.startswith(prefix)]
+
+
+def write_block(tool: str, lines: list[str], records: list[dict]) -> None:
+    """Rewrite only what lies between the tool's markers (appended at the end when absent)."""
+    begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
+    body = lines + [""] + [f"<!-- {tool}:record " + json.dumps(r, separators=(",", ":"), default=str) + " -->"
+                           for r in records]
+    block = begin + "\n" + "\n".join(body) + "\n" + end
+    doc = DOCS.read_text() if DOCS.is_file() else "# Performance\n"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(doc)
+
+
+def where(hw: dict) -> str:
+    return hw["gpu"] if hw.get("gpu") else f"{hw['cpu']}, {hw['threads']} thr"
+
+
+def merge_record(old: dict | None, new: dict) -> dict:
+    """A later run of the same setting replaces measured fields; fields it skipped (None) are kept."""
+    if old is None:
+        return new
+    out = {**old, **{k: v for k, v in new.items() if v is not None}}
+    out["run"] = {**old["run"], **{k: v for k, v in new["run"].items() if v is not None}}
+    out["commands"] = list(dict.fromkeys(old.get("commands", []) + new.get("commands", [])))
+    return out
+
+
+def _scale_key(r: dict) -> tuple:
+    s = r["settings"]
+    return (where(r["hardware"]), s["model"], s["masks"], s["samples"], s["seq_len"], r["run"]["budget"])
+
+
+def _secs(x: float) -> str:
+    return f"{x:.2f}" if x < 10 else f"{x:.0f}"
+
+
+def _gib(n) -> str:
+    return fmt_bytes(n) if n else "-"
+
+
+def write_scale_docs(result: dict) -> None:
+    tool = "bench_scale"
+    records = {_scale_key(r): r for r in read_records(tool)}
+    for run_ in result["runs"]:
+        run_ = dict(run_)
+        if "extrapolation" in run_:
+            run_["extrapolation"] = {k: v for k, v in run_["extrapolation"].items() if k != "per_iteration"}
+        if run_.get("sweep"):
+            run_["sweep"] = {**run_["sweep"], "runs": [
+                {k: x[k] for k in ("plan", "seconds", "predicted_seconds", "peak_bytes", "predicted_peak_bytes",
+                                   "mask_tokens_per_s")} for x in run_["sweep"]["runs"]]}
+        rec = {"hardware": result["hardware"], "commit": result["commit"], "settings": result["settings"],
+               "peak": result["peak"], "run": run_, "reference": result.get("reference"),
+               "commands": [result.get("command", "")]}
+        records[_scale_key(rec)] = merge_record(records.get(_scale_key(rec)), rec)
+    recs = list(records.values())
+    lines = ["## Budgeted pruning at scale (tools/bench_scale.py)", "",
+             "One real Bonsai iteration (`prune.loop.run_pruning`: priors pass, mask sampling, masked evaluation, "
+             "regression, selection, run state committed) per memory budget on random weights of the named shape. "
+             "Stage times in seconds; mask-tok/s and MFU are the masked evaluation's (FLOPs and peak as in the "
+             "engine table above); peak GPU is `max_memory_reserved`, peak RSS the process's VmHWM (CUDA "
+             "libraries included; in brackets its growth during the iteration, what a CPU budget bounds). `x engine` / `x HF` = this budget's mask-tok/s over the engine with no budget "
+             "and over a whole-model transformers forward with the loss on the same device. `paper run` "
+             "extrapolates p 0.5, p_iter 0.05, 10 iterations of 200 x 32 x 2048 from the measured FLOP/s and the "
+             "shrinking model (regression timed at 200 masks); in brackets the planner's prediction scaled by "
+             "measured / predicted. The checkpoint was just written, so reads come from the page cache.", "",
+             "| hardware | commit | model | K x n x T | budget | eval plan | iteration | priors / eval / regr / select "
+             "| mask-tok/s | MFU | peak GPU | peak RSS | read / to device | x engine / x HF | export | paper run |",
+             "|" + " --- |" * 16]
+    for r in recs:
+        s, x = r["settings"], r["run"]
+        head = (f"| {where(r['hardware'])} | {r['commit']} | {s['model']} | {s['masks']} x {s['samples']} x "
+                f"{s['seq_len']} | {_gib(x['budget']) if x['budget'] else 'none'} ")
+        if "error" in x:
+            lines.append(head + f"| {x['error']} |" + " - |" * 10)
+            continue
+        st = {k: x["stages"].get(k, {}).get("seconds", 0.0) for k in STAGES}
+        vs = {k: f"{v:.2f}" for k, v in (x.get("vs_reference") or {}).items()}
+        ex = x["extrapolation"]
+        plan = BE.describe_plan(x["plan"]) if x.get("plan") else "-"
+        ps = ex.get("planner_scaled_seconds")
+        exp = f"{x['export']['seconds']:.1f} s" if x.get("export") else "-"
+        paper = f"{ex['seconds'] / 3600:.2f} h" + (f" ({ps / 3600:.2f} h)" if ps else "")
+        growth = f" (+{_gib(x['peak_rss'] - x['rss_at_start'])})" if x.get("rss_at_start") else ""
+        lines.append(
+            head + f"| {plan} | {_secs(x['seconds'])} s "
+            f"| {' / '.join(_secs(st[k]) for k in ('priors', 'evaluate', 'regression'))} / "
+            f"{_secs(st['selection'] + st['sampling'])} | {x['mask_tokens_per_s']:.0f} | {100 * x['mfu']:.1f}% "
+            f"| {_gib(x['peak_gpu_reserved'])} | {_gib(x['peak_rss'])}{growth} "
+            f"| {_gib(x['bytes_read'])} / {_gib(x['bytes_to_device'])} "
+            f"| {vs.get('engine', '-')} / {vs.get('transformers', '-')} "
+            f"| {exp} | {paper} |")
+    refs = {(where(r["hardware"]), r["settings"]["model"], r["settings"]["samples"], r["settings"]["seq_len"]): r
+            for r in recs if r.get("reference")}
+    if refs:
+        lines += ["", "References (no budget, same device):", "",
+                  "| hardware | commit | model | rows x T | engine: plan, mask-tok/s, MFU, peak "
+                  "| transformers forward: tok/s, MFU, peak (weights included) |", "|" + " --- |" * 6]
+        for r in refs.values():
+            s, e, h = r["settings"], r["reference"]["engine"], r["reference"].get("transformers", {})
+            hf = (f"{h['mask_tokens_per_s']:.0f}, {100 * h['mfu']:.1f}%, {_gib(h['peak_bytes'])}"
+                  if "mask_tokens_per_s" in h else h.get("error", "-"))
+            lines.append(f"| {where(r['hardware'])} | {r['commit']} | {s['model']} | {s['masks'] * s['samples']} x "
+                         f"{s['seq_len']} | {BE.describe_plan(e['plan'])}, {e['mask_tokens_per_s']:.0f}, "
+                         f"{100 * e['mfu']:.1f}%, {_gib(e['peak_bytes'])} | {hf} |")
+    for r in recs:
+        sw, s = r["run"].get("sweep"), r["settings"]
+        if not sw:
+            continue
+        verdict = {True: "within 15%", False: "OUTSIDE 15%", None: "only the choice was measured"}
+        lines += ["", f"Planner check, {s['model']} {s['masks']} x {s['samples']} x {s['seq_len']} under "
+                  f"{_gib(r['run']['budget'])} on {where(r['hardware'])}: choice / best measured = "
+                  f"{sw['choice_vs_best']:.2f} ({verdict[sw['within_tolerance']]}); "
+                  "first row = planner's choice", "",
+                  "| plan | predicted | measured | peak meas / pred |", "| --- | --- | --- | --- |"]
+        lines += [f"| {BE.describe_plan(x['plan'])} | {_secs(x['predicted_seconds'])} s | {_secs(x['seconds'])} s "
+                  f"| {_gib(x['peak_bytes'])} / {_gib(x['predicted_peak_bytes'])} |" for x in sw["runs"]]
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(c for r in recs for c in r["commands"]) if c]
+    lines += ["", H100_HOWTO]
+    write_block(tool, lines, recs)
+
+
+def _infer_key(r: dict) -> tuple:
+    s = r["settings"]
+    return (where(r["hardware"]), s["model"], r["model"]["name"], s["dtype"], s["batch"], s["prefill_len"],
+            s["prompt_len"], s["new_tokens"])
+
+
+def write_infer_docs(result: dict) -> None:
+    tool = "bench_infer"
+    records = {_infer_key(r): r for r in read_records(tool)}
+    for m in result["models"]:
+        m = {k: v for k, v in m.items() if k != "dir"}
+        m["prefill"] = {k: v for k, v in m["prefill"].items() if k != "times"}
+        m["decode"] = {k: v for k, v in m["decode"].items() if k != "times"}
+        rec = {"hardware": result["hardware"], "commit": result["commit"], "settings": result["settings"], "model": m,
+               "command": result.get("command", "")}
+        records[_infer_key(rec)] = rec
+    recs = list(records.values())
+    lines = ["## Inference speed of pruned models (tools/bench_infer.py)", "",
+             "transformers `AutoModelForCausalLM` (per-layer exports through their shipped modeling file), medians "
+             "after warm-up. Prefill: a [B, T] forward keeping the last position's logits. Decode: `generate` at "
+             "batch 1, greedy with the KV cache, ms per token after the first (TTFT = the prompt's forward). "
+             "`x parent` = speed-up over the first model of the same run. Variants were pruned with the `random` "
+             "method unless the row says otherwise (speed depends on the widths kept, not on which units went); "
+             "`non-emb` = non-embedding parameters as a fraction of the parent's.", "",
+             "| hardware | commit | model | variant | dtype | non-emb | prefill B x T: tok/s | x parent "
+             "| decode 1 x N (prompt P): ms/tok | x parent | TTFT |", "|" + " --- |" * 11]
+    for r in recs:
+        s, m = r["settings"], r["model"]
+        variant = m["name"] + (f" ({m['method']})" if m.get("method") not in (None, "random") else "")
+        dec = m.get("decode_speedup")
+        lines.append(
+            f"| {where(r['hardware'])} | {r['commit']} | {s['model']} | {variant} | {s['dtype']} "
+            f"| {100 * m['params_fraction']:.0f}% "
+            f"| {s['batch']} x {s['prefill_len']}: {m['prefill']['tokens_per_s']:.0f} "
+            f"| {m['prefill_speedup']:.2f}x | 1 x {s['new_tokens']} (P {s['prompt_len']}): "
+            f"{m['decode']['ms_per_token']:.2f} | {f'{dec:.2f}x' if dec else '-'} "
+            f"| {1e3 * m['decode']['ttft_seconds']:.1f} ms |")
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in recs) if c]
+    lines += ["", "The paper's 1.58x (Table 2: LLaMA-2-7B at 50%, one A6000) is the end-to-end latency of forward "
+              "passes over sequence-length chunks of Wikitext-2, i.e. closest to the prefill column; the GPU rows "
+              "are what to compare with it. Commands for an H100 are in the bench_scale section's \"How to run on "
+              "an H100\"."]
+    write_block(tool, lines, recs)
