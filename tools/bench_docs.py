@@ -19,7 +19,9 @@ H100_HOWTO = """### How to run on an H100
 The device runs each command in the repository root (10 minutes per command at most, 30 minutes
 of device time in all; the checkpoint in /tmp/bonsai-bench is reused while the machine stays warm,
 else regenerated in ~2 minutes). Results come back as JSON under $OUT and are recorded here with
---from-json, so the docs are written from this checkout, not the device's copy:
+--from-json, so the docs are written from this checkout, not the device's copy. The 8B checkpoint
+takes 16 GB of disk and each pruned variant 8-13 GB more until it is measured and deleted. Times
+in the comments are estimates; --deadline makes a command stop starting new work in time:
 
 ```
 # 1. one budgeted iteration at 8B per budget, references, export timed, paper run extrapolated (~6 min)
@@ -112,7 +114,10 @@ def write_scale_docs(result: dict) -> None:
              "and over a whole-model transformers forward with the loss on the same device. `paper run` "
              "extrapolates p 0.5, p_iter 0.05, 10 iterations of 200 x 32 x 2048 from the measured FLOP/s and the "
              "shrinking model (regression timed at 200 masks); in brackets the planner's prediction scaled by "
-             "measured / predicted. The checkpoint was just written, so reads come from the page cache.", "",
+             "measured / predicted. The checkpoint was just written, so reads come from the page cache. A commit "
+             "ending in +dirty had uncommitted changes under bonsai_lite/ or tools/ (other work in progress in the "
+             "shared checkout). CPU rows: the shared 2-vCPU VM of the engine notes above, one torch thread, other "
+             "jobs running; +-20% between runs.", "",
              "| hardware | commit | model | K x n x T | budget | eval plan | iteration | priors / eval / regr / select "
              "| mask-tok/s | MFU | peak GPU | peak RSS | read / to device | x engine / x HF | export | paper run |",
              "|" + " --- |" * 16]
@@ -165,7 +170,7 @@ def write_scale_docs(result: dict) -> None:
         lines += [f"| {BE.describe_plan(x['plan'])} | {_secs(x['predicted_seconds'])} s | {_secs(x['seconds'])} s "
                   f"| {_gib(x['peak_bytes'])} / {_gib(x['predicted_peak_bytes'])} |" for x in sw["runs"]]
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(c for r in recs for c in r["commands"]) if c]
-    lines += ["", H100_HOWTO]
+    lines += ["", H100_HOWTO.rstrip()]
     write_block(tool, lines, recs)
 
 
