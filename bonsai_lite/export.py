@@ -38,6 +38,7 @@ from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.slicing import slice_param
+from bonsai_lite.prune.state import fsync_dir
 from bonsai_lite.structure import PER_LAYER_KEY, LayerStructure, ModelSpec, load_spec, read_config
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -425,19 +426,6 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_disk(folder: Path, need: int) -> None:

@@ -1,6 +1,7 @@
 """Fixtures: tiny random Llama / Mistral / Qwen2 checkpoints saved as *sharded* safetensors."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def tiny_tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, TINY_SHAPES["vocab_size"], (3, 40), generator=g)
+
+
+def prunable_model(parent: Path, root: Path) -> tuple[Path, Path]:
+    """A copy of a tiny sharded model with a word-level tokenizer over its 211-token vocabulary, and a
+    calibration text (real WikiText-2 validation text when ../shared is present)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    model = Path(shutil.copytree(parent, root / "model"))
+    src = DATA / "wikitext2-valid.txt"
+    text = src.read_text()[:20000] if src.is_file() else " ".join(f"w{i % 300}" for i in range(4000))
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=211, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model)
+    (root / "calib.txt").write_text(text)
+    return model, root / "calib.txt"

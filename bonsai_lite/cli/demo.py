@@ -53,7 +53,7 @@ def run(args) -> int:
                     search=SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=q["p_iter"],
                                         masks_per_iter=q["masks_per_iter"]))
     t0 = time.perf_counter()
-    pruned = prune(cfg, overwrite=True, show_progress=True)
+    prune(cfg, overwrite=True, show_progress=True)
     prune_s = time.perf_counter() - t0
     if eval_text is None:  # no text anywhere: evaluate on fresh model-sampled text
         from bonsai_lite.calib.data import load_tokenizer

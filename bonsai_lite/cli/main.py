@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bonsai-lite: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except MemoryError as e:
+    except MemoryError:
         if debug:
             raise
         print("bonsai-lite: error: out of memory; pass a smaller --memory-budget so the planner streams more", file=sys.stderr)

@@ -26,7 +26,7 @@ STATE = "state.json"
 LOCK = "lock"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -56,7 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise _save_error(path.parent, e) from e
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class RunState:

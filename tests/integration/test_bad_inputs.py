@@ -30,24 +30,9 @@ from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.cache import ActivationCache
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 
+from conftest import prunable_model  # noqa: E402
+
 pytestmark = pytest.mark.integration
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext2-valid.txt"
-
-
-def prunable_model(parent: Path, root: Path) -> tuple[Path, Path]:
-    """A copy of a tiny sharded model with a word-level tokenizer over its 211-token vocabulary, and a
-    calibration text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    model = Path(shutil.copytree(parent, root / "model"))
-    text = DATA.read_text()[:20000] if DATA.is_file() else " ".join(f"w{i % 300}" for i in range(4000))
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=211, special_tokens=["[UNK]"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model)
-    (root / "calib.txt").write_text(text)
-    return model, root / "calib.txt"
 
 
 def prune_args(model, calib, out, *extra) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +19,10 @@ from safetensors.torch import load_file
 
 from bonsai_lite.prune.state import RunState
 
+from conftest import prunable_model  # noqa: E402
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 # (fault, what the killed run must have left behind: iteration committed, sub-models evaluated in it)
 KILLS = [
@@ -32,21 +32,6 @@ KILLS = [
     ("regressed:2", 2, 8),  # regression of iteration 2 redone, iteration 3 killed after its regression
     ("export:5", 3, 0),  # search done; killed with 5 of 16 shards written
 ]
-
-
-def prunable_model(parent: Path, root: Path) -> tuple[Path, Path]:
-    """A copy of a tiny sharded model (16 shards) with a word-level tokenizer, and a calibration text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    model = Path(shutil.copytree(parent, root / "model"))
-    text = DATA.read_text()[:20000] if DATA.is_file() else " ".join(f"w{i % 300}" for i in range(4000))
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=211, special_tokens=["[UNK]"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model)
-    (root / "calib.txt").write_text(text)
-    return model, root / "calib.txt"
 
 
 def run_cli(model, calib, out, *, fault: str | None = None) -> subprocess.CompletedProcess:
