@@ -229,7 +229,14 @@ class Pruner:
             elif s.method == "magnitude":
                 scores = S.prior_scores(model, tap.stats, layout, kind="magnitude")
             elif s.method == "wanda-sp":
-                scores = prior
+                # Figure 2's "no perturbation, no regression" bar: the same iterative frame as Bonsai
+                # (top 1 - 2 p_iter of every layer fixed by the prior), ranked by the prior alone.
+                # A global ranking of raw module-level Wanda scores is not comparable across layers
+                # (activation scale grows with depth) and strips whole layers.
+                g = torch.Generator().manual_seed(_seed(cfg, it, 3))
+                perturbable = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=2,
+                                           generator=g).candidates
+                scores = torch.where(perturbable, prior, torch.full_like(prior, math.inf))
             else:  # flap
                 scores, _ = S.flap_unit_scores(model, tap.stats, layout)
         head_p, mlp_p = model.spec.unit_params()
