@@ -145,7 +145,8 @@ def main() -> None:
         with open(results_path, "a") as f:
             f.write(json.dumps(parent) + "\n")
         rows.append(parent)
-    todo = [(m, float(s), "", {}) for s in args.sparsities.split(",") for m in args.methods.split(",")]
+    methods = [m for m in args.methods.split(",") if m and m != "none"]
+    todo = [(m, float(s), "", {}) for s in args.sparsities.split(",") for m in methods]
     for ab in filter(None, args.ablations.split(",")):
         name, value = ab.split("=")
         parse = {"masks": ("masks_per_iter", int), "p_iter": ("p_iter", float), "rank": ("rank", str),
