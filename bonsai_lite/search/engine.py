@@ -146,25 +146,24 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
                 del w
                 if progress:
                     progress(g1 - g0)
-            # LM head: chunk-major so each chunk of the (large) head is read once per pass.
+            # LM head: chunk-major so each chunk of the (large) head is read once per pass. The
+            # final norm is applied once per tile, in place, not once per (chunk, tile).
             per_tile = {s.start: ChunkedNLL((s.stop - s.start) * (t - 1), device) for s in tiles}
-            normed = {}
+            targets = {s.start: tokens[sample_of(s)][:, 1:].reshape(-1).to(device) for s in tiles}
+            with torch.no_grad():
+                for s in tiles:
+                    cache.put(local_tile(s), rms_norm(cache.get(local_tile(s)), norm_w, spec.eps))
+            single = cache.get(local_tile(tiles[0]))[:, :-1].reshape(-1, spec.hidden) if len(tiles) == 1 else None
             chunks = head_resident if head_resident is not None else loader.head_chunks(plan.head_chunk)
             kept_chunks = [] if plan.order == "resident" and head_resident is None else None
             for v0, wc in chunks:
                 if kept_chunks is not None:
                     kept_chunks.append((v0, wc))
                 for s in tiles:
-                    if s.start not in normed or len(tiles) > 1:
-                        with torch.no_grad():
-                            h = rms_norm(cache.get(local_tile(s))[:, :-1], norm_w, spec.eps)
-                        normed[s.start] = h.reshape(-1, spec.hidden)
-                    tgt = tokens[sample_of(s)][:, 1:].reshape(-1).to(device)
-                    acc = per_tile[s.start]
+                    h = single if single is not None else cache.get(local_tile(s))[:, :-1].reshape(-1, spec.hidden)
                     with torch.no_grad():
-                        acc.update(slice(None), normed[s.start], tgt, wc, v0)
-                    if len(tiles) > 1:
-                        del normed[s.start]
+                        per_tile[s.start].update(slice(None), h, targets[s.start], wc, v0)
+                    del h
                 del wc
             if kept_chunks is not None:
                 head_resident = kept_chunks

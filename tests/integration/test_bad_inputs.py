@@ -360,7 +360,7 @@ def test_full_disk_while_spilling_activations(done, capsys, monkeypatch, tmp_pat
         class Filling:
             def write(self, data):
                 writes[0] += 1
-                if writes[0] > 8:  # dense pass 4 (embeddings + 3 blocks), first chunk 4
+                if writes[0] > 10:  # dense pass 5 (embeddings + 3 blocks + final norm), first chunk 5
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return f.write(data)
 
