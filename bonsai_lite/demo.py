@@ -98,14 +98,15 @@ def verify_demo_gguf(path: str | os.PathLike) -> str:
 
 def load_gguf_model(gguf_path: str | os.PathLike) -> torch.nn.Module:
     """The GGUF's model, dequantised to a dense float32 transformers model (reference for tests)."""
-    from transformers import AutoModelForCausalLM, GgufConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
+    kwargs = {}
+    if hasattr(transformers, "GgufConfig"):  # 5.17+ asks for dequantisation; earlier versions always dequantise
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent,
-        gguf_file=gguf_path.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **kwargs
     )
     return model.eval()
 

@@ -40,6 +40,19 @@ def _layer_window(config, layer_idx: int):
     return getattr(config, "sliding_window", None)
 
 
+# The stock model hands each layer its KV cache as `past_key_values` (transformers < 5.24) or as
+# `cache` (>= 5.24, the old name deprecated). Layers here take it under either name, so this file
+# reads no version number and needs no change when the old name is finally removed.
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _pop_cache(kwargs: dict):
+    """Remove every cache keyword from `kwargs`; return the cache (None when there is none)."""
+    found = [kwargs.pop(name) for name in _CACHE_KWARGS if name in kwargs]
+    found = [c for c in found if c is not None]  # never `or`: an empty cache has len() == 0
+    return found[0] if found else None
+
+
 def _attention_function(implementation):
     get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)  # absent in early 5.x: index the mapping
     if get is not None:
@@ -93,7 +106,8 @@ class _BonsaiAttention:
         z = hidden_states.new_zeros(b, 1, t, 1)
         past_key_values.update(z, z, self.layer_idx)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        past_key_values = _pop_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -148,12 +162,13 @@ class _BonsaiDecoderLayer:
         layer_types = getattr(config, "layer_types", None)
         self.attention_type = layer_types[layer_idx] if layer_types is not None else "full_attention"
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
                 position_embeddings=None, **kwargs):
+        past_key_values = _pop_cache(kwargs)
         attn = self.self_attn
         if attn.num_heads:
             out, _ = attn(self.input_layernorm(hidden_states), position_embeddings=position_embeddings,
-                          attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids,
+                          attention_mask=attention_mask, cache=past_key_values, position_ids=position_ids,
                           **kwargs)
             hidden_states = hidden_states + out
         else:
