@@ -27,6 +27,7 @@ import functools
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from bonsai_lite.search.regression import fit_relevance  # noqa: E402
 from bonsai_lite.search.sampling import sample_masks  # noqa: E402
 from bonsai_lite.structure import LayerStructure, UnitLayout, load_spec  # noqa: E402
 
+import scale_extras as SX  # noqa: E402
 from bench_docs import write_scale_docs  # noqa: E402
 
 SHAPES = {**BE.SHAPES, "tiny": BE.SHAPES["llama-tiny"]}
@@ -272,16 +274,6 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
     }
 
 
-def time_export(model_dir: Path, layers, out: Path) -> dict:
-    from bonsai_lite.export import export_pruned
-
-    t0 = time.perf_counter()
-    res = export_pruned(model_dir, layers, out, overwrite=True)
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": seconds, "bytes": res.bytes, "bytes_per_s": res.bytes / seconds}
-
-
 # ---- references: no budget -----------------------------------------------------------------------
 def engine_unbudgeted(model: StreamedModel, work: Work, device: str, seed: int, peak: float) -> dict:
     machine = detect_machine(device=device, budget=None)
@@ -431,9 +423,32 @@ def run(args) -> dict:
     deadline = time.perf_counter() + (args.deadline or math.inf)
     tmp = tempfile.TemporaryDirectory(prefix="bench-scale-") if args.work_dir is None else None
     work_dir = Path(args.work_dir or tmp.name)
+    model_dir = work_dir / args.shape
+    created = not (model_dir / INDEX_NAME).is_file()  # never delete a checkpoint this run did not write
+    if created:
+        need = SX.disk_needed(shape_bytes(args.shape), export=args.export, accelerate=args.accelerate)
+        SX.check_disk(work_dir, need)
+        print(f"[generate] {args.shape}: {fmt_bytes(shape_bytes(args.shape))} of random bf16 weights in {model_dir} "
+              f"(the run needs {fmt_bytes(need)} free)", file=sys.stderr)
     t0 = time.perf_counter()
-    model_dir = write_random_model(args.shape, work_dir / args.shape, device=device, seed=args.seed)
+    write_random_model(args.shape, model_dir, device=device, seed=args.seed)
     gen_s = time.perf_counter() - t0
+    try:
+        return _run(args, device, deadline, work_dir, model_dir, gen_s)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+        elif created and not args.keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def shape_bytes(shape: str) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(SHAPES[shape]))
+        return sum(math.prod(s) * 2 for _, s in tensor_shapes(load_spec(Path(d))))
+
+
+def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, gen_s: float) -> dict:
     model = StreamedModel.open(model_dir)
     work = Work(args.masks, args.samples, args.seq_len)
     g = torch.Generator().manual_seed(args.seed)
@@ -458,9 +473,21 @@ def run(args) -> dict:
             runs.append({"budget": budget, "error": str(e)})
             continue
         layers = r.pop("layers")
-        if args.export and not any("export" in x for x in runs):
-            r["export"] = time_export(model_dir, layers, work_dir / f"export-{args.shape}")
+        rows = ids[: args.samples * args.seq_len].view(args.samples, args.seq_len)
+        if args.export:  # exported once (first budget), evaluated under every budget
+            export_dir = work_dir / f"export-{args.shape}"
+            if not any("export" in x for x in runs):
+                r["export"] = SX.export_model(model_dir, layers, export_dir)
+            r["export_eval"] = SX.eval_export(export_dir, budget=budget, ids=rows, device=device)
+        if args.accelerate and budget and not device.startswith("cuda"):
+            print(f"[accelerate] offloaded transformers at {fmt_bytes(budget)}", file=sys.stderr)
+            try:
+                r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows)
+            except (RuntimeError, ValueError, OSError) as e:
+                r["accelerate"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
         r["extrapolation"] = extrapolate(model, r, work, device=device, regression_s=reg_s)
+        r["preset_extrapolation"] = SX.preset_extrapolation(model, r, shrink=shrunk, gemm_flops=peak,
+                                                            cores=BE.hardware()["cores"])
         runs.append(r)
     ok = [r for r in runs if "error" not in r]
     reference = None
@@ -475,14 +502,14 @@ def run(args) -> dict:
         for r in ok:
             r["vs_reference"] = {k: r["mask_tokens_per_s"] / v["mask_tokens_per_s"]
                                  for k, v in reference.items() if v.get("mask_tokens_per_s")}
+    if args.export and not args.keep:
+        shutil.rmtree(work_dir / f"export-{args.shape}", ignore_errors=True)
     for r in ok if args.sweep else []:
         if time.perf_counter() > deadline:
             r["sweep"] = None
             continue
         r["sweep"] = sweep(model, work, device, r["budget"], per_order=args.sweep_per_order,
                            max_predicted=args.sweep_max_predicted, seed=args.seed, peak=peak, deadline=deadline)
-    if tmp is not None:
-        tmp.cleanup()
     return {
         "tool": "bench_scale", "hardware": BE.hardware(), "commit": BE.commit(),
         "settings": {"model": args.shape, "masks": args.masks, "samples": args.samples, "seq_len": args.seq_len,
@@ -490,6 +517,7 @@ def run(args) -> dict:
                      "weights_bytes": model.ckpt.nbytes(), "generate_seconds": gen_s,
                      "paper_regression_seconds": reg_s},
         "peak": {"flops": peak, "source": peak_src}, "runs": runs, "reference": reference,
+        "load_average": os.getloadavg(),
     }
 
 
@@ -504,7 +532,13 @@ def parse_args(argv):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on a CPU run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--export", action="store_true", help="also time exporting the pruned model (first budget)")
+    ap.add_argument("--export", action="store_true",
+                    help="export the pruned model (first budget), load its config, evaluate it under every budget")
+    ap.add_argument("--accelerate", action="store_true",
+                    help="per budget: transformers + accelerate offload (max_memory = budget, offload_folder) on the "
+                         "same rows, for comparison")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and export in --work-dir")
+    ap.add_argument("--records", action="store_true", help="write one kind=scale JSON record per budget to docs/results")
     ap.add_argument("--sweep", action="store_true", help="per budget: tiles x both orders measured; choice vs best")
     ap.add_argument("--sweep-per-order", type=int, default=3, help="tile sizes measured per streaming order")
     ap.add_argument("--sweep-max-predicted", type=float, default=3.0,
@@ -534,6 +568,9 @@ def main(argv: list[str] | None = None) -> dict | list:
     result = run(args)
     result["command"] = "python tools/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1, default=str))
+    if args.records:
+        for path in SX.write_records(SX.records(result)):
+            print(f"[records] {path}", file=sys.stderr)
     if args.write_docs:
         write_scale_docs(result)
     return result

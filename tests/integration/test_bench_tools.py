@@ -6,6 +6,7 @@ The docs writers are checked on a copy of the page: only the text between their 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     scale = _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(work), "--budgets", "64MB",
                  "--masks", "4", "--samples", "2", "--seq-len", "16", "--ref-batches", "1", "--export",
-                 "--sweep", "--sweep-per-order", "1")
+                 "--sweep", "--sweep-per-order", "1", "--accelerate", "--keep")
     infer = _run("bench_infer.py", "--shape", "tiny", "--work-dir", str(work), "--sparsities", "0.5",
                  "--trust-remote-code", "--batch", "2", "--prefill-len", "16", "--prompt-len", "8",
                  "--new-tokens", "4", "--repeats", "1")
@@ -54,7 +55,20 @@ def test_bench_scale_fields(results):
     assert run["mask_tokens_per_s"] > 0 and 0 < run["mfu"] < 5
     assert run["peak_rss"] >= run["rss_at_start"] > 0 and run["peak_gpu_reserved"] == 0
     assert run["removed_units"] > 0 and run["export"]["bytes"] > 0
-    assert not (work / "export-tiny").exists()
+    assert run["export"]["config_class"] == "BonsaiLlamaConfig"  # the export's config loads with transformers
+    ev_export = run["export_eval"]  # the pruned export through the engine under the same budget
+    assert 0 < ev_export["params"] < r["settings"]["params"] and math.isfinite(ev_export["eval_nll"])
+    acc = run["accelerate"]  # the offloaded transformers reference on the same rows, same budget
+    assert acc["tokens"] == 2 * 15 and acc["tokens_per_s"] > 0 and math.isfinite(acc["loss"])
+    sys.path.insert(0, str(TOOLS))
+    import scale_extras
+
+    (rec,) = scale_extras.records(r)
+    assert rec["kind"] == "scale" and rec["shape"] == "tiny" and rec["budget_bytes"] == 64 * 2**20
+    assert rec["accelerate_tokens_per_s"] == acc["tokens_per_s"] and rec["tokens_per_s"] == run["mask_tokens_per_s"]
+    assert rec["predicted_seconds"] > 0 and rec["peak_rss_growth_bytes"] == run["peak_rss"] - run["rss_at_start"]
+    quick = run["preset_extrapolation"]["presets"]["quick"]
+    assert quick["iterations"] == 5 and quick["seconds_8_core_laptop_estimate"] < quick["seconds_here"]
     ex = run["extrapolation"]
     assert ex["iterations"] == 10 and ex["seconds"] > run["seconds"] and ex["regression_measured_at_200"]
     fracs = [row["fraction"] for row in ex["per_iteration"]]
@@ -66,6 +80,19 @@ def test_bench_scale_fields(results):
     sw = run["sweep"]
     assert {x["plan"]["order"] for x in sw["runs"]} == {"mask-group-major", "layer-major"}
     assert sw["choice_vs_best"] >= 1.0 and isinstance(sw["within_tolerance"], bool)
+
+
+def test_bench_scale_deletes_only_what_it_wrote(results):
+    work, _, _ = results
+    kept = work / "tiny"  # written by the fixture's run (--keep): not this run's to delete
+    before = sorted(p.name for p in kept.iterdir())
+    _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(work), "--budgets", "64MB", "--masks", "4",
+         "--samples", "1", "--seq-len", "8", "--no-reference", "--no-paper-regression")
+    assert sorted(p.name for p in kept.iterdir()) == before
+    fresh = work / "fresh"
+    _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(fresh), "--budgets", "64MB", "--masks", "4",
+         "--samples", "1", "--seq-len", "8", "--no-reference", "--no-paper-regression", "--export")
+    assert not (fresh / "tiny").exists() and not (fresh / "export-tiny").exists()  # its own, without --keep
 
 
 def test_bench_infer_fields(results):

@@ -1,0 +1,182 @@
+"""bench_scale's comparisons and records: what a user would otherwise do (accelerate's offloaded
+transformers model at the same budget), the pruned export evaluated under the same budget, the
+full-prune extrapolation per preset, and one `kind: "scale"` JSON record per budget.
+
+Kept apart from bench_scale.py, which measures the prune iteration itself.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bench_engine as BE
+from bonsai_lite.config import PRESETS
+from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.search.engine import evaluate
+from bonsai_lite.search.planner import Work, detect_machine, flops_per_token, fmt_bytes, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+# An 8-core laptop is not measured here: its estimate scales this machine's measured GEMM rate per
+# core by 8 cores (laptop cores boost less under all-core load, so this errs short).
+LAPTOP_CORES = 8
+# Free disk the run needs beyond the checkpoint: the export (at most the parent's size) plus room
+# for spilled activations and the offload folder of the accelerate reference (the model in fp32).
+EXPORT_FACTOR, OFFLOAD_FACTOR = 1.0, 2.0
+
+
+def disk_needed(weights_bytes: int, *, export: bool, accelerate: bool) -> int:
+    return int(weights_bytes * (1 + (EXPORT_FACTOR if export else 0) + (OFFLOAD_FACTOR if accelerate else 0)))
+
+
+def check_disk(path: Path, need: int) -> None:
+    """Refuse before writing anything when the disk cannot hold the run (one line, with the figures)."""
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise SystemExit(f"bench_scale: {path} has {fmt_bytes(free)} free, the run needs {fmt_bytes(need)} "
+                         f"(checkpoint, export, offload); pass --work-dir on a larger disk")
+
+
+def _rss_growth_since(rss0: int) -> int:
+    return max(0, (BE._status_bytes("VmHWM") or 0) - rss0)
+
+
+def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor) -> dict:
+    """What people use today for a model that does not fit: transformers + accelerate with
+    `device_map="auto"`, `max_memory` at the budget and the rest offloaded to an `offload_folder`.
+    One forward with the loss over `ids` [rows, T] (after a one-row warm-up), tokens/s and RSS growth."""
+    from transformers import AutoModelForCausalLM
+
+    rss0 = BE._reset_peak("cpu")
+    offload = tempfile.mkdtemp(prefix="bench-accelerate-offload-", dir=model_dir.parent)
+    try:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype), device_map="auto", max_memory={"cpu": budget},
+            offload_folder=offload).eval()
+        load_s = time.perf_counter() - t0
+        placed = sorted(set(map(str, getattr(model, "hf_device_map", {}).values())))
+        with torch.no_grad():
+            model(ids[:1, :8])  # warm-up: offload hooks, kernels
+            t0 = time.perf_counter()
+            loss = float(model(ids, labels=ids).loss)
+        seconds = time.perf_counter() - t0
+        growth = _rss_growth_since(rss0)
+        del model
+        gc.collect()
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    return {"seconds": seconds, "load_seconds": load_s, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "loss": loss, "peak_rss_growth_bytes": growth, "budget_bytes": budget, "dtype": dtype,
+            "placement": placed}
+
+
+def export_model(model_dir: Path, layers, out: Path) -> dict:
+    """Export the pruned model shard by shard and load its config with transformers."""
+    from transformers import AutoConfig
+
+    from bonsai_lite.export import export_pruned
+
+    t0 = time.perf_counter()
+    res = export_pruned(model_dir, layers, out, overwrite=True)
+    seconds = time.perf_counter() - t0
+    # Our own export: the shipped modeling file is the one this checkout wrote, hence trusted here.
+    cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    return {"seconds": seconds, "bytes": res.bytes, "bytes_per_s": res.bytes / seconds,
+            "config_class": type(cfg).__name__}
+
+
+def eval_export(out: Path, *, budget: int | None, ids: torch.Tensor, device: str) -> dict:
+    """The exported model through the streamed engine under the same budget (RSS growth measured
+    from the same point as the prune's)."""
+    rss0 = BE._reset_peak(device)
+    model = StreamedModel.open(out)
+    machine = detect_machine(device=device, budget=budget)
+    plan = make_plan(model.spec, model.layers, Work(1, ids.shape[0], ids.shape[1]), machine)
+    t0 = time.perf_counter()
+    r = evaluate(model, ids, None, plan)
+    seconds = time.perf_counter() - t0
+    return {"params": model.params(), "eval_seconds": seconds, "eval_nll": r.row_nll[0].mean().item(),
+            "eval_peak_rss_growth_bytes": _rss_growth_since(rss0) if device == "cpu" else None,
+            "eval_plan": plan.describe()}
+
+
+def preset_extrapolation(model: StreamedModel, run: dict, *, shrink, gemm_flops: float, cores: int,
+                         sparsity: float = 0.5) -> dict:
+    """Wall time of a full prune to `sparsity` per preset, from this budget's measured FLOP/s in the
+    priors pass and the masked evaluation (the model shrinking by p_iter each iteration); the
+    regression and bookkeeping as measured here, per iteration. An estimate: larger work amortises
+    weight reads better than the small iteration measured, so this errs long."""
+    st = run["stages"]
+    per_iter_fixed = sum(st[k]["seconds"] for k in ("sampling", "regression", "selection") if k in st)
+    per_iter_fixed += run["other_seconds"]
+    out = {}
+    for name, p in PRESETS.items():
+        n_iter = math.ceil(sparsity / p["p_iter"] - 1e-9)
+        t = p["seq_len"]
+        total = 0.0
+        for i in range(n_iter):
+            fpt = flops_per_token(model.spec, shrink(model.layers, 1.0 - p["p_iter"] * i), t)
+            prior_tokens = (p.get("prior_samples") or p["samples"]) * (p.get("prior_seq_len") or t)
+            total += prior_tokens * fpt / st["priors"]["flops_per_s"]
+            total += p["masks_per_iter"] * p["samples"] * t * fpt / st["evaluate"]["flops_per_s"]
+            total += per_iter_fixed
+        laptop = total * cores / LAPTOP_CORES  # compute-bound: scales with the cores' GEMM rate
+        out[name] = {"iterations": n_iter, "settings": p, "seconds_here": total,
+                     "seconds_8_core_laptop_estimate": laptop}
+    return {"sparsity": sparsity, "gemm_flops_per_s": gemm_flops, "presets": out}
+
+
+def records(result: dict) -> list[dict]:
+    """One `kind: "scale"` record per budget that ran, with the fields the docs table reads."""
+    s, out = result["settings"], []
+    for r in result["runs"]:
+        if "error" in r:
+            continue
+        ev, pri = r["stages"]["evaluate"], r["stages"]["priors"]
+        acc = r.get("accelerate") or {}
+        predicted = ev["predicted_seconds"] + pri["predicted_seconds"]
+        measured = ev["seconds"] + pri["seconds"]
+        out.append({
+            "kind": "scale", "shape": s["model"], "device": s["device"], "budget_bytes": r["budget"],
+            "peak_rss_growth_bytes": r["peak_rss"] - r["rss_at_start"] if s["device"] == "cpu" else None,
+            "peak_gpu_bytes": r["peak_gpu_reserved"] if s["device"] != "cpu" else None,
+            "seconds": r["seconds"], "engine_seconds": measured, "predicted_seconds": predicted,
+            "predicted_over_measured": predicted / measured if measured else None,
+            "tokens_per_s": r["mask_tokens_per_s"], "eval_flops_per_s": r["flops_per_s"],
+            "gemm_flops_per_s": result["peak"]["flops"], "gemm_fraction": r["mfu"],
+            "accelerate_tokens_per_s": acc.get("tokens_per_s"),
+            "accelerate_peak_rss_growth_bytes": acc.get("peak_rss_growth_bytes"),
+            "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
+            "bytes_read": r["bytes_read"], "stages": {k: {kk: v[kk] for kk in ("seconds", "predicted_seconds",
+                                                                              "mask_tokens", "flops_per_s",
+                                                                              "bytes_read", "peak_rss")}
+                                                    for k, v in r["stages"].items()},
+            "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
+            "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
+            "threads": result["hardware"]["threads"], "load_average": result.get("load_average"),
+            "commit": result["commit"], "hardware": result["hardware"], "command": result.get("command"),
+        })
+    return out
+
+
+def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in recs:
+        budget = fmt_bytes(r["budget_bytes"]).replace(" ", "") if r["budget_bytes"] else "unbudgeted"
+        p = directory / f"scale-{r['shape']}-{r['device']}-{budget}.json"
+        tmp = p.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(r, indent=1, default=str) + "\n")
+        tmp.rename(p)
+        paths.append(p)
+    return paths
