@@ -141,3 +141,21 @@ def test_dead_rank_ends_the_other_with_a_message(setup, tmp_path):
     assert procs[0].returncode == 2, err0[-2000:]
     last = err0.strip().splitlines()[-1]
     assert last.startswith("bonsai-lite: error: rank 0: lost contact with the other ranks") and "resume" in last
+
+
+def test_bench_distributed_measures_the_same_losses(setup, tmp_path):
+    """tools/bench_distributed.py end to end on the tiny model: fields present, 2 processes == 1 in loss."""
+    model, _, _ = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "bench_distributed.py"), "--model", str(model),
+                        "--nprocs", "1,2", "--masks", "4", "--samples", "2", "--seq-len", "16",
+                        "--out", str(tmp_path / "r.json")], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    assert rec == json.loads((tmp_path / "r.json").read_text())
+    assert {"hardware", "commit", "settings", "runs"} <= rec.keys()
+    one, two = rec["runs"]
+    assert (one["nprocs"], two["nprocs"]) == (1, 2) and len(two["compute_seconds_per_rank"]) == 2
+    assert two["max_abs_nll_diff_vs_first"] <= 1e-5 and one["speedup"] == 1.0
+    assert two["speedup"] == pytest.approx(two["sub_models_per_s"] / one["sub_models_per_s"])
