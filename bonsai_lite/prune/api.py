@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -14,7 +15,7 @@ from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
-from bonsai_lite.prune.distributed import agreement_facts, from_env
+from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
@@ -88,6 +89,9 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         parent = ids = error = None
         facts: dict = {}
         try:
+            single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
+            cfg = replace(cfg, budget=host_budget_share(ranks, device=cfg.device, budget=cfg.budget,
+                                                        default_budget=single))
             parent, ids = _check_inputs(cfg, overwrite=overwrite, root=ranks.is_root)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)

@@ -94,6 +94,20 @@ def _wants_cuda(device: str | None) -> bool:
     return device.startswith("cuda") if device else torch.cuda.is_available()
 
 
+def host_budget_share(ranks: "Ranks", *, device: str | None, budget: int | None, default_budget) -> int | None:
+    """A CPU rank's default budget (a share of free RAM) split between the ranks on its machine.
+
+    Without --memory-budget each process would plan for the whole of the machine's free RAM;
+    `default_budget()` is that single-process default. GPU ranks each have their own device.
+    """
+    if budget is not None or ranks.local_world <= 1 or _wants_cuda(device):
+        return budget
+    share = default_budget() // ranks.local_world
+    log.info("rank %d: %d ranks share this machine's RAM; planning for %.1f GiB each (--memory-budget sets it)",
+             ranks.rank, ranks.local_world, share / 2**30)
+    return share
+
+
 @dataclass
 class Ranks:
     """This process's place in the job and the collectives the prune needs."""
@@ -101,6 +115,7 @@ class Ranks:
     rank: int
     world: int
     local_rank: int
+    local_world: int  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
     backend: str
     timeout_s: float
     comm_device: torch.device
@@ -269,4 +284,6 @@ def from_env(*, device: str | None, timeout_s: float | None = None, environ=None
                           f"{env['MASTER_PORT']} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else e})") from e
     log.info("rank %d of %d (local rank %d): %s backend, collective timeout %.0f s", rank, world, local, backend,
              timeout_s)
-    return Ranks(rank=rank, world=world, local_rank=local, backend=backend, timeout_s=timeout_s, comm_device=comm)
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    return Ranks(rank=rank, world=world, local_rank=local, local_world=local_world, backend=backend,
+                 timeout_s=timeout_s, comm_device=comm)

@@ -9,7 +9,9 @@ import torch
 
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.fingerprint import model_fingerprint
-from bonsai_lite.prune.distributed import agreement_facts, from_env, pack, shares, unpack
+from bonsai_lite.prune.distributed import (
+    Ranks, agreement_facts, from_env, host_budget_share, pack, shares, unpack,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +68,11 @@ def test_model_fingerprint_sees_weights_not_paths(tiny_models, tmp_path):
     shard.write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(src)
     assert model_fingerprint(copy) != model_fingerprint(tiny_models["mistral-gqa"])
+
+
+def test_cpu_ranks_on_one_machine_share_its_ram_by_default():
+    ranks = Ranks(rank=1, world=4, local_rank=1, local_world=2, backend="gloo", timeout_s=1.0,
+                  comm_device=torch.device("cpu"))
+    assert host_budget_share(ranks, device="cpu", budget=None, default_budget=lambda: 1000) == 500
+    assert host_budget_share(ranks, device="cpu", budget=300, default_budget=lambda: 1000) == 300  # given: kept
+    assert host_budget_share(ranks, device="cuda", budget=None, default_budget=lambda: 1000) is None  # own GPU
