@@ -112,35 +112,50 @@ def test_rank_with_another_model_is_refused_before_work(setup, tmp_path):
     assert not (tmp_path / "out.run" / "state.json").exists() and not (tmp_path / "out").exists()
 
 
-def test_dead_rank_ends_the_other_with_a_message(setup, tmp_path):
-    """Ranks started by hand (as srun would, no torchrun agent to kill the survivors): rank 1 dies
-    mid-evaluation and rank 0 exits at once with a one-line error instead of hanging."""
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+def test_lost_rank_ends_the_other_with_a_message(setup, tmp_path, how):
+    """Ranks started by hand (as srun would; no torchrun agent to stop the survivors): rank 1 is
+    SIGKILLed mid-evaluation, or SIGSTOPped once the ranks agreed; rank 0 exits with a one-line
+    error instead of hanging: at once when the peer is gone, after --dist-timeout when it hangs."""
     import socket
+    import time
 
     model, calib, _ = setup
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    timeout = "120" if how == "dies" else "5"
     args = ["prune", str(model), "--sparsity", "0.2", "--p-iter", "0.1", "--masks-per-iter", "8", "--calib-samples",
             "2", "--seq-len", "16", "--calib", str(calib), "--out", str(tmp_path / "out"), "--device", "cpu",
-            "--checkpoint-masks", "4", "--dist-timeout", "120"]
+            "--checkpoint-masks", "4", "--dist-timeout", timeout]
     base = {k: v for k, v in os.environ.items() if k != "BONSAI_LITE_FAULT"}
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TQDM_DISABLE="1", WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BONSAI_LITE_FAULT="evaluate:1@1")
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if how == "dies":
+        base["BONSAI_LITE_FAULT"] = "evaluate:1@1"
+    logs = [tmp_path / f"rank{r}.err" for r in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "bonsai_lite", *args], cwd=REPO, text=True,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for r in range(2)]
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=open(logs[r], "w")) for r in range(2)]
     try:
-        err0 = procs[0].communicate(timeout=100)[1]  # well under the 120 s collective timeout
-        procs[1].communicate(timeout=30)
+        if how == "hangs":
+            deadline = time.monotonic() + 100
+            while "agree across ranks" not in logs[1].read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            procs[1].send_signal(signal.SIGSTOP)
+        procs[0].wait(timeout=100)  # well under the 120 s timeout when the peer died
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[1].returncode == -signal.SIGKILL
+                p.wait()
+    err0 = logs[0].read_text()
     assert procs[0].returncode == 2, err0[-2000:]
+    if how == "dies":
+        assert procs[1].returncode == -signal.SIGKILL
     last = err0.strip().splitlines()[-1]
     assert last.startswith("bonsai-lite: error: rank 0: lost contact with the other ranks") and "resume" in last
+    assert f"{timeout} s collective timeout" in last
 
 
 def test_bench_distributed_measures_the_same_losses(setup, tmp_path):
