@@ -119,7 +119,7 @@ class Ranks:
     backend: str
     timeout_s: float
     comm_device: torch.device
-    broken: bool = False  # a collective failed: the others are gone, do not wait for them again
+    broken: bool = False  # a collective failed or every rank stopped together: send nothing more
     closed: bool = False
 
     @property
@@ -181,6 +181,7 @@ class Ranks:
             if diff:
                 problems.append(f"rank {r} differs from rank 0: {'; '.join(diff)}")
         if problems:
+            self.broken = True  # every rank raises this same error: nobody is left to release
             raise BonsaiError("distributed run refused before any work: " + " | ".join(problems))
         log.info("rank %d/%d: settings and model fingerprint agree across ranks", self.rank, self.world)
 
@@ -206,6 +207,7 @@ class Ranks:
         errors = [f"rank {r} (sub-models {first + a}..{first + b - 1}): {m['error']}"
                   for r, ((m, _), (a, b)) in enumerate(zip(replies, bounds)) if "error" in m]
         if errors:
+            self.broken = True  # every rank raises this same error: nobody is left to release
             raise BonsaiError("evaluation failed on " + "; ".join(errors))
         return torch.cat([t["nll"] for _, t in replies])
 
