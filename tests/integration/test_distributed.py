@@ -1,7 +1,7 @@
 """A prune under the real `torchrun` (2 CPU processes, gloo) against a single-process run of the
 same settings: same pruned weights, same per-sub-model losses; a rank SIGKILLed mid-evaluation and a
-relaunch (with 2 ranks, then with 1) ends identical; a rank with another model file is refused
-before any evaluation.
+relaunch (with 2 ranks, then with 1) ends identical; a rank with another model file or a budget
+too small is refused before any evaluation; a rank that dies or hangs ends the others with a message.
 """
 from __future__ import annotations
 
@@ -102,12 +102,14 @@ def test_rank_killed_mid_evaluation_resumes_identical(setup, tmp_path):
     assert_same_run(out, ref)
 
 
-def test_rank_with_another_model_is_refused_before_work(setup, tmp_path):
+def test_ranks_with_another_model_or_a_budget_too_small_are_refused_before_work(setup, tmp_path):
     model, calib, _ = setup
     other, _ = prunable_model(make_tiny_model(tmp_path / "tiny2", "llama-gqa-tied", seed=5), tmp_path / "o")
-    p = run(model, calib, tmp_path / "out", ranks=2, env_extra={"BONSAI_TEST_OTHER_MODEL": f"1:{other}"})
+    p = run(model, calib, tmp_path / "out", ranks=3, env_extra={"BONSAI_TEST_OTHER_MODEL": f"1:{other}",
+                                                                "BONSAI_TEST_EXTRA_ARGS": "2:--memory-budget 64KB"})
     assert p.returncode != 0
     assert "rank 1 differs from rank 0: model_fingerprint" in p.stderr, p.stderr[-3000:]
+    assert "rank 2: memory budget 64.0 KiB is too small" in p.stderr, p.stderr[-3000:]
     assert "plan:" not in p.stderr  # no pass was planned, let alone run
     assert not (tmp_path / "out.run" / "state.json").exists() and not (tmp_path / "out").exists()
 
