@@ -176,8 +176,8 @@ class Ranks:
             if replies[0]["error"] or rep["error"]:
                 continue
             theirs = rep["facts"]
-            diff = [f"{k} {_short(theirs.get(k))} vs {_short(ref.get(k))}" for k in sorted(set(ref) | set(theirs))
-                    if ref.get(k) != theirs.get(k)]
+            diff = [f"{k} {_short(theirs.get(k))} (rank 0: {_short(ref.get(k))})"
+                    for k in sorted(set(ref) | set(theirs)) if ref.get(k) != theirs.get(k)]
             if diff:
                 problems.append(f"rank {r} differs from rank 0: {'; '.join(diff)}")
         if problems:
@@ -231,7 +231,8 @@ class Ranks:
             return
         self.closed = True
         if self.is_root and not self.broken:
-            meta = {"cmd": "stop"} if error is None else {"cmd": "abort", "reason": str(error) or error.__class__.__name__}
+            reason = str(error) or error.__class__.__name__ if error is not None else None
+            meta = {"cmd": "stop"} if error is None else {"cmd": "abort", "reason": reason}
             with contextlib.suppress(BonsaiError):
                 self.broadcast_bytes(pack(meta), what="releasing the other ranks")
         if dist.is_initialized():
@@ -246,8 +247,8 @@ class Ranks:
 
 
 def _short(v) -> str:
-    s = json.dumps(v, default=str)
-    return s[:14] + "..." if len(s) > 17 else s
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s[:12] + "..." if len(s) > 15 else s
 
 
 def from_env(*, device: str | None, timeout_s: float | None = None, environ=None) -> Ranks | None:
@@ -282,8 +283,9 @@ def from_env(*, device: str | None, timeout_s: float | None = None, environ=None
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
         raise BonsaiError(f"rank {rank}: could not join the {world}-rank job at {env['MASTER_ADDR']}:"
-                          f"{env['MASTER_PORT']} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else e})") from e
+                          f"{env['MASTER_PORT']} ({why})") from e
     log.info("rank %d of %d (local rank %d): %s backend, collective timeout %.0f s", rank, world, local, backend,
              timeout_s)
     local_world = int(env.get("LOCAL_WORLD_SIZE") or 1)
