@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def add_parser(sub) -> None:
                    help="save the run state after at most N evaluated sub-models (default: after each pass of "
                         "the memory plan, at most ~10 minutes of work); smaller loses less work to a crash but "
                         "reads the weights once more per save")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits in a collective before giving up (default 1800; "
+                        "must exceed what rank 0 does alone: priors, regression, text sampled from the model)")
     add_budget_args(p)
     p.set_defaults(run=run)
 
@@ -69,8 +73,16 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.checkpoint_masks is not None and args.checkpoint_masks < 1:
         raise BonsaiError(f"--checkpoint-masks must be at least 1, got {args.checkpoint_masks}")
-    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True,
-                   checkpoint_masks=args.checkpoint_masks)
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+    if rank is not None:  # torchrun: say which rank speaks; only rank 0 draws progress bars
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite,
+                   show_progress=rank in (None, "0"), checkpoint_masks=args.checkpoint_masks,
+                   dist_timeout=args.dist_timeout)
+    if "rank" in result:  # a worker of a distributed run: rank 0 reports the outcome
+        log.info("evaluated %d sub-models for rank 0", result["sub_models_evaluated"])
+        return 0
     result["seconds"] = time.perf_counter() - t0
     log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],
              result["params_before"], result["params_after"],

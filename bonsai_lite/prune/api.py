@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -12,7 +13,9 @@ from safetensors.torch import save as save_tensors
 from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
+from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
@@ -69,16 +72,51 @@ def _check_length(cfg: RunConfig, ids) -> None:
 
 
 def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: bool = False,
-          show_progress: bool = False, checkpoint_masks: int | None = None) -> dict:
+          show_progress: bool = False, checkpoint_masks: int | None = None, dist_timeout: float | None = None) -> dict:
     """Check every input, search (resumable from `run_dir`, default OUT.run), export atomically.
 
     Bad input raises a BonsaiError before anything is written; a kill at any point leaves the run
-    state and any previous output intact, and the same call resumes (docs/RELIABILITY.md).
+    state and any previous output intact, and the same call resumes (docs/RELIABILITY.md). Under
+    torchrun (WORLD_SIZE > 1) the ranks check and compare their inputs first, then rank 0 runs the
+    prune while the others evaluate their share of each chunk (prune/distributed.py, docs/distributed.md).
     """
-    from bonsai_lite.export import export_pruned
+    ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
+    if ranks is None:
+        parent, ids = _check_inputs(cfg, overwrite=overwrite)
+        return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
+                                  show_progress=show_progress, checkpoint_masks=checkpoint_masks)
+    with ranks:
+        parent = ids = error = None
+        facts: dict = {}
+        try:
+            single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
+            cfg = replace(cfg, budget=host_budget_share(ranks, device=cfg.device, budget=cfg.budget,
+                                                        default_budget=single))
+            parent, ids = _check_inputs(cfg, overwrite=overwrite, root=ranks.is_root)
+            facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
+                                    device=cfg.device)
+        except BonsaiError as e:
+            error = str(e)
+        ranks.agree(facts, error=error)
+        if not ranks.is_root:
+            from bonsai_lite.prune.loop import Pruner
 
+            done = ranks.serve(Pruner(cfg, ids=None, state=None).evaluate_share)
+            return {"rank": ranks.rank, "world_size": ranks.world, "sub_models_evaluated": done}
+        result = _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
+                                    show_progress=show_progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
+        result["world_size"] = ranks.world
+        return result
+
+
+def _check_inputs(cfg: RunConfig, *, overwrite: bool, root: bool = True):
+    """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
+
+    Returns the parent model and the calibration ids (None when they are to be sampled from the
+    model). Ranks other than 0 check only what they use: the model, the spill dir and their budget.
+    """
     out = Path(cfg.out)
-    if out.exists() and not overwrite:
+    if root and out.exists() and not overwrite:
         raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     parent = StreamedModel.open(cfg.model)  # fails fast on missing/unsupported/corrupt checkpoints
     if cfg.spill_dir:
@@ -90,9 +128,17 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
     # A text file is checked before the run directory is touched; sampled text is kept in it.
-    ids = calibration_ids(cfg, cfg.model) if cfg.calib.text is not None else None
+    ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
         _check_length(cfg, ids)
+    return parent, ids
+
+
+def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, overwrite: bool,
+                       show_progress: bool, checkpoint_masks: int | None, ranks=None) -> dict:
+    from bonsai_lite.export import export_pruned
+
+    out = Path(cfg.out)
     state = RunState(run_dir or default_run_dir(out))
     with state.lock():
         if ids is None:
@@ -103,10 +149,12 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         progress = _progress_bars() if show_progress else None
         try:
             outcome = run_pruning(cfg, ids=ids, run_dir=state.dir, restart=restart, progress=progress,
-                                  checkpoint_masks=checkpoint_masks)
+                                  checkpoint_masks=checkpoint_masks, ranks=ranks)
         finally:  # closed before an error is printed, so the error stays the last line
             if progress:
                 progress(close=True)
+        if ranks is not None:  # the search is over: release the other ranks before the (long) export
+            ranks.close()
         _remove_stale_exports(out)
         result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
                                extra_biases=outcome.extra_biases or None, overwrite=overwrite,

@@ -68,10 +68,11 @@ def _seed(cfg: RunConfig, iteration: int, salt: int) -> int:
 
 
 class Pruner:
-    def __init__(self, cfg: RunConfig, *, ids: torch.Tensor, state: RunState, progress=None,
-                 checkpoint_masks: int | None = None):
+    def __init__(self, cfg: RunConfig, *, ids: torch.Tensor | None, state: RunState | None, progress=None,
+                 checkpoint_masks: int | None = None, ranks=None):
         self.cfg, self.ids, self.state, self.progress = cfg, ids, state, progress or (lambda **kw: None)
         self.checkpoint_masks = checkpoint_masks
+        self.ranks = ranks  # prune.distributed.Ranks on rank 0 of a torchrun job: chunks are split across ranks
         self.parent = StreamedModel.open(cfg.model)
         self.machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir)
         self.dense_params = self.parent.spec.non_embedding_params()
@@ -96,6 +97,8 @@ class Pruner:
         per_mask = plan.predicted_seconds / n_masks
         if per_mask > 0:
             chunk = min(chunk, max(1, int(CHECKPOINT_SECONDS / per_mask)))
+        if self.ranks is not None:  # every rank evaluates one such share per commit
+            chunk *= self.ranks.world
         if self.checkpoint_masks:
             chunk = min(chunk, self.checkpoint_masks)
         return min(chunk, n_masks)
@@ -117,15 +120,26 @@ class Pruner:
             losses, done = losses.clone(), int(st.meta.get("masks_done", 0))
         for k0 in range(done, len(masks), chunk):
             k1 = min(len(masks), k0 + chunk)
-            sub = plan if chunk == len(masks) else self._plan(model, k1 - k0, len(tokens))
-            res = evaluate(model, tokens, masks[k0:k1], sub, tap=tap, spill_dir=self.cfg.spill_dir)
-            losses[k0:k1] = self._finite_or_retry(model, tokens, masks[k0:k1], res.nll, dtype=sub.dtype, first=k0)
+            if self.ranks is not None and tap is None:
+                losses[k0:k1] = self.ranks.evaluate(_layers_to_json(model.layers), tokens, masks[k0:k1], first=k0,
+                                                    local=self.evaluate_share)
+            else:
+                sub = plan if chunk == len(masks) else self._plan(model, k1 - k0, len(tokens))
+                res = evaluate(model, tokens, masks[k0:k1], sub, tap=tap, spill_dir=self.cfg.spill_dir)
+                losses[k0:k1] = self._finite_or_retry(model, tokens, masks[k0:k1], res.nll, dtype=sub.dtype, first=k0)
             st.tensors["losses"] = losses
             st.meta["masks_done"] = k1
             st.commit()
             checkpoint("evaluate")
             self.progress(stage="evaluate", done=k1, total=len(masks))
         return losses
+
+    def evaluate_share(self, layers: list, tokens, masks, *, first: int) -> torch.Tensor:
+        """One rank's share of a distributed chunk, planned for this rank's own device and budget."""
+        model = self.parent.with_layers(_layers_from_json(layers))
+        plan = self._plan(model, len(masks), len(tokens))
+        res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
+        return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype, first=first)
 
     def _finite_or_retry(self, model, tokens, masks, nll: torch.Tensor, *, dtype: str, first: int = 0) -> torch.Tensor:
         """Appendix G: fp16 sub-models can overflow; re-evaluate those in fp32, else leave them NaN (dropped)."""
@@ -262,7 +276,7 @@ class Pruner:
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,
-                progress=None, checkpoint_masks: int | None = None) -> PruneOutcome:
+                progress=None, checkpoint_masks: int | None = None, ranks=None) -> PruneOutcome:
     """Run (or resume) the search; returns the final structure. Export is the caller's next step.
 
     `checkpoint_masks` caps the sub-models evaluated between two commits of the run state (speed
@@ -287,7 +301,7 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
             log.info("--restart: discarding the run state in %s", run_dir)
         state.meta = {"config": key, "iteration": 0, "history": [], "layers": None}
         state.tensors = {}
-    pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks)
+    pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
     layers = _layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
     while state.meta["iteration"] < n_iter:
         it = state.meta["iteration"]
@@ -297,6 +311,8 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=_layers_to_json(layers), masks_done=0, pending=None)
         state.meta["history"].append(info)
+        if "losses" in state.tensors:  # each sub-model's loss, kept for analysis (and compared across rank counts)
+            state.tensors[f"losses:{it}"] = state.tensors.pop("losses")
         for name in ("losses", "prior", "masks", "candidates"):
             state.tensors.pop(name, None)
         state.commit()
