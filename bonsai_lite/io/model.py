@@ -1,6 +1,7 @@
 """A handle on a checkpoint on disk: its spec, its current structure, and loaders for its parts."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,15 @@ class StreamedModel:
 
     def rope(self) -> tuple[torch.Tensor, float]:
         return rope_inv_freq(self.spec)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of config.json and every tensor's name, dtype, shape and size: cheap (no weights are
+        read), and it changes when the model at a path is replaced by one of another shape."""
+        h = hashlib.sha256((self.root / "config.json").read_bytes())
+        for name in sorted(self.ckpt.infos):
+            info = self.ckpt.infos[name]
+            h.update(f"{name}:{info.dtype}:{info.shape}:{info.nbytes}".encode())
+        return h.hexdigest()
 
     def params(self) -> int:
         """Parameters of the current structure, embeddings and head included."""
