@@ -33,7 +33,7 @@ from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.state import RunState
-from bonsai_lite.search.planner import detect_machine, fmt_bytes
+from bonsai_lite.search.planner import check_device, detect_machine, fmt_bytes
 from bonsai_lite.structure import read_config
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def batch_rows(step: int, *, windows: int, batch: int, seed: int) -> np.ndarray:
 
 
 def _resolve_device(cfg: AdaptConfig) -> tuple[torch.device, torch.dtype, bool]:
+    check_device(cfg.device)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cfg.dtype:

@@ -9,6 +9,7 @@ import torch
 
 from bonsai_lite.io.blocks import BlockLoader
 from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.io.validate import check_model
 from bonsai_lite.structure import LayerStructure, ModelSpec, load_spec, rope_inv_freq
 
 
@@ -22,7 +23,9 @@ class StreamedModel:
     @classmethod
     def open(cls, model_dir: str | Path) -> "StreamedModel":
         spec = load_spec(model_dir)
-        return cls(root=Path(model_dir), spec=spec, ckpt=Checkpoint(model_dir), layers=spec.layers)
+        ckpt = Checkpoint(model_dir)
+        check_model(spec, ckpt, spec.layers)  # config.json against the tensors, before any work
+        return cls(root=Path(model_dir), spec=spec, ckpt=ckpt, layers=spec.layers)
 
     def with_layers(self, layers: tuple[LayerStructure, ...]) -> "StreamedModel":
         return replace(self, layers=layers)

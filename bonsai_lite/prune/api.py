@@ -13,12 +13,15 @@ from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.sampling import _n_fixed
 
 log = logging.getLogger(__name__)
 
+SAMPLED_METHODS = ("bonsai", "bonsai-noregress")  # methods that evaluate perturbed sub-models
 SELF_TEXT = "calib-sampled.safetensors"  # in the run directory: calibration text sampled from the model
 
 
@@ -78,9 +81,14 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     from bonsai_lite.export import export_pruned
 
     out = Path(cfg.out)
-    if out.exists() and not overwrite:
-        raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    state = RunState(run_dir or default_run_dir(out))
+    check_destination(out, {"parent model": Path(cfg.model)}, overwrite=overwrite)
+    if out.resolve() == state.dir.resolve() or out.resolve() in state.dir.resolve().parents:
+        raise BonsaiError(f"--run-dir {state.dir} is inside --out {out}, which the export replaces; choose a --run-dir "
+                          "outside it")
     parent = StreamedModel.open(cfg.model)  # fails fast on missing/unsupported/corrupt checkpoints
+    _check_search(cfg, parent)
+    check_free_space(out.parent, export_bytes(parent, cfg.search.sparsity), what=f"the pruned model {out}")
     if cfg.spill_dir:
         try:
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,6 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     ids = calibration_ids(cfg, cfg.model) if cfg.calib.text is not None else None
     if ids is not None:
         _check_length(cfg, ids)
-    state = RunState(run_dir or default_run_dir(out))
     with state.lock():
         if ids is None:
             if restart:
@@ -108,9 +115,13 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             if progress:
                 progress(close=True)
         _remove_stale_exports(out)
-        result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
-                               extra_biases=outcome.extra_biases or None, overwrite=overwrite,
-                               metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
+        try:
+            result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
+                                   extra_biases=outcome.extra_biases or None, overwrite=overwrite,
+                                   metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
+        except BonsaiError as e:  # a late failure must not cost the search: say how to export from it
+            raise BonsaiError(f"{e}. The search is saved in {state.dir}: re-run the same command to export again, or "
+                              f"export elsewhere with --out NEW_DIR --run-dir {state.dir}") from e
     log.info("run state kept in %s (with it, --overwrite re-exports without searching again); delete it when "
              "no longer needed", state.dir)
     spec = parent.spec
@@ -124,6 +135,26 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         "iterations": len(outcome.history),
         "history": outcome.history,
     }
+
+
+def export_bytes(parent: StreamedModel, sparsity: float) -> int:
+    """Bytes the export will write, about: the checkpoint less the pruned share of its projections."""
+    info = parent.ckpt.info(parent.spec.adapter.block_tensor_names(0)["q_w"])
+    removed = sparsity * prunable_params(parent.spec, parent.layers) * info.dtype.itemsize
+    return max(0, int(parent.ckpt.nbytes() - removed))
+
+
+def _check_search(cfg: RunConfig, parent: StreamedModel) -> None:
+    """Settings that only the model's widths can judge, before the first forward pass."""
+    if cfg.search.method not in SAMPLED_METHODS:
+        return
+    sizes = [n for s in parent.layers for n in (len(s.heads), len(s.mlp))]
+    perturbed = sum(n - _n_fixed(n, cfg.search.p_iter) for n in sizes)
+    if perturbed < 2:  # the sub-models would all be the same model: nothing to regress on
+        least = 0.25 / max(sizes)
+        raise BonsaiError(f"--p-iter {cfg.search.p_iter} perturbs {perturbed} unit(s) of this model (layers of "
+                          f"{max(sizes)} units at most), so its sub-models would not differ; use --p-iter {least:.3g} "
+                          "or more")
 
 
 def _remove_stale_exports(out: Path) -> None:
