@@ -66,6 +66,14 @@ class ModelSpec:
     layers: tuple[LayerStructure, ...]
     hf_config: object = field(repr=False, compare=False)
 
+    def window(self, layer: int) -> int | None:
+        """Sliding window of one layer, as transformers decides it: Qwen2's `layer_types` (from
+        `max_window_layers`) window only some layers; Mistral windows all of them."""
+        types = getattr(self.hf_config, "layer_types", None)
+        if self.sliding_window is not None and types is not None:
+            return self.sliding_window if types[layer] == "sliding_attention" else None
+        return self.sliding_window
+
     @property
     def gqa_group(self) -> int:
         return self.n_heads // self.n_kv
@@ -235,13 +243,20 @@ def spec_from_hf_config(hf, *, adapter: Adapter | None = None, raw: dict | None 
     )
 
 
-def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
-    """Rotary inverse frequencies and scaling exactly as transformers computes them for this config."""
+def rope_inv_freq(spec: ModelSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies and scaling exactly as transformers computes them for this config and
+    a forward pass over `seq_len` positions: `dynamic` (NTK) and `longrope` scaling change their
+    frequencies once a sequence is longer than the trained context (transformers' `dynamic_rope_update`)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = spec.hf_config
     params = getattr(hf, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
+    if rope_type == "dynamic" and seq_len is not None and seq_len > hf.max_position_embeddings:
+        return ROPE_INIT_FUNCTIONS[rope_type](hf, None, seq_len=seq_len)
+    if rope_type == "longrope" and seq_len is not None and \
+            seq_len > params.get("original_max_position_embeddings", hf.max_position_embeddings):
+        return ROPE_INIT_FUNCTIONS[rope_type](hf, None, seq_len=seq_len)
     if rope_type != "default":
         return ROPE_INIT_FUNCTIONS[rope_type](hf, None)
     base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))

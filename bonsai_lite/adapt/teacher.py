@@ -188,7 +188,7 @@ def teacher_pass(model: StreamedModel, tokens: torch.Tensor, *, k: int, tile_row
     spec = model.spec
     n, t = tokens.shape
     loader = model.loader(device=device, dtype=dtype)
-    inv_freq, scaling = model.rope()
+    inv_freq, scaling = model.rope(seq_len=t)
     cos, sin = rotary_cos_sin(inv_freq, scaling, torch.arange(t, device=device), dtype)
     act = ACT2FN[spec.act]
     uniq, local = torch.unique(tokens, return_inverse=True)
@@ -204,7 +204,7 @@ def teacher_pass(model: StreamedModel, tokens: torch.Tensor, *, k: int, tile_row
             for layer in range(spec.n_layers):
                 w = loader.block(layer)
                 for s in tiles:
-                    x = block_forward(w, cache.get(s), cos, sin, eps=spec.eps, act=act, window=spec.sliding_window)
+                    x = block_forward(w, cache.get(s), cos, sin, eps=spec.eps, act=act, window=spec.window(layer))
                     cache.put(s, x)
                     del x
                 del w

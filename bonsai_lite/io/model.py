@@ -33,8 +33,8 @@ class StreamedModel:
     def loader(self, *, device, dtype) -> BlockLoader:
         return BlockLoader(self.ckpt, self.spec, self.layers, device=device, dtype=dtype)
 
-    def rope(self) -> tuple[torch.Tensor, float]:
-        return rope_inv_freq(self.spec)
+    def rope(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        return rope_inv_freq(self.spec, seq_len)
 
     def fingerprint(self) -> str:
         """SHA-256 of config.json and every tensor's name, dtype, shape and size: cheap (no weights are
