@@ -6,14 +6,23 @@ from dataclasses import asdict, dataclass, field
 
 from bonsai_lite.errors import BonsaiError
 
+# Beyond this a pruned model is noise, and the iterative search cannot reach the target anyway
+# (0.999 asked for ended at 73% on a tiny model, silently).
+MAX_SPARSITY = 0.9
 METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "random")
 
 
 @dataclass(frozen=True)
 class CalibConfig:
-    text: str | None  # file or dataset name; None = sample text from the parent model
+    text: str | None  # file or 'hf:' dataset name; None = sample text from the parent model
     samples: int = 32  # paper appendix A.2: 32 per iteration
     seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise BonsaiError(f"--calib-samples must be at least 1, got {self.samples}")
+        if self.seq_len < 2:
+            raise BonsaiError(f"--seq-len must be at least 2 (a token and the next to predict), got {self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,12 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
+        if not 0.0 <= self.keep_spread <= 1.0:
+            raise BonsaiError(f"--keep-spread must be in [0, 1] (1: any kept count from none to all), "
+                              f"got {self.keep_spread}")
+        if self.sparsity > MAX_SPARSITY:
+            raise BonsaiError(f"--sparsity must be at most {MAX_SPARSITY} (beyond it a model keeps too little of each "
+                              f"layer to be useful, and the iterative search stops short of the target), got {self.sparsity}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
 

@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,6 +35,7 @@ import torch
 from bonsai_lite import __version__
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.checkpoint import DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint
+from bonsai_lite.io.outdir import staging_dir
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.slicing import slice_param
 from bonsai_lite.prune.state import fsync_dir
@@ -139,7 +139,7 @@ def export_pruned(parent_dir, layers: tuple[LayerStructure, ...], out_dir, *, un
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _check_disk(out.parent, need)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = staging_dir(out)  # unique hidden name, permissions from the umask (not mkdtemp's 0700)
     except OSError as e:
         raise BonsaiError(f"cannot write to {out.parent}: {e.strerror or e}") from e
     try:

@@ -66,6 +66,14 @@ class ModelSpec:
     layers: tuple[LayerStructure, ...]
     hf_config: object = field(repr=False, compare=False)
 
+    def window(self, layer: int) -> int | None:
+        """Sliding window of one layer, as transformers decides it: Qwen2's `layer_types` (from
+        `max_window_layers`) window only some layers; Mistral windows all of them."""
+        types = getattr(self.hf_config, "layer_types", None)
+        if self.sliding_window is not None and types is not None:
+            return self.sliding_window if types[layer] == "sliding_attention" else None
+        return self.sliding_window
+
     @property
     def gqa_group(self) -> int:
         return self.n_heads // self.n_kv
@@ -96,15 +104,20 @@ def _dense_layers(n_layers: int, n_heads: int, n_kv: int, intermediate: int) -> 
     return (layer,) * n_layers
 
 
-def _per_layer(entries: list[dict]) -> tuple[LayerStructure, ...]:
+def _per_layer(entries: list[dict], n_layers: int) -> tuple[LayerStructure, ...]:
+    if not isinstance(entries, list) or len(entries) != n_layers:
+        raise CheckpointError(f"config.json: {PER_LAYER_KEY} must list one entry per layer ({n_layers})")
     layers = []
-    for e in entries:
-        kv_map = [int(k) for k in e["kv_map"]]
-        layers.append(
-            LayerStructure(
-                heads=tuple(range(len(kv_map))), kv_of_head=tuple(kv_map), mlp=tuple(range(int(e["intermediate_size"])))
-            )
-        )
+    for i, e in enumerate(entries):
+        try:
+            kv_map = [int(k) for k in e["kv_map"]]
+            mlp = int(e["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"config.json: {PER_LAYER_KEY}[{i}] is malformed ({err.__class__.__name__}: "
+                                  f"{err})") from err
+        if not 0 <= mlp <= MAX_WIDTH or len(kv_map) > MAX_WIDTH:
+            raise CheckpointError(f"config.json: {PER_LAYER_KEY}[{i}] has impossible widths")
+        layers.append(LayerStructure(heads=tuple(range(len(kv_map))), kv_of_head=tuple(kv_map), mlp=tuple(range(mlp))))
     return tuple(layers)
 
 
@@ -129,11 +142,69 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
 
     if "model_type" not in raw:
         raise CheckpointError(f"{model_dir}/config.json has no model_type; is it a Hugging Face causal LM config?")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) \
+            else "?"
+        raise CheckpointError(f"{model_dir}: a quantised checkpoint (quantization_config: {method}); bonsai-lite prunes "
+                              "float weights only: dequantise it first (load it with transformers and save_pretrained "
+                              "in float16/bfloat16)")
+    _check_raw_widths(model_dir, raw)
     try:
         hf = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{model_dir}/config.json is not a valid {raw['model_type']} config ({e})") from e
-    return spec_from_hf_config(hf, adapter=adapter, raw=raw)
+    except Exception as e:  # transformers raises ValueError, TypeError, KeyError and its own validation errors
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{model_dir}/config.json is not a valid {raw['model_type']} config ({reason})") from e
+    spec = spec_from_hf_config(hf, adapter=adapter, raw=raw)
+    _check_spec(model_dir, spec)
+    return spec
+
+
+# No released decoder comes near these; a config beyond them is corrupt, and building its per-layer
+# structures (a tuple per layer) would take gigabytes before anything could say so.
+MAX_LAYERS, MAX_WIDTH = 4096, 2**24
+
+
+def _check_raw_widths(model_dir, raw: dict) -> None:
+    """Integer widths must be positive integers below a sane bound, before anything is built from them."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size", "head_dim"):
+        v = raw.get(key)
+        if v is None and key in ("num_key_value_heads", "head_dim"):
+            continue
+        limit = MAX_LAYERS if key == "num_hidden_layers" else MAX_WIDTH
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise CheckpointError(f"{model_dir}/config.json: {key} = {v!r} must be an integer in [1, {limit}]")
+
+
+def _check_spec(model_dir, spec: "ModelSpec") -> None:
+    """What transformers accepts but no model can be: each a one-line error before any work."""
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    where = f"{model_dir}/config.json"
+    if spec.n_heads % spec.n_kv:
+        raise CheckpointError(f"{where}: num_attention_heads {spec.n_heads} is not a multiple of num_key_value_heads "
+                              f"{spec.n_kv}")
+    explicit = getattr(spec.hf_config, "head_dim", None)
+    if spec.head_dim * spec.n_heads != spec.hidden and not explicit:
+        raise CheckpointError(f"{where}: hidden_size {spec.hidden} is not divisible by num_attention_heads {spec.n_heads} "
+                              "and no head_dim is given")
+    if spec.head_dim % 2:
+        raise CheckpointError(f"{where}: head_dim {spec.head_dim} is odd; rotary embeddings need an even head_dim")
+    if not (isinstance(spec.eps, (int, float)) and 0 < spec.eps < 1):
+        raise CheckpointError(f"{where}: rms_norm_eps = {spec.eps!r} must be a small positive number")
+    if spec.act not in ACT2FN:
+        raise CheckpointError(f"{where}: unknown hidden_act {spec.act!r}; known: {', '.join(sorted(ACT2FN)[:12])}, ...")
+    params = getattr(spec.hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise CheckpointError(f"{where}: unknown rope type {rope_type!r}; known: default, "
+                              f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+    for i, layer in enumerate(spec.layers):
+        if any(not 0 <= k < spec.n_kv for k in layer.kv_of_head) or len(layer.mlp) > spec.intermediate \
+                or len(layer.heads) > spec.n_heads:
+            raise CheckpointError(f"{where}: {PER_LAYER_KEY}[{i}] does not fit the model's widths "
+                                  f"({len(layer.heads)} heads, {len(layer.mlp)} MLP units, kv_map {list(layer.kv_of_head)})")
 
 
 def spec_from_hf_config(hf, *, adapter: Adapter | None = None, raw: dict | None = None) -> ModelSpec:
@@ -148,7 +219,7 @@ def spec_from_hf_config(hf, *, adapter: Adapter | None = None, raw: dict | None 
         if adapter.sliding_window_flag and not getattr(hf, adapter.sliding_window_flag, False):
             window = None
     layers = (
-        _per_layer(raw[PER_LAYER_KEY])
+        _per_layer(raw[PER_LAYER_KEY], hf.num_hidden_layers)
         if raw.get(PER_LAYER_KEY)
         else _dense_layers(hf.num_hidden_layers, n_heads, n_kv, hf.intermediate_size)
     )
@@ -172,13 +243,20 @@ def spec_from_hf_config(hf, *, adapter: Adapter | None = None, raw: dict | None 
     )
 
 
-def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
-    """Rotary inverse frequencies and scaling exactly as transformers computes them for this config."""
+def rope_inv_freq(spec: ModelSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies and scaling exactly as transformers computes them for this config and
+    a forward pass over `seq_len` positions: `dynamic` (NTK) and `longrope` scaling change their
+    frequencies once a sequence is longer than the trained context (transformers' `dynamic_rope_update`)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = spec.hf_config
     params = getattr(hf, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
+    if rope_type == "dynamic" and seq_len is not None and seq_len > hf.max_position_embeddings:
+        return ROPE_INIT_FUNCTIONS[rope_type](hf, None, seq_len=seq_len)
+    if rope_type == "longrope" and seq_len is not None and \
+            seq_len > params.get("original_max_position_embeddings", hf.max_position_embeddings):
+        return ROPE_INIT_FUNCTIONS[rope_type](hf, None, seq_len=seq_len)
     if rope_type != "default":
         return ROPE_INIT_FUNCTIONS[rope_type](hf, None)
     base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.io.outdir import check_destination, check_free_space, publish, staging_dir
 
 ADAPT_META = "bonsai_adapt.json"
 
@@ -66,22 +67,27 @@ def _validate(ckpt: Checkpoint, lora: dict[str, LoraDelta], replaced: dict[str, 
 
 def export_adapted(pruned_dir: str | Path, out: str | Path, *, lora: dict[str, LoraDelta] | None = None,
                    replaced: dict[str, torch.Tensor] | None = None, overwrite: bool = False,
-                   metadata: dict | None = None) -> Path:
-    """Write `out`: the pruned checkpoint with LoRA deltas merged and/or tensors replaced."""
+                   metadata: dict | None = None, parent_dir: str | Path | None = None) -> Path:
+    """Write `out`: the pruned checkpoint with LoRA deltas merged and/or tensors replaced.
+
+    Staged in a uniquely named hidden directory beside `out` and renamed into place; on any failure
+    the staging directory is removed and nothing else is touched (a user's `OUT.tmp/` or `OUT.old/`
+    included).
+    """
     lora, replaced = lora or {}, replaced or {}
     src, out = Path(pruned_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    if out.resolve() == src.resolve():
-        raise BonsaiError(f"--out {out} is the pruned model's own directory; choose another")
+    check_destination(out, {"pruned model": src, "parent model": parent_dir}, overwrite=overwrite)
     ckpt = Checkpoint(src)
     _validate(ckpt, lora, replaced)
     shards: dict[Path, list[str]] = {}
     for name, info in ckpt.infos.items():
         shards.setdefault(info.file, []).append(name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    need = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
+    try:
+        check_free_space(out.parent, need, what=f"the adapted model {out}")
+        tmp = staging_dir(out)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {out.parent} ({e.strerror or e})") from e
     try:
         for f in src.iterdir():  # config, tokenizer, index, modeling files: everything but the weights
             if f.is_file() and f.suffix != ".safetensors":
@@ -96,7 +102,7 @@ def export_adapted(pruned_dir: str | Path, out: str | Path, *, lora: dict[str, L
                     work = torch.promote_types(t.dtype, torch.float32)
                     t = (t.to(work) + lora[name].delta(work)).to(t.dtype)
                 tensors[name] = t.contiguous()
-            save_file(tensors, str(tmp / file.name), metadata={"format": "pt"})
+            (tmp / file.name).write_bytes(save(tensors, metadata={"format": "pt"}))
             del tensors
         meta = {"adapted_from": str(src.resolve()), "lora_modules": len(lora), "replaced_tensors": len(replaced),
                 **(metadata or {})}
@@ -104,15 +110,12 @@ def export_adapted(pruned_dir: str | Path, out: str | Path, *, lora: dict[str, L
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        publish(tmp, out, overwrite=overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BonsaiError(f"could not write {out} ({e.strerror}); free disk space and re-run") from e
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        raise BonsaiError(f"could not write {out} ({e.strerror or e}); the partial output was removed and the "
+                          "training state is kept: free disk space and re-run the same command to export again") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

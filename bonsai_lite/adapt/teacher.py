@@ -24,6 +24,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -59,13 +61,14 @@ def tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to(torch.int32).contiguous().numpy().tobytes()).hexdigest()
 
 
+def cache_bytes(windows: int, seq_len: int, k: int, values_dtype: str = "float32") -> int:
+    """Disk bytes of a teacher cache (tokens, top-k values and indices, two log-sum-exps per token)."""
+    return windows * seq_len * (k * (np.dtype(values_dtype).itemsize + 4) + 3 * 4)
+
+
 def parent_fingerprint(model: StreamedModel) -> str:
     """config.json plus every tensor's name, dtype and shape: cheap, and changes with the weights' layout."""
-    h = hashlib.sha256((model.root / "config.json").read_bytes())
-    for name in sorted(model.ckpt.infos):
-        info = model.ckpt.infos[name]
-        h.update(f"{name}:{info.dtype}:{info.shape}:{info.nbytes}".encode())
-    return h.hexdigest()
+    return model.fingerprint()
 
 
 @dataclass
@@ -133,15 +136,46 @@ def _resume_or_create(root: Path, want: dict, tokens: torch.Tensor) -> dict:
             raise BonsaiError(f"{root}: a teacher cache for other settings is there ({', '.join(differ)} differ); "
                               "delete it or pass another --teacher-cache directory")
         return have
-    root.mkdir(parents=True, exist_ok=True)
+    created = not root.exists()
     w, t, k = want["windows"], want["seq_len"], want["k"]
-    np.save(root / "tokens.npy", tokens.to(torch.int32).numpy(), allow_pickle=False)
-    for name, dtype, shape in (("values", want["values_dtype"], (w, t, k)), ("indices", "int32", (w, t, k)),
-                               ("lse", "float32", (w, t)), ("tail", "float32", (w, t))):
-        np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-    manifest = {**want, "windows_done": 0}
-    atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
+    files = [root / "tokens.npy", *(root / f"{name}.npy" for name in ARRAYS)]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(files[0], tokens.to(torch.int32).numpy(), allow_pickle=False)
+        for name, dtype, shape in (("values", want["values_dtype"], (w, t, k)), ("indices", "int32", (w, t, k)),
+                                   ("lse", "float32", (w, t)), ("tail", "float32", (w, t))):
+            np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            _preallocate(root / f"{name}.npy")
+        manifest = {**want, "windows_done": 0}
+        atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
+    except (OSError, BonsaiError) as e:
+        for f in files:  # only what this call created
+            f.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise BonsaiError(f"cannot create the teacher cache in {root} ({reason}); free disk space or pass another "
+                          "--teacher-cache directory") from e
     return manifest
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the blocks of a sparse memmapped file now: a write into a hole of a full filesystem
+    is a SIGBUS that kills the process with no message, long after the check could have said so."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # no fallocate: touch every page so the filesystem allocates it (or fails) now
+            with open(fd, "r+b", closefd=False) as f:
+                for pos in range(0, size, 4096):
+                    f.seek(pos)
+                    b = f.read(1)
+                    f.seek(pos)
+                    f.write(b or b"\0")
+    finally:
+        os.close(fd)
 
 
 def teacher_pass(model: StreamedModel, tokens: torch.Tensor, *, k: int, tile_rows: int, head_chunk: int,
@@ -154,7 +188,7 @@ def teacher_pass(model: StreamedModel, tokens: torch.Tensor, *, k: int, tile_row
     spec = model.spec
     n, t = tokens.shape
     loader = model.loader(device=device, dtype=dtype)
-    inv_freq, scaling = model.rope()
+    inv_freq, scaling = model.rope(seq_len=t)
     cos, sin = rotary_cos_sin(inv_freq, scaling, torch.arange(t, device=device), dtype)
     act = ACT2FN[spec.act]
     uniq, local = torch.unique(tokens, return_inverse=True)
@@ -170,7 +204,7 @@ def teacher_pass(model: StreamedModel, tokens: torch.Tensor, *, k: int, tile_row
             for layer in range(spec.n_layers):
                 w = loader.block(layer)
                 for s in tiles:
-                    x = block_forward(w, cache.get(s), cos, sin, eps=spec.eps, act=act, window=spec.sliding_window)
+                    x = block_forward(w, cache.get(s), cos, sin, eps=spec.eps, act=act, window=spec.window(layer))
                     cache.put(s, x)
                     del x
                 del w

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,12 +27,13 @@ import torch
 from bonsai_lite.adapt.budget import TrainShape, check_training_budget
 from bonsai_lite.adapt.distill import lm_and_kl
 from bonsai_lite.adapt.merge import export_adapted, lora_deltas
-from bonsai_lite.adapt.teacher import build_teacher_cache, tokens_sha256
+from bonsai_lite.adapt.teacher import build_teacher_cache, cache_bytes, tokens_sha256
 from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.state import RunState
-from bonsai_lite.search.planner import detect_machine, fmt_bytes
+from bonsai_lite.search.planner import check_device, detect_machine, fmt_bytes
 from bonsai_lite.structure import read_config
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class AdaptConfig:
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 4 * self.rank
 
-    def resume_key(self, *, device: str, dtype: str, tokens_hash: str) -> dict:
+    def resume_key(self, *, device: str, dtype: str, tokens_hash: str, model_fingerprint: str = "") -> dict:
         """What fixes the training trajectory; a run state made with other values is not resumed."""
         d = asdict(self)
         for k in ("out", "max_steps", "save_every", "budget", "device", "dtype", "trust_remote_code",
@@ -98,7 +98,7 @@ class AdaptConfig:
         if self.full:
             d.pop("rank"), d.pop("alpha")
         return {**d, "pruned": str(Path(self.pruned).resolve()), "device": device, "dtype": dtype,
-                "tokens_sha256": tokens_hash}
+                "tokens_sha256": tokens_hash, "model_fingerprint": model_fingerprint}
 
 
 def needs_remote_code(model_dir: str | Path, *, trusted: bool) -> bool:
@@ -135,6 +135,7 @@ def batch_rows(step: int, *, windows: int, batch: int, seed: int) -> np.ndarray:
 
 
 def _resolve_device(cfg: AdaptConfig) -> tuple[torch.device, torch.dtype, bool]:
+    check_device(cfg.device)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cfg.dtype:
@@ -231,9 +232,15 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
     """
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    if export and out.exists() and not overwrite:
-        raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     run_dir = Path(run_dir) if run_dir else out.with_name(out.name + ".run")
+    teacher_dir = Path(cfg.teacher_cache) if cfg.teacher_cache else run_dir / "teacher"
+    if export:  # every check on the destination before the first forward pass
+        check_destination(out, {"pruned model": Path(cfg.pruned), "parent model": cfg.parent and Path(cfg.parent)},
+                          overwrite=overwrite)
+        for flag, inner in (("--run-dir", run_dir), ("--teacher-cache", teacher_dir)):
+            if out.resolve() == inner.resolve() or out.resolve() in inner.resolve().parents:
+                raise BonsaiError(f"{flag} {inner} is inside --out {out}, which the export replaces; "
+                                  f"choose a {flag} outside it")
     pruned = StreamedModel.open(cfg.pruned)  # fails fast on missing / unsupported / corrupt checkpoints
     needs_remote_code(cfg.pruned, trusted=cfg.trust_remote_code)
     tokens = windows(tokenize(load_tokenizer(cfg.pruned), read_text(cfg.data)), cfg.seq_len, max_tokens=cfg.max_tokens)
@@ -246,27 +253,56 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
                        param_bytes=dtype.itemsize, checkpointing=device.type == "cuda",
                        top_k=cfg.top_k if distill else 0)
     need = check_training_budget(pruned.spec, pruned.layers, shape, budget=machine.budget, cuda=device.type == "cuda")
+    parent = StreamedModel.open(cfg.parent) if distill else None
+    if parent is not None and parent.spec.vocab != pruned.spec.vocab:
+        raise CheckpointError(f"parent vocabulary {parent.spec.vocab} != pruned {pruned.spec.vocab}; "
+                              "distillation needs the same tokenizer")
+    _check_disk(pruned, out if export else None, teacher_dir if distill else None,
+                cache_bytes(n_windows, cfg.seq_len, cfg.top_k, cfg.teacher_values_dtype))
     log.info("adapt: %d windows of %d tokens, %d steps of %d, %s on %s (%s); predicted peak %s of %s",
              n_windows, cfg.seq_len, total, cfg.batch_size, "full fine-tuning" if cfg.full else f"LoRA rank {cfg.rank}",
              device, str(dtype).replace("torch.", ""), fmt_bytes(need), fmt_bytes(machine.budget))
+    with RunState(run_dir).lock():  # one process per run directory: its state, its teacher cache
+        teacher = None
+        if distill:
+            teacher = build_teacher_cache(cfg.parent, tokens, teacher_dir, k=cfg.top_k,
+                                          values_dtype=cfg.teacher_values_dtype, budget=cfg.budget,
+                                          device=str(device), spill_dir=cfg.spill_dir)
+        state = RunState(run_dir / "train")
+        if restart:
+            state.discard()
+        return _train_and_export(cfg, pruned, tokens, total, teacher, state, out, device=device, dtype=dtype,
+                                 autocast=autocast, need=need, overwrite=overwrite, progress=progress, export=export,
+                                 t0=t0)
 
-    teacher = None
-    if distill:
-        parent = StreamedModel.open(cfg.parent)
-        if parent.spec.vocab != pruned.spec.vocab:
-            raise CheckpointError(f"parent vocabulary {parent.spec.vocab} != pruned {pruned.spec.vocab}; "
-                                  "distillation needs the same tokenizer")
-        teacher = build_teacher_cache(cfg.parent, tokens, cfg.teacher_cache or run_dir / "teacher", k=cfg.top_k,
-                                      values_dtype=cfg.teacher_values_dtype, budget=cfg.budget, device=str(device),
-                                      spill_dir=cfg.spill_dir)
 
-    state_dir = run_dir / "train"
-    if restart:
-        shutil.rmtree(state_dir, ignore_errors=True)
+def _check_disk(pruned: StreamedModel, out: Path | None, teacher_dir: Path | None, teacher_bytes: int) -> None:
+    """Free space for the merged output and a new teacher cache, counted together when they share a disk."""
+    needs: dict[int, tuple[Path, int, list[str]]] = {}
+    wanted = []
+    if out is not None:
+        wanted.append((out.parent, pruned.ckpt.nbytes(), f"the adapted model {out}"))
+    if teacher_dir is not None and not (teacher_dir / "manifest.json").is_file():
+        wanted.append((teacher_dir, teacher_bytes, f"the teacher cache {teacher_dir}"))
+    for folder, nbytes, what in wanted:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        dev = folder.stat().st_dev
+        have = needs.get(dev, (folder, 0, []))
+        needs[dev] = (have[0], have[1] + nbytes, have[2] + [what])
+    for folder, nbytes, whats in needs.values():
+        check_free_space(folder, nbytes, what=" and ".join(whats))
+
+
+def _train_and_export(cfg: AdaptConfig, pruned: StreamedModel, tokens, total: int, teacher, state: RunState,
+                      out: Path, *, device, dtype, autocast: bool, need: int, overwrite: bool, progress, export: bool,
+                      t0: float) -> dict:
+    n_windows, distill, state_dir = tokens.shape[0], teacher is not None, state.dir
     model = load_student(cfg, device=device, dtype=dtype)
     state = RunState(state_dir)
     trainer = Trainer(model, cfg, state, autocast=autocast)
-    key = cfg.resume_key(device=device.type, dtype=str(dtype).replace("torch.", ""), tokens_hash=tokens_sha256(tokens))
+    key = cfg.resume_key(device=device.type, dtype=str(dtype).replace("torch.", ""), tokens_hash=tokens_sha256(tokens),
+                         model_fingerprint=pruned.fingerprint())
     start, history = 0, []
     if state.exists:
         state.load()
@@ -304,7 +340,7 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
             replaced = {n: p for n, p in model.named_parameters()}
         else:
             replaced, merged = {}, lora_deltas(model)
-        export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite,
+        export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite, parent_dir=cfg.parent,
                        metadata={"settings": asdict(cfg), "steps": total, "train_loss": result["train_loss"]})
     result["seconds"] = time.perf_counter() - t0
     return result

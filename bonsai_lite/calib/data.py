@@ -24,42 +24,91 @@ def load_tokenizer(model_dir: str | Path):
         raise DataError(f"{model_dir}: no usable tokenizer files ({e.__class__.__name__}); copy the parent's tokenizer") from e
 
 
+HF_PREFIX = "hf:"  # an explicit prefix: a mistyped path must never turn into a download
+
+
 def read_text(source: str | Path) -> str:
-    """A text file, or a Hugging Face dataset name 'name[:config[:split]]' when `datasets` is installed."""
-    path = Path(source)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+    """A text file, or a Hugging Face dataset 'hf:name[:config[:split]]' when `datasets` is installed."""
+    if not str(source).startswith(HF_PREFIX):
+        path = Path(source)
+        if path.is_dir():
+            raise DataError(f"{source}: is a directory, not a text file")
+        if not path.is_file():
+            raise DataError(f"{source}: text file not found (for a Hugging Face dataset write "
+                            f"{HF_PREFIX}NAME[:CONFIG[:SPLIT]])")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            text = raw.decode("utf-8", errors="replace")
+            bad = text.count("\ufffd")
+            log.warning("%s is not valid UTF-8 (first bad byte at offset %d; %d characters replaced): is it the right "
+                        "file, or another encoding (convert it with iconv -t UTF-8)?", path, e.start, bad)
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
         return text
-    if path.suffix or "/" not in str(source) and ":" not in str(source):
-        raise DataError(f"{source}: text file not found")
+    source = str(source)[len(HF_PREFIX):]
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{source}: not a file, and `datasets` is not installed to fetch it as a dataset") from None
+        raise DataError(f"{HF_PREFIX}{source}: `datasets` is not installed to fetch this dataset "
+                        "(pip install datasets, or give a text file)") from None
     name, config, split = (str(source).split(":") + [None, None])[:3]
     try:
         ds = datasets.load_dataset(name, config, split=split or "train")
     except Exception as e:  # the datasets library raises many kinds; all mean "cannot fetch"
-        raise DataError(f"{source}: could not load the dataset ({e.__class__.__name__}: {e})") from e
+        raise DataError(f"{HF_PREFIX}{source}: could not load the dataset ({e.__class__.__name__}: "
+                        f"{' '.join(str(e).split())})") from e
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(ds[column])
 
 
+# Share of unknown or raw-byte tokens above which text is probably not what the tokenizer was made for
+# (random bytes, another encoding, another language's tokenizer): ordinary English text has ~0%.
+ODD_TOKEN_SHARE = 0.2
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids.to(torch.long)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0].to(torch.long)
+    share = odd_token_share(tokenizer, ids)
+    if share > ODD_TOKEN_SHARE:
+        log.warning("%.0f%% of the text's %d tokens are unknown or raw-byte tokens: the text is probably not one the "
+                    "model's tokenizer was made for (random bytes, a wrong encoding?); results on it mean little",
+                    100 * share, ids.numel())
+    return ids
+
+
+def odd_token_share(tokenizer, ids: torch.Tensor) -> float:
+    """Fraction of `ids` that are the unknown token, byte-fallback tokens (`<0x..>`), or stand for U+FFFD."""
+    if ids.numel() == 0:
+        return 0.0
+    odd = set()
+    if getattr(tokenizer, "unk_token_id", None) is not None:
+        odd.add(int(tokenizer.unk_token_id))
+    uniq = torch.unique(ids).tolist()
+    for i, tok in zip(uniq, tokenizer.convert_ids_to_tokens(uniq)):
+        if tok is None or (tok.startswith("<0x") and tok.endswith(">")) or "\ufffd" in tokenizer.decode([i]):
+            odd.add(i)
+    return float(torch.isin(ids, torch.tensor(sorted(odd), dtype=ids.dtype)).float().mean()) if odd else 0.0
 
 
 def windows(ids: torch.Tensor, seq_len: int, *, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [W, seq_len] covering the first `max_tokens` tokens (all by default)."""
+    check_window_args(seq_len, max_tokens)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = ids.numel() // seq_len
     if n == 0:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def check_window_args(seq_len: int, max_tokens: int | None = None) -> None:
+    """A loss needs a token and the next; a token budget must be positive (a negative slice drops tokens)."""
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2 (a token and the next to predict), got {seq_len}")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise DataError(f"--max-tokens must be at least --seq-len ({seq_len}), got {max_tokens}")
 
 
 def calibration_tokens(ids: torch.Tensor, *, samples: int, seq_len: int, seed: int) -> torch.Tensor:

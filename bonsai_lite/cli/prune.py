@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("model_dir")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of non-embedding parameters to remove")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
-    p.add_argument("--calib", default=None, help="calibration text file (default: text sampled from the model)")
+    p.add_argument("--calib", default=None, help="calibration text file, or hf:NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset "
+                        "(default: text sampled from the model)")
     p.add_argument("--method", default="bonsai", choices=METHODS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="quick: minutes on a CPU; paper: appendix A.2 settings (explicit flags win)")

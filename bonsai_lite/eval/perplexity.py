@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
+from bonsai_lite.calib.data import check_window_args, load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
@@ -13,6 +13,7 @@ from bonsai_lite.search.planner import Work, detect_machine, make_plan
 def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tokens: int | None = None,
                budget: int | None = None, device: str | None = None, dtype: str | None = None, spill_dir=None,
                log=None) -> dict:
+    check_window_args(seq_len, max_tokens)  # before any work
     model = StreamedModel.open(model_dir)
     ids = tokenize(load_tokenizer(model_dir), read_text(text))
     win = windows(ids, seq_len, max_tokens=max_tokens)

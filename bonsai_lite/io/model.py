@@ -1,6 +1,7 @@
 """A handle on a checkpoint on disk: its spec, its current structure, and loaders for its parts."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 from bonsai_lite.io.blocks import BlockLoader
 from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.io.validate import check_model
 from bonsai_lite.structure import LayerStructure, ModelSpec, load_spec, rope_inv_freq
 
 
@@ -21,7 +23,9 @@ class StreamedModel:
     @classmethod
     def open(cls, model_dir: str | Path) -> "StreamedModel":
         spec = load_spec(model_dir)
-        return cls(root=Path(model_dir), spec=spec, ckpt=Checkpoint(model_dir), layers=spec.layers)
+        ckpt = Checkpoint(model_dir)
+        check_model(spec, ckpt, spec.layers)  # config.json against the tensors, before any work
+        return cls(root=Path(model_dir), spec=spec, ckpt=ckpt, layers=spec.layers)
 
     def with_layers(self, layers: tuple[LayerStructure, ...]) -> "StreamedModel":
         return replace(self, layers=layers)
@@ -29,8 +33,17 @@ class StreamedModel:
     def loader(self, *, device, dtype) -> BlockLoader:
         return BlockLoader(self.ckpt, self.spec, self.layers, device=device, dtype=dtype)
 
-    def rope(self) -> tuple[torch.Tensor, float]:
-        return rope_inv_freq(self.spec)
+    def rope(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        return rope_inv_freq(self.spec, seq_len)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of config.json and every tensor's name, dtype, shape and size: cheap (no weights are
+        read), and it changes when the model at a path is replaced by one of another shape."""
+        h = hashlib.sha256((self.root / "config.json").read_bytes())
+        for name in sorted(self.ckpt.infos):
+            info = self.ckpt.infos[name]
+            h.update(f"{name}:{info.dtype}:{info.shape}:{info.nbytes}".encode())
+        return h.hexdigest()
 
     def params(self) -> int:
         """Parameters of the current structure, embeddings and head included."""

@@ -15,13 +15,16 @@ from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.sampling import _n_fixed
 
 log = logging.getLogger(__name__)
 
+SAMPLED_METHODS = ("bonsai", "bonsai-noregress")  # methods that evaluate perturbed sub-models
 SELF_TEXT = "calib-sampled.safetensors"  # in the run directory: calibration text sampled from the model
 
 
@@ -82,7 +85,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     """
     ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
     if ranks is None:
-        parent, ids = _check_inputs(cfg, overwrite=overwrite)
+        parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite)
         return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
                                   show_progress=show_progress, checkpoint_masks=checkpoint_masks)
     with ranks:
@@ -92,7 +95,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
             cfg = replace(cfg, budget=host_budget_share(ranks, device=cfg.device, budget=cfg.budget,
                                                         default_budget=single))
-            parent, ids = _check_inputs(cfg, overwrite=overwrite, root=ranks.is_root)
+            parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)
         except BonsaiError as e:
@@ -109,16 +112,23 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         return result
 
 
-def _check_inputs(cfg: RunConfig, *, overwrite: bool, root: bool = True):
+def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool = True):
     """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
 
     Returns the parent model and the calibration ids (None when they are to be sampled from the
     model). Ranks other than 0 check only what they use: the model, the spill dir and their budget.
     """
     out = Path(cfg.out)
-    if root and out.exists() and not overwrite:
-        raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if root:  # only rank 0 writes the run state and the export
+        state_dir = RunState(run_dir or default_run_dir(out)).dir
+        check_destination(out, {"parent model": Path(cfg.model)}, overwrite=overwrite)
+        if out.resolve() == state_dir.resolve() or out.resolve() in state_dir.resolve().parents:
+            raise BonsaiError(f"--run-dir {state_dir} is inside --out {out}, which the export replaces; choose a "
+                              "--run-dir outside it")
     parent = StreamedModel.open(cfg.model)  # fails fast on missing/unsupported/corrupt checkpoints
+    _check_search(cfg, parent)
+    if root:
+        check_free_space(out.parent, export_bytes(parent, cfg.search.sparsity), what=f"the pruned model {out}")
     if cfg.spill_dir:
         try:
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
@@ -156,9 +166,13 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         if ranks is not None:  # the search is over: release the other ranks before the (long) export
             ranks.close()
         _remove_stale_exports(out)
-        result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
-                               extra_biases=outcome.extra_biases or None, overwrite=overwrite,
-                               metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
+        try:
+            result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
+                                   extra_biases=outcome.extra_biases or None, overwrite=overwrite,
+                                   metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
+        except BonsaiError as e:  # a late failure must not cost the search: say how to export from it
+            raise BonsaiError(f"{e}. The search is saved in {state.dir}: re-run the same command to export again, or "
+                              f"export elsewhere with --out NEW_DIR --run-dir {state.dir}") from e
     log.info("run state kept in %s (with it, --overwrite re-exports without searching again); delete it when "
              "no longer needed", state.dir)
     spec = parent.spec
@@ -172,6 +186,26 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         "iterations": len(outcome.history),
         "history": outcome.history,
     }
+
+
+def export_bytes(parent: StreamedModel, sparsity: float) -> int:
+    """Bytes the export will write, about: the checkpoint less the pruned share of its projections."""
+    info = parent.ckpt.info(parent.spec.adapter.block_tensor_names(0)["q_w"])
+    removed = sparsity * prunable_params(parent.spec, parent.layers) * info.dtype.itemsize
+    return max(0, int(parent.ckpt.nbytes() - removed))
+
+
+def _check_search(cfg: RunConfig, parent: StreamedModel) -> None:
+    """Settings that only the model's widths can judge, before the first forward pass."""
+    if cfg.search.method not in SAMPLED_METHODS:
+        return
+    sizes = [n for s in parent.layers for n in (len(s.heads), len(s.mlp))]
+    perturbed = sum(n - _n_fixed(n, cfg.search.p_iter) for n in sizes)
+    if perturbed < 2:  # the sub-models would all be the same model: nothing to regress on
+        least = 0.25 / max(sizes)
+        raise BonsaiError(f"--p-iter {cfg.search.p_iter} perturbs {perturbed} unit(s) of this model (layers of "
+                          f"{max(sizes)} units at most), so its sub-models would not differ; use --p-iter {least:.3g} "
+                          "or more")
 
 
 def _remove_stale_exports(out: Path) -> None:

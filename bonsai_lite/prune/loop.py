@@ -283,7 +283,9 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
     versus work lost to a kill; results do not depend on it beyond floating-point rounding).
     """
     state = RunState(run_dir)
-    key = {**_jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+    key = {**_jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+           # config.json + tensor names/shapes: a different model at the same path is not resumed
+           "model_layout_sha256": StreamedModel.open(cfg.model).fingerprint()}
     n_iter = 1 if cfg.search.method == "flap" else cfg.search.iterations
     if state.exists and not restart:
         state.load()

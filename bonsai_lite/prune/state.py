@@ -103,6 +103,14 @@ class RunState:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        """Forget the saved state: remove the files `commit` writes and nothing else (a user's files stay)."""
+        ours = [self.dir / STATE, self.dir / f"{STATE}.tmp", *self.dir.glob("tensors-*.safetensors"),
+                *self.dir.glob("tensors-*.safetensors.tmp")]
+        for path in ours:
+            path.unlink(missing_ok=True)
+        self.meta, self.tensors, self.generation = {}, {}, 0
+
     @contextlib.contextmanager
     def lock(self):
         """Exclusive use of the run directory for the duration of the `with` block."""

@@ -112,7 +112,7 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
 
         loader = Int8Loader(loader)
     act = ACT2FN[spec.act]
-    inv_freq, scaling = model.rope()
+    inv_freq, scaling = model.rope(seq_len=t)
     cos, sin = rotary_cos_sin(inv_freq, scaling, torch.arange(t, device=device), dtype)
     # Embedding rows of the distinct calibration tokens, read once (never the whole table).
     uniq, local = torch.unique(tokens, return_inverse=True)
@@ -140,7 +140,7 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
                     layer_tap = (lambda kind, a, _s=s, _l=layer: tap(_l, kind, a, _s)) if tap else None
                     with torch.no_grad():
                         x = block_forward(w, x, cos, sin, eps=spec.eps, act=act, head_mask=hm, mlp_mask=mm,
-                                          window=spec.sliding_window, tap=layer_tap)
+                                          window=spec.window(layer), tap=layer_tap)
                     cache.put(local_tile(s), x)
                     del x
                 del w

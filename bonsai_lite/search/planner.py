@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from bonsai_lite.errors import BudgetError
+from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
 # --- named safety constants (why each exists) -------------------------------------------------
@@ -78,7 +78,25 @@ def parse_bytes(text: str | int | float) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
     if not m:
         raise BudgetError(f"cannot read memory size {text!r}; write it like 8GB, 512MB or 1.5GiB")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    n = int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    if n < 1:  # 0 used to fall through to "auto" silently
+        raise BudgetError(f"memory budget {text!r} is zero; give a size like 8GB, or leave --memory-budget out for "
+                          "all free memory")
+    return n
+
+
+def check_device(device: str | None) -> None:
+    """cpu, cuda or cuda:i that exists here; anything else used to run on the CPU without a word."""
+    if device is None or device == "cpu":
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise BonsaiError(f"--device {device!r}: bonsai-lite runs on cpu or cuda[:i]")
+    if not torch.cuda.is_available():
+        raise BonsaiError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                          f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise BonsaiError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def fmt_bytes(n: float) -> str:
@@ -156,6 +174,7 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) ->
 
     import psutil
 
+    check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     free_ram = int(psutil.virtual_memory().available * HOST_RAM_FRACTION)
     disk = int(psutil.disk_usage(str(spill_dir or tempfile.gettempdir())).free * DISK_FRACTION)
