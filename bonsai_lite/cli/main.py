@@ -10,7 +10,7 @@ import sys
 
 from bonsai_lite.errors import BonsaiError
 
-SUBCOMMANDS = ["eval", "plan", "prune", "adapt", "fetch_demo", "demo"]
+SUBCOMMANDS = ["eval", "plan", "prune", "export_gguf", "adapt", "fetch_demo", "demo"]
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bonsai_lite.export as export_mod
+import bonsai_lite.export.safetensors as export_mod
 import bonsai_lite.prune.loop as loop_mod
 import bonsai_lite.prune.state as state_mod
 from bonsai_lite.adapters import SUPPORTED_ARCHITECTURES

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import bonsai_lite.export as export_mod
+import bonsai_lite.export.safetensors as export_mod
 import bonsai_lite.io.outdir as outdir_mod
 import bonsai_lite.prune.loop as loop_mod
 from bonsai_lite.adapt.merge import export_adapted

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import bonsai_lite.export as export_mod
+import bonsai_lite.export.safetensors as export_mod
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.export import EXPORT_INFO, MODELING_FILE, export_pruned
 from bonsai_lite.io.checkpoint import INDEX_NAME, Checkpoint
