@@ -6,7 +6,7 @@ mask-tokens/s, achieved FLOP/s and MFU against a stated peak, peak memory (CPU: 
 process's RSS high-water mark; CUDA: torch.cuda.max_memory_reserved), bytes read from disk and
 moved to the device, and predicted vs measured time and peak. --sweep also runs other tile sizes
 and both streaming orders that fit the budget and reports the planner's choice against the best
-measured. --write-docs records the run in docs/PERFORMANCE.md and regenerates the table between
+measured. --write-docs records the run in docs/results/ and regenerates the table between
 `<!-- bench_engine:begin -->` and `<!-- bench_engine:end -->` (one row per hardware x setting).
 
 The model is --model DIR, or --shape NAME: random weights written to disk as sharded safetensors
@@ -44,7 +44,6 @@ from bonsai_lite.structure import UnitLayout, load_spec  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
-RECORD = "<!-- bench_engine:record "
 INTRO = """# Performance
 
 Measured figures, each with the hardware, commit and command it came from. Tables between
@@ -255,52 +254,16 @@ def describe_plan(p: dict) -> str:
 
 
 # ---- docs ----------------------------------------------------------------------------------------
-def record_key(r: dict) -> tuple:
-    s, hw = r["settings"], r["hardware"]
-    return (hw.get("gpu") or hw["cpu"], hw["threads"], s["model"], s["masks"], s["samples"], s["seq_len"], s["budget"])
-
-
 def write_docs(result: dict, command: str) -> None:
-    doc = DOCS.read_text() if DOCS.is_file() else INTRO
-    records = []
-    if BEGIN in doc:
-        block = doc[doc.index(BEGIN): doc.index(END)]
-        records = [json.loads(line[len(RECORD): -len(" -->")]) for line in block.splitlines() if line.startswith(RECORD)]
+    """Record the run as docs/results/bench_engine-NNN.json and regenerate its block (tools/bench_docs.py)."""
+    from bench_docs import write_engine_docs
+
     slim = {k: result[k] for k in ("hardware", "commit", "settings", "plan", "measured", "peak", "sweep")}
     slim["command"] = command
     slim["plan"] = {k: v for k, v in slim["plan"].items() if k != "breakdown"}
     slim["sweep"] = [{**x, "plan": {k: v for k, v in x["plan"].items() if k != "breakdown"}}
                      for x in slim["sweep"] or []] or None
-    records = [r for r in records if record_key(r) != record_key(slim)] + [slim]
-    lines = ["| hardware | commit | model | K x n x T | budget | plan | mask-tok/s | GFLOP/s | MFU (peak) "
-             "| peak mem meas / pred | time meas / pred | read / to device |", "|" + " --- |" * 12]
-    for r in records:
-        hw, s, m, p = r["hardware"], r["settings"], r["measured"], r["plan"]
-        where = f"{hw['gpu']}" if hw.get("gpu") else f"{hw['cpu']}, {hw['threads']} thr"
-        lines.append(
-            f"| {where} | {r['commit']} | {s['model']} | {s['masks']} x {s['samples']} x {s['seq_len']} "
-            f"| {fmt_bytes(s['budget'])} | {describe_plan(p)} | {m['mask_tokens_per_s']:.0f} "
-            f"| {m['flops_per_s'] / 1e9:.1f} | {100 * m['mfu']:.1f}% ({r['peak']['flops'] / 1e9:.0f} GFLOP/s) "
-            f"| {fmt_bytes(m['peak_bytes'])} / {fmt_bytes(m['predicted_peak_bytes'])} "
-            f"| {m['seconds']:.1f} s / {m['predicted_seconds']:.1f} s "
-            f"| {fmt_bytes(m['bytes_read'])} / {fmt_bytes(m['bytes_to_device'])} |")
-    sweeps = [r for r in records if r.get("sweep")]
-    for r in sweeps:
-        s = r["settings"]
-        lines += ["", f"Sweep, {s['model']} {s['masks']} x {s['samples']} x {s['seq_len']} under "
-                  f"{fmt_bytes(s['budget'])} on {r['hardware'].get('gpu') or r['hardware']['cpu']} "
-                  f"({r['hardware']['threads']} thr), first row = planner's choice:", "",
-                  "| plan | predicted | measured | peak meas / pred |", "| --- | --- | --- | --- |"]
-        for x in r["sweep"]:
-            lines.append(f"| {describe_plan(x['plan'])} | {x['predicted_seconds']:.1f} s | {x['seconds']:.1f} s "
-                         f"| {fmt_bytes(x['peak_bytes'])} / {fmt_bytes(x['predicted_peak_bytes'])} |")
-    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records]
-    lines += [""] + [RECORD + json.dumps(r, separators=(",", ":")) + " -->" for r in records]
-    block = BEGIN + "\n" + "\n".join(lines) + "\n" + END
-    doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):] if BEGIN in doc else \
-        doc.rstrip() + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(doc)
+    write_engine_docs(slim)
 
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ def read_text(source: str | Path) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    # verbose=False: the "longer than the specified maximum sequence length" warning does not apply,
+    # the ids are cut into windows of at most the model's length before any forward.
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     return ids.to(torch.long)
 
 

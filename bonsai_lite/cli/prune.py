@@ -5,7 +5,7 @@ import logging
 import time
 from pathlib import Path
 
-from bonsai_lite.cli.common import add_budget_args
+from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.errors import BonsaiError
@@ -69,7 +69,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.checkpoint_masks is not None and args.checkpoint_masks < 1:
         raise BonsaiError(f"--checkpoint-masks must be at least 1, got {args.checkpoint_masks}")
-    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True,
+    result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=show_progress(args),
                    checkpoint_masks=args.checkpoint_masks)
     result["seconds"] = time.perf_counter() - t0
     log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],

@@ -12,6 +12,7 @@ from safetensors.torch import save as save_tensors
 from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
+from bonsai_lite.progress import METRICS_NAME, make_progress
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
@@ -100,17 +101,18 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
                 (state.dir / SELF_TEXT).unlink(missing_ok=True)
             ids = calibration_ids(cfg, cfg.model, cache_dir=state.dir)
             _check_length(cfg, ids)
-        progress = _progress_bars() if show_progress else None
+        progress = make_progress(show=show_progress, metrics_path=state.dir / METRICS_NAME)
         try:
             outcome = run_pruning(cfg, ids=ids, run_dir=state.dir, restart=restart, progress=progress,
                                   checkpoint_masks=checkpoint_masks)
+            _remove_stale_exports(out)
+            with progress.stage("export", total=0):  # export.py draws its own bar, one step per shard
+                result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
+                                       extra_biases=outcome.extra_biases or None, overwrite=overwrite,
+                                       metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity},
+                                       show_progress=show_progress)
         finally:  # closed before an error is printed, so the error stays the last line
-            if progress:
-                progress(close=True)
-        _remove_stale_exports(out)
-        result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
-                               extra_biases=outcome.extra_biases or None, overwrite=overwrite,
-                               metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
+            progress.close()
     log.info("run state kept in %s (with it, --overwrite re-exports without searching again); delete it when "
              "no longer needed", state.dir)
     spec = parent.spec
@@ -132,24 +134,3 @@ def _remove_stale_exports(out: Path) -> None:
         if tmp.is_dir():
             log.info("removing %s, left by an interrupted export", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _progress_bars():
-    from tqdm import tqdm
-
-    bars: dict = {}
-
-    def update(stage=None, done=0, total=0, close=False):
-        if close:
-            for b in bars.values():
-                b.close()
-            return
-        bar = bars.get(stage)
-        if bar is None or bar.total != total or done < bar.n:
-            if bar is not None:
-                bar.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="it" if stage == "iteration" else "step",
-                                     leave=stage == "iteration")
-        bar.update(done - bar.n)
-
-    return update
