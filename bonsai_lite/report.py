@@ -84,6 +84,9 @@ def render(run: dict) -> str:
                 lines.append(f"{l:>5} {b['heads'][l]:>3} -> {a['heads'][l]:<3} {b['mlp'][l]:>5} -> {a['mlp'][l]:<5}")
             else:
                 lines.append(f"{l:>5} {a['heads'][l]:>9} {a['mlp'][l]:>13}")
+    other = run["stage_seconds"].get("-")
+    if other:
+        lines += ["", "after the search: " + ", ".join(f"{k} {v:.0f} s" for k, v in other.items())]
     return "\n".join(lines)
 
 
