@@ -75,7 +75,7 @@ def write_block(tool: str, lines: list[str]) -> None:
     """Rewrite only what lies between the tool's markers (appended at the end when absent)."""
     begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
     block = begin + "\n" + "\n".join(lines) + "\n" + end
-    doc = DOCS.read_text() if DOCS.is_file() else "# Performance\n"
+    doc = DOCS.read_text() if DOCS.is_file() else BE.INTRO
     if begin in doc and end in doc:
         doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
