@@ -1,12 +1,19 @@
-"""docs/PERFORMANCE.md blocks of tools/bench_scale.py and tools/bench_infer.py.
+"""docs/PERFORMANCE.md from the JSON records in docs/results/; plots in docs/img/.
 
-Each tool owns the text between `<!-- TOOL:begin -->` and `<!-- TOOL:end -->` and nothing else; the
-block keeps every result as a JSON record line, so a run on another machine (`--from-json`) or of
-another setting adds rows instead of replacing the table.
+`python tools/bench_docs.py` regenerates every generated block of docs/PERFORMANCE.md (the text
+between `<!-- TOOL:begin -->` and `<!-- TOOL:end -->`) and the plots from the records alone, so a
+table can never disagree with its data. Each record is one file, `docs/results/TOOL-NNN.json`
+(`{"tool": ..., record fields}`); a benchmark run with --write-docs (or --from-json, for results
+printed on another machine) adds a record, or replaces the one of the same hardware and setting,
+then regenerates its block. No JSON lives in the markdown. Plots need matplotlib (the `plots`
+extra); without it the tables are still written.
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
+from pathlib import Path
 
 import bench_engine as BE
 from bonsai_lite.search.planner import fmt_bytes
@@ -14,6 +21,8 @@ from bonsai_lite.search.planner import fmt_bytes
 STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
 
 DOCS = BE.DOCS
+RESULTS = BE.ROOT / "docs" / "results"
+IMG = BE.ROOT / "docs" / "img"
 H100_HOWTO = """### How to run on an H100
 
 The device runs each command in the repository root (10 minutes per command at most, 30 minutes
@@ -38,27 +47,40 @@ python tools/bench_infer.py --from-json FILES/infer-per-layer.json FILES/infer-u
 """
 
 
+def _record_files(tool: str) -> list[Path]:
+    return sorted(RESULTS.glob(f"{tool}-[0-9][0-9][0-9].json"))
+
+
 def read_records(tool: str) -> list[dict]:
-    """The JSON records kept inside a tool's block of docs/PERFORMANCE.md."""
-    doc = DOCS.read_text() if DOCS.is_file() else ""
-    begin, end, prefix = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->", f"<!-- {tool}:record "
-    if begin not in doc or end not in doc:
-        return []
-    block = doc[doc.index(begin): doc.index(end)]
-    return [json.loads(line[len(prefix): -len(" -->")]) for line in block.splitlines() if line.startswith(prefix)]
+    """The tool's records in the order they were first recorded (file number)."""
+    out = []
+    for f in _record_files(tool):
+        rec = json.loads(f.read_text())
+        rec.pop("tool", None)
+        out.append(rec)
+    return out
 
 
-def write_block(tool: str, lines: list[str], records: list[dict]) -> None:
+def save_records(tool: str, records: list[dict]) -> None:
+    """Write the records as docs/results/TOOL-NNN.json, NNN = position (a replaced record keeps its file)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for i, rec in enumerate(records):
+        text = json.dumps({"tool": tool, **rec}, indent=1, default=str) + "\n"
+        path = RESULTS / f"{tool}-{i:03d}.json"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+def write_block(tool: str, lines: list[str]) -> None:
     """Rewrite only what lies between the tool's markers (appended at the end when absent)."""
     begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
-    body = lines + [""] + [f"<!-- {tool}:record " + json.dumps(r, separators=(",", ":"), default=str) + " -->"
-                           for r in records]
-    block = begin + "\n" + "\n".join(body) + "\n" + end
-    doc = DOCS.read_text() if DOCS.is_file() else "# Performance\n"
+    block = begin + "\n" + "\n".join(lines) + "\n" + end
+    doc = DOCS.read_text() if DOCS.is_file() else BE.INTRO
     if begin in doc and end in doc:
         doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(doc)
 
 
@@ -105,6 +127,11 @@ def write_scale_docs(result: dict) -> None:
                "commands": [result.get("command", "")]}
         records[_scale_key(rec)] = merge_record(records.get(_scale_key(rec)), rec)
     recs = list(records.values())
+    save_records(tool, recs)
+    write_block(tool, render_scale(recs))
+
+
+def render_scale(recs: list[dict]) -> list[str]:
     lines = ["## Budgeted pruning at scale (tools/bench_scale.py)", "",
              "One real Bonsai iteration (`prune.loop.run_pruning`: priors pass, mask sampling, masked evaluation, "
              "regression, selection, run state committed) per memory budget on random weights of the named shape. "
@@ -171,7 +198,7 @@ def write_scale_docs(result: dict) -> None:
                   f"| {_gib(x['peak_bytes'])} / {_gib(x['predicted_peak_bytes'])} |" for x in sw["runs"]]
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(c for r in recs for c in r["commands"]) if c]
     lines += ["", H100_HOWTO.rstrip()]
-    write_block(tool, lines, recs)
+    return lines
 
 
 def _infer_key(r: dict) -> tuple:
@@ -191,6 +218,11 @@ def write_infer_docs(result: dict) -> None:
                "command": result.get("command", "")}
         records[_infer_key(rec)] = rec
     recs = list(records.values())
+    save_records(tool, recs)
+    write_block(tool, render_infer(recs))
+
+
+def render_infer(recs: list[dict]) -> list[str]:
     lines = ["## Inference speed of pruned models (tools/bench_infer.py)", "",
              "transformers `AutoModelForCausalLM` (per-layer exports through their shipped modeling file), medians "
              "after warm-up. Prefill: a [B, T] forward keeping the last position's logits. Decode: `generate` at "
@@ -216,4 +248,102 @@ def write_infer_docs(result: dict) -> None:
               "passes over sequence-length chunks of Wikitext-2, i.e. closest to the prefill column; the GPU rows "
               "are what to compare with it. Commands for an H100 are in the bench_scale section's \"How to run on "
               "an H100\"."]
-    write_block(tool, lines, recs)
+    if (IMG / "infer-speedup.png").is_file():
+        lines += ["", "![speed-up against non-embedding parameters kept](img/infer-speedup.png)"]
+    return lines
+
+
+# ---- bench_engine ------------------------------------------------------------------------------
+def engine_key(r: dict) -> tuple:
+    s, hw = r["settings"], r["hardware"]
+    return (hw.get("gpu") or hw["cpu"], hw["threads"], s["model"], s["masks"], s["samples"], s["seq_len"], s["budget"])
+
+
+def write_engine_docs(record: dict) -> None:
+    tool = "bench_engine"
+    recs = [r for r in read_records(tool) if engine_key(r) != engine_key(record)]
+    old = {engine_key(r): i for i, r in enumerate(read_records(tool))}
+    if engine_key(record) in old:  # replaced in place: keeps its file and its row
+        recs.insert(old[engine_key(record)], record)
+    else:
+        recs.append(record)
+    save_records(tool, recs)
+    write_block(tool, render_engine(recs))
+
+
+def render_engine(records: list[dict]) -> list[str]:
+    lines = ["| hardware | commit | model | K x n x T | budget | plan | mask-tok/s | GFLOP/s | MFU (peak) "
+             "| peak mem meas / pred | time meas / pred | read / to device |", "|" + " --- |" * 12]
+    for r in records:
+        s, m, p = r["settings"], r["measured"], r["plan"]
+        lines.append(
+            f"| {where(r['hardware'])} | {r['commit']} | {s['model']} | {s['masks']} x {s['samples']} x {s['seq_len']} "
+            f"| {fmt_bytes(s['budget'])} | {BE.describe_plan(p)} | {m['mask_tokens_per_s']:.0f} "
+            f"| {m['flops_per_s'] / 1e9:.1f} | {100 * m['mfu']:.1f}% ({r['peak']['flops'] / 1e9:.0f} GFLOP/s) "
+            f"| {fmt_bytes(m['peak_bytes'])} / {fmt_bytes(m['predicted_peak_bytes'])} "
+            f"| {m['seconds']:.1f} s / {m['predicted_seconds']:.1f} s "
+            f"| {fmt_bytes(m['bytes_read'])} / {fmt_bytes(m['bytes_to_device'])} |")
+    for r in (r for r in records if r.get("sweep")):
+        s = r["settings"]
+        lines += ["", f"Sweep, {s['model']} {s['masks']} x {s['samples']} x {s['seq_len']} under "
+                  f"{fmt_bytes(s['budget'])} on {r['hardware'].get('gpu') or r['hardware']['cpu']} "
+                  f"({r['hardware']['threads']} thr), first row = planner's choice:", "",
+                  "| plan | predicted | measured | peak meas / pred |", "| --- | --- | --- | --- |"]
+        for x in r["sweep"]:
+            lines.append(f"| {BE.describe_plan(x['plan'])} | {x['predicted_seconds']:.1f} s | {x['seconds']:.1f} s "
+                         f"| {fmt_bytes(x['peak_bytes'])} / {fmt_bytes(x['predicted_peak_bytes'])} |")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records]
+    if (IMG / "planner-time.png").is_file():
+        lines += ["", "![measured against predicted seconds, every sweep and run](img/planner-time.png)"]
+    return lines
+
+
+# ---- plots and regeneration ----------------------------------------------------------------------
+def draw_plots() -> list[Path]:
+    """docs/img/*.png from the records; [] when matplotlib is missing."""
+    from bonsai_lite import plots
+
+    drawn = []
+    infer: dict = {}
+    for r in read_records("bench_infer"):
+        m, s = r["model"], r["settings"]
+        if m.get("params_fraction") is None or m["params_fraction"] >= 1:
+            continue
+        base = f"{s['model']}, {where(r['hardware'])}"
+        infer.setdefault(f"{base}: prefill", []).append((m["params_fraction"], m["prefill_speedup"]))
+        if m.get("decode_speedup"):
+            infer.setdefault(f"{base}: decode", []).append((m["params_fraction"], m["decode_speedup"]))
+    if infer:
+        drawn.append(plots.lines(infer, IMG / "infer-speedup.png", xlabel="non-embedding parameters kept (fraction)",
+                                 ylabel="speed-up over the parent", title="Inference speed of pruned models"))
+    timing: dict = {}
+    for r in read_records("bench_engine"):
+        m = r["measured"]
+        timing.setdefault("bench_engine", []).append((m["predicted_seconds"], m["seconds"]))
+        for x in r.get("sweep") or []:
+            timing["bench_engine"].append((x["predicted_seconds"], x["seconds"]))
+    for r in read_records("bench_scale"):
+        for x in ((r["run"].get("sweep") or {}).get("runs") or []):
+            timing.setdefault("bench_scale sweeps", []).append((x["predicted_seconds"], x["seconds"]))
+    if timing:
+        drawn.append(plots.scatter(timing, IMG / "planner-time.png", xlabel="planner's predicted seconds",
+                                   ylabel="measured seconds", title="Planner time predictions (y = x dashed)"))
+    return [p for p in drawn if p is not None]
+
+
+def regenerate() -> dict:
+    """Every block and plot of docs/PERFORMANCE.md from docs/results/*.json."""
+    plots = draw_plots()
+    counts = {}
+    for tool, render in (("bench_engine", render_engine), ("bench_scale", render_scale),
+                         ("bench_infer", render_infer)):
+        recs = read_records(tool)
+        counts[tool] = len(recs)
+        if recs:
+            write_block(tool, render(recs))
+    return {"docs": str(DOCS), "records": counts, "plots": [str(p) for p in plots]}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    print(json.dumps(regenerate()))

@@ -253,7 +253,8 @@ def build_teacher_cache(parent_dir: str | Path, tokens: torch.Tensor, cache_dir:
     done = int(manifest["windows_done"])
     if done:
         log.info("teacher cache %s: resuming at window %d of %d", root, done, w)
-    log.info("teacher cache: %d windows x %d tokens, top-%d, %d windows per pass; %s", w, t, k, rows, plan.describe())
+    log.info("teacher cache: %d windows x %d tokens, top-%d, %d windows per pass; %s", w, t, k, rows, plan.summary())
+    log.debug(plan.describe())
     t0, start = time.perf_counter(), done
     while done < w:
         stop = min(w, done + rows)

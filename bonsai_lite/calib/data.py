@@ -69,7 +69,9 @@ ODD_TOKEN_SHARE = 0.2
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0].to(torch.long)
+    # verbose=False: the "longer than the specified maximum sequence length" warning does not apply,
+    # the ids are cut into windows of at most the model's length before any forward.
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0].to(torch.long)
     share = odd_token_share(tokenizer, ids)
     if share > ODD_TOKEN_SHARE:
         log.warning("%.0f%% of the text's %d tokens are unknown or raw-byte tokens: the text is probably not one the "

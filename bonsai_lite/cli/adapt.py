@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from bonsai_lite.cli.common import add_budget_args
+from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
+from bonsai_lite.progress import step_bar
 from bonsai_lite.search.planner import parse_bytes
 
 log = logging.getLogger("bonsai_lite.adapt")
@@ -52,32 +53,14 @@ def run(args) -> int:
         save_every=args.save_every, seed=args.seed,
         budget=parse_bytes(args.memory_budget) if args.memory_budget else None, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, teacher_cache=args.teacher_cache, spill_dir=args.spill_dir)
-    bar = _progress_bar()
+    bar = step_bar("adapt") if show_progress(args) else None
     try:
         result = adapt(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, progress=bar)
     finally:
-        bar(close=True)
+        if bar:
+            bar(close=True)
     log.info("adapted %s -> %s: %d steps, train loss %.4f in %.0f s", cfg.pruned, result["out"], result["steps"],
              result["train_loss"] if result["train_loss"] is not None else float("nan"), result["seconds"])
     if args.json:
         emit_json(result)
     return 0
-
-
-def _progress_bar():
-    from tqdm import tqdm
-
-    bars: list = []
-
-    def update(done=0, total=0, loss=None, close=False):
-        if close:
-            for b in bars:
-                b.close()
-            return
-        if not bars:
-            bars.append(tqdm(total=total, initial=done - 1, desc="adapt", unit="step"))
-        if loss is not None:
-            bars[0].set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bars[0].update(done - bars[0].n)
-
-    return update

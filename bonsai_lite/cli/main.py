@@ -9,8 +9,9 @@ import logging
 import sys
 
 from bonsai_lite.errors import BonsaiError
+from bonsai_lite.progress import quiet_third_party
 
-SUBCOMMANDS = ["eval", "plan", "prune", "export_gguf", "adapt", "fetch_demo", "demo"]
+SUBCOMMANDS = ["eval", "plan", "prune", "export_gguf", "adapt", "fetch_demo", "demo", "report"]
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    quiet = getattr(args, "quiet", False) and not debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    quiet_third_party(debug=debug)
     try:
         return int(args.run(args) or 0)
     except BonsaiError as e:

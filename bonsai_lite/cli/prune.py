@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from bonsai_lite.cli.common import add_budget_args
+from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.errors import BonsaiError
@@ -79,7 +79,7 @@ def run(args) -> int:
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
     result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite,
-                   show_progress=rank in (None, "0"), checkpoint_masks=args.checkpoint_masks,
+                   show_progress=show_progress(args) and rank in (None, "0"), checkpoint_masks=args.checkpoint_masks,
                    dist_timeout=args.dist_timeout)
     if "rank" in result:  # a worker of a distributed run: rank 0 reports the outcome
         log.info("evaluated %d sub-models for rank 0", result["sub_models_evaluated"])

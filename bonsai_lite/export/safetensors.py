@@ -74,7 +74,8 @@ class ShardResult:
 
 def export_pruned(parent_dir, layers: tuple[LayerStructure, ...], out_dir, *, uniform: bool = False,
                   extra_biases: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
-                  overwrite: bool = False, metadata: dict | None = None) -> ExportResult:
+                  overwrite: bool = False, metadata: dict | None = None,
+                  show_progress: bool | None = None) -> ExportResult:
     """Write the parent checkpoint cut to `layers` (kept checkpoint slots per layer) to `out_dir`.
 
     `extra_biases` maps full bias names (e.g. "model.layers.3.self_attn.o_proj.bias") to tensors to
@@ -108,7 +109,7 @@ def export_pruned(parent_dir, layers: tuple[LayerStructure, ...], out_dir, *, un
     except OSError as e:
         raise BonsaiError(f"cannot write to {out.parent}: {e.strerror or e}") from e
     try:
-        results = [write_shard(job, ckpt, layers, spec.head_dim, tmp) for job in _progress(jobs)]
+        results = [write_shard(job, ckpt, layers, spec.head_dim, tmp) for job in _progress(jobs, show_progress)]
         if len(results) > 1:
             weight_map = {name: r.file for r in results for name in r.weight_map}
             index = {"metadata": {"total_size": sum(r.nbytes for r in results), "total_parameters": params},
@@ -273,7 +274,8 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _progress(jobs: list[ShardJob]):
+def _progress(jobs: list[ShardJob], show: bool | None):
     from tqdm import tqdm
 
-    return tqdm(jobs, desc="export", unit="shard", disable=None, leave=False)
+    # None: drawn when stderr is a terminal; False: never (--quiet / --json)
+    return tqdm(jobs, desc="  export", unit="shard", disable=None if show is not False else True, leave=False)

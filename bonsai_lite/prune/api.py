@@ -19,6 +19,7 @@ from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
+from bonsai_lite.progress import METRICS_NAME, make_progress
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 from bonsai_lite.search.sampling import _n_fixed
 
@@ -156,23 +157,24 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
                 (state.dir / SELF_TEXT).unlink(missing_ok=True)
             ids = calibration_ids(cfg, cfg.model, cache_dir=state.dir)
             _check_length(cfg, ids)
-        progress = _progress_bars() if show_progress else None
+        progress = make_progress(show=show_progress, metrics_path=state.dir / METRICS_NAME)
         try:
             outcome = run_pruning(cfg, ids=ids, run_dir=state.dir, restart=restart, progress=progress,
                                   checkpoint_masks=checkpoint_masks, ranks=ranks)
+            if ranks is not None:  # the search is over: release the other ranks before the (long) export
+                ranks.close()
+            _remove_stale_exports(out)
+            try:
+                with progress.stage("export", total=0):  # the exporter draws its own bar, one step per shard
+                    result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
+                                           extra_biases=outcome.extra_biases or None, overwrite=overwrite,
+                                           metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity},
+                                           show_progress=show_progress)
+            except BonsaiError as e:  # a late failure must not cost the search: say how to export from it
+                raise BonsaiError(f"{e}. The search is saved in {state.dir}: re-run the same command to export "
+                                  f"again, or export elsewhere with --out NEW_DIR --run-dir {state.dir}") from e
         finally:  # closed before an error is printed, so the error stays the last line
-            if progress:
-                progress(close=True)
-        if ranks is not None:  # the search is over: release the other ranks before the (long) export
-            ranks.close()
-        _remove_stale_exports(out)
-        try:
-            result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
-                                   extra_biases=outcome.extra_biases or None, overwrite=overwrite,
-                                   metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity})
-        except BonsaiError as e:  # a late failure must not cost the search: say how to export from it
-            raise BonsaiError(f"{e}. The search is saved in {state.dir}: re-run the same command to export again, or "
-                              f"export elsewhere with --out NEW_DIR --run-dir {state.dir}") from e
+            progress.close()
     log.info("run state kept in %s (with it, --overwrite re-exports without searching again); delete it when "
              "no longer needed", state.dir)
     spec = parent.spec
@@ -214,24 +216,3 @@ def _remove_stale_exports(out: Path) -> None:
         if tmp.is_dir():
             log.info("removing %s, left by an interrupted export", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _progress_bars():
-    from tqdm import tqdm
-
-    bars: dict = {}
-
-    def update(stage=None, done=0, total=0, close=False):
-        if close:
-            for b in bars.values():
-                b.close()
-            return
-        bar = bars.get(stage)
-        if bar is None or bar.total != total or done < bar.n:
-            if bar is not None:
-                bar.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="it" if stage == "iteration" else "step",
-                                     leave=stage == "iteration")
-        bar.update(done - bar.n)
-
-    return update

@@ -25,6 +25,7 @@ import torch
 from bonsai_lite.calib.data import calibration_tokens
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
+from bonsai_lite.progress import NullProgress
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
@@ -70,7 +71,9 @@ def _seed(cfg: RunConfig, iteration: int, salt: int) -> int:
 class Pruner:
     def __init__(self, cfg: RunConfig, *, ids: torch.Tensor | None, state: RunState | None, progress=None,
                  checkpoint_masks: int | None = None, ranks=None):
-        self.cfg, self.ids, self.state, self.progress = cfg, ids, state, progress or (lambda **kw: None)
+        self.cfg, self.ids, self.state = cfg, ids, state
+        self.progress = progress if progress is not None else NullProgress()
+        self.it = 0  # the iteration in progress, for the metrics lines
         self.checkpoint_masks = checkpoint_masks
         self.ranks = ranks  # prune.distributed.Ranks on rank 0 of a torchrun job: chunks are split across ranks
         self.parent = StreamedModel.open(cfg.model)
@@ -111,27 +114,38 @@ class Pruner:
         """
         st = self.state
         plan = self._plan(model, len(masks), len(tokens))
-        log.info(plan.describe())
+        log.info("iteration %d plan: %s", self.it + 1, plan.summary())
+        log.debug(plan.describe())
         chunk = len(masks) if tap is not None else self._chunk(plan, len(masks), len(tokens))
         losses = st.tensors.get("losses")
         if losses is None or len(losses) != len(masks) or tap is not None:
             losses, done = torch.full((len(masks),), float("nan"), dtype=torch.float64), 0
         else:
             losses, done = losses.clone(), int(st.meta.get("masks_done", 0))
-        for k0 in range(done, len(masks), chunk):
-            k1 = min(len(masks), k0 + chunk)
-            if self.ranks is not None and tap is None:
-                losses[k0:k1] = self.ranks.evaluate(_layers_to_json(model.layers), tokens, masks[k0:k1], first=k0,
-                                                    local=self.evaluate_share)
-            else:
-                sub = plan if chunk == len(masks) else self._plan(model, k1 - k0, len(tokens))
-                res = evaluate(model, tokens, masks[k0:k1], sub, tap=tap, spill_dir=self.cfg.spill_dir)
-                losses[k0:k1] = self._finite_or_retry(model, tokens, masks[k0:k1], res.nll, dtype=sub.dtype, first=k0)
-            st.tensors["losses"] = losses
-            st.meta["masks_done"] = k1
-            st.commit()
-            checkpoint("evaluate")
-            self.progress(stage="evaluate", done=k1, total=len(masks))
+        # The bar advances per block of each pass (the engine's callback), in units of sub-models.
+        per_call = 1.0 / (len(tokens) * len(model.layers))
+        left = 1 - done / len(masks)
+        with self.progress.stage("evaluate", total=len(masks), predicted=plan.predicted_seconds * left,
+                                 iteration=self.it, masks=len(masks) - done) as bar:
+            bar.advance(done)
+            for k0 in range(done, len(masks), chunk):
+                k1 = min(len(masks), k0 + chunk)
+                if self.ranks is not None and tap is None:  # split across torchrun ranks
+                    losses[k0:k1] = self.ranks.evaluate(_layers_to_json(model.layers), tokens, masks[k0:k1],
+                                                        first=k0, local=self.evaluate_share)
+                    bar.advance(k1 - k0)
+                    bar.tokens += (k1 - k0) * tokens.numel()
+                else:
+                    sub = plan if chunk == len(masks) else self._plan(model, k1 - k0, len(tokens))
+                    res = evaluate(model, tokens, masks[k0:k1], sub, tap=tap, spill_dir=self.cfg.spill_dir,
+                                   progress=lambda rows: bar.advance(rows * per_call))
+                    losses[k0:k1] = self._finite_or_retry(model, tokens, masks[k0:k1], res.nll, dtype=sub.dtype,
+                                                          first=k0)
+                    bar.tokens += res.stats.tokens
+                st.tensors["losses"] = losses
+                st.meta["masks_done"] = k1
+                st.commit()
+                checkpoint("evaluate")
         return losses
 
     def evaluate_share(self, layers: list, tokens, masks, *, first: int) -> torch.Tensor:
@@ -167,10 +181,15 @@ class Pruner:
         layout = UnitLayout.of(model.layers)
         kind = "wanda" if self.cfg.search.prior == "wanda" else "activation"
         plan = self._plan(model, 1, len(tokens))
+        log.debug(plan.describe())
         while True:
             tap = StatsTap(len(model.layers), n_samples=len(tokens))
-            dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir)
-            prior = S.prior_scores(model, tap.stats, layout, kind=kind)
+            with self.progress.stage("priors", total=len(model.layers), predicted=plan.predicted_seconds,
+                                     iteration=self.it) as bar:
+                dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
+                                 progress=lambda rows: bar.advance(rows / len(tokens)))
+                prior = S.prior_scores(model, tap.stats, layout, kind=kind)
+                bar.tokens += dense.stats.tokens
             if torch.isfinite(dense.nll).all() and torch.isfinite(prior).all():
                 return dense, tap, prior
             if plan.dtype == "float32":
@@ -198,7 +217,6 @@ class Pruner:
         st.tensors.pop("losses", None)
         st.commit()
         checkpoint("priors")
-        self.progress(stage="priors", done=1, total=1)
         return dict(info), prior, sample.masks, sample.candidates
 
     # ---- one iteration -------------------------------------------------------------------------
@@ -207,6 +225,7 @@ class Pruner:
         model = self.parent.with_layers(layers)
         layout = UnitLayout.of(layers)
         tokens = self._tokens(it)
+        self.it = it
         t0 = time.perf_counter()
         extra: dict = {}
         if s.method in ("bonsai", "bonsai-noregress"):
@@ -218,7 +237,8 @@ class Pruner:
                     raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
                                       "4 are needed); use --dtype float32 or more --masks-per-iter")
                 checkpoint("regression")
-                reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4))
+                with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):
+                    reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4))
                 checkpoint("regressed")
                 beta = reg.beta.double()
                 if s.rank == "per-param":
@@ -235,7 +255,6 @@ class Pruner:
                 scores = torch.where(candidates, agg, torch.full_like(agg, math.inf))
         else:
             dense, tap, prior = self._priors(model, tokens)
-            self.progress(stage="priors", done=1, total=1)
             info = {"iteration": it, "dense_nll": float(dense.nll[0])}
             if s.method == "random":
                 g = torch.Generator().manual_seed(_seed(cfg, it, 2))
@@ -271,6 +290,8 @@ class Pruner:
                 if (l, "mlp") in tap.stats and drop[m].any():
                     extra[names["down_b"]] = flap_bias_compensation(d, tap.stats[(l, "mlp")], keep_columns=~drop[m])
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
+                    removed_heads=[int(drop[h].sum()) for h in layout.heads],
+                    removed_mlp=[int(drop[m].sum()) for m in layout.mlp],
                     params_non_embedding=model.spec.non_embedding_params(new_layers))
         return new_layers, extra, info
 
@@ -305,10 +326,11 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         state.tensors = {}
     pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
     layers = _layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
+    pruner.progress.iteration(state.meta["iteration"], n_iter)
     while state.meta["iteration"] < n_iter:
         it = state.meta["iteration"]
         layers, extra, info = pruner.iteration(it, layers)
-        log.info("iteration %d/%d: %s", it + 1, n_iter, {k: v for k, v in info.items() if k != "regression"})
+        log.info("iteration %d/%d: %s", it + 1, n_iter, iteration_line(info))
         for name, bias in extra.items():
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=_layers_to_json(layers), masks_done=0, pending=None)
@@ -319,10 +341,22 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
             state.tensors.pop(name, None)
         state.commit()
         checkpoint("iteration")
-        if progress:
-            progress(stage="iteration", done=it + 1, total=n_iter)
+        pruner.progress.record(stage="iteration", **{k: v for k, v in info.items() if k != "regression"})
+        pruner.progress.iteration(it + 1, n_iter)
     extra = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
     return PruneOutcome(layers=layers, extra_biases=extra, history=state.meta["history"])
+
+
+def iteration_line(info: dict) -> str:
+    """One short line for the log: what an iteration removed and how sure the regression was."""
+    parts = [f"removed {info['removed_units']} units", f"{info['params_non_embedding'] / 1e6:.1f}M non-embedding "
+             "params left"]
+    if info.get("cv_kendall_tau") is not None:
+        parts.append(f"tau {info['cv_kendall_tau']:.2f}")
+    if info.get("loss_mean") is not None:
+        parts.append(f"sub-model loss {info['loss_mean']:.3f} +- {info['loss_std']:.3f}")
+    parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")
+    return ", ".join(parts)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

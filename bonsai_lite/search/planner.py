@@ -216,6 +216,12 @@ class Plan:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One short line (the per-iteration log of a run); `describe()` has the memory breakdown."""
+        return (f"{self.order}, {self.cache} cache, {self.group_rows} rows/pass, tile {self.tile_rows}, {self.dtype}; "
+                f"peak {fmt_bytes(self.predicted_peak_bytes)} of {fmt_bytes(self.budget_bytes)}, "
+                f"~{self.predicted_seconds:.0f} s")
+
     def describe(self) -> str:
         b = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.breakdown.items()
                       if isinstance(v, (int, float)) and v and not k.endswith("_s"))

@@ -127,6 +127,8 @@ def test_docs_rewrite_only_own_block(results, tmp_path, monkeypatch):
     page = tmp_path / "PERFORMANCE.md"
     page.write_text("# Performance\n\nbefore\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
     monkeypatch.setattr(bench_docs, "DOCS", page)
+    monkeypatch.setattr(bench_docs, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench_docs, "IMG", tmp_path / "img")
     for _ in range(2):  # a second write replaces the rows, it does not add them again
         bench_docs.write_scale_docs({**scale, "command": "python tools/bench_scale.py X"})
         bench_docs.write_infer_docs({**infer, "command": "python tools/bench_infer.py Y"})
@@ -135,3 +137,27 @@ def test_docs_rewrite_only_own_block(results, tmp_path, monkeypatch):
     assert text.count("<!-- bench_scale:begin -->") == 1 and text.count("<!-- bench_infer:begin -->") == 1
     assert text.count("| tiny | 4 x 2 x 16 | 64.0 MiB |") == 1 and text.count("| tiny | uniform-50 |") == 1
     assert "How to run on an H100" in text
+    assert ":record" not in text and "{\"" not in text.split("<!-- bench_scale:begin -->")[1]  # no JSON in markdown
+    files = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert files[0] == "bench_infer-000.json" and "bench_scale-000.json" in files
+    assert len(files) == len(bench_docs.read_records("bench_infer")) + len(bench_docs.read_records("bench_scale"))
+
+
+def test_docs_regenerate_from_results_alone(tmp_path, monkeypatch):
+    """Blocks rebuilt from docs/results/*.json equal the committed page: tables come from the records only."""
+    sys.path.insert(0, str(TOOLS))
+    import bench_docs
+
+    real = bench_docs.DOCS.read_text()
+    page = tmp_path / "PERFORMANCE.md"
+    stripped = real
+    for tool in ("bench_engine", "bench_scale", "bench_infer"):  # empty every generated block
+        begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
+        stripped = stripped[: stripped.index(begin) + len(begin)] + "\n" + stripped[stripped.index(end):]
+    page.write_text(stripped)
+    monkeypatch.setattr(bench_docs, "DOCS", page)
+    monkeypatch.setattr(bench_docs, "IMG", bench_docs.IMG)  # read-only use: images exist, not redrawn here
+    for tool, render in (("bench_engine", bench_docs.render_engine), ("bench_scale", bench_docs.render_scale),
+                         ("bench_infer", bench_docs.render_infer)):
+        bench_docs.write_block(tool, render(bench_docs.read_records(tool)))
+    assert page.read_text() == real
