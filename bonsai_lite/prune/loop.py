@@ -204,7 +204,8 @@ class Pruner:
                     raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
                                       "4 are needed); use --dtype float32 or more --masks-per-iter")
                 checkpoint("regression")
-                reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4))
+                pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
+                reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4), pairs=pairs)
                 checkpoint("regressed")
                 beta = reg.beta.double()
                 if s.rank == "per-param":
