@@ -28,7 +28,7 @@ from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
-from bonsai_lite.prune.select import apply_drop, greedy_drop, uniform_drop, unit_costs
+from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
@@ -243,9 +243,11 @@ class Pruner:
         head_p, mlp_p = model.spec.unit_params()
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._target_removed(it) - (self.dense_params - model.spec.non_embedding_params(layers))
-        drop = greedy_drop(scores, costs, need) if need > 0 else torch.zeros(layout.total, dtype=torch.bool)
+        tiebreak = normalised_prior(prior, layout.groups())  # ties (e.g. beta all 0) go by the prior
+        drop = (greedy_drop(scores, costs, need, tiebreak=tiebreak) if need > 0
+                else torch.zeros(layout.total, dtype=torch.bool))
         if s.uniform:
-            drop = uniform_drop(scores, drop, layout, layers)
+            drop = uniform_drop(scores, drop, layout, layers, tiebreak=tiebreak)
         new_layers = apply_drop(layers, layout, drop)
         if s.method == "flap":  # FLAP's bias compensation for the removed channels' mean output
             for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
