@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from bonsai_lite.errors import BonsaiError
 
 METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "random")
+COMPENSATE_AUTO = frozenset({"flap"})  # methods compensated by default; see docs/RESULTS.md
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,10 @@ class CalibConfig:
     text: str | None  # file or dataset name; None = sample text from the parent model
     samples: int = 32  # paper appendix A.2: 32 per iteration
     seq_len: int = 2048
+    # Issue 10: one dense pass over its own, larger set of windows feeds the priors and the
+    # compensation means, apart from the sub-model evaluations. 0 = reuse the search windows.
+    prior_samples: int = 0
+    prior_seq_len: int = 0  # 0 = seq_len
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,16 @@ class SearchConfig:
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     uniform: bool = False
     seed: int = 0
+    # Compensation: masked units read as their calibration mean during the search, and removed
+    # units' mean output is folded into the o_proj / down_proj bias, carried across iterations.
+    # "auto" = on for flap (its definition) and for the methods where it measured better.
+    compensate: str = "auto"
+
+    @property
+    def compensates(self) -> bool:
+        if self.compensate == "auto":
+            return self.method in COMPENSATE_AUTO
+        return self.compensate == "on"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -38,6 +53,8 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
+        if self.compensate not in ("auto", "on", "off"):
+            raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
 
@@ -70,6 +87,6 @@ class RunConfig:
 
 PRESETS = {
     # minutes on a 2-core CPU for SmolLM2-135M: few short samples, few masks, big steps
-    "quick": dict(p_iter=0.1, masks_per_iter=24, samples=4, seq_len=128),
-    "paper": dict(p_iter=0.05, masks_per_iter=200, samples=32, seq_len=2048),
+    "quick": dict(p_iter=0.1, masks_per_iter=24, samples=4, seq_len=128, prior_samples=0, prior_seq_len=0),
+    "paper": dict(p_iter=0.05, masks_per_iter=200, samples=32, seq_len=2048, prior_samples=0, prior_seq_len=0),
 }

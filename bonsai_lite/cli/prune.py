@@ -34,6 +34,13 @@ def add_parser(sub) -> None:
                         "per parameter removed")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
+    p.add_argument("--compensate", default="auto", choices=["auto", "on", "off"],
+                   help="masked units read as their calibration mean during the search and removed units' mean "
+                        "output folded into the output biases (auto: where it measured better, docs/RESULTS.md)")
+    p.add_argument("--prior-samples", type=int, default=None,
+                   help="windows of the separate dense pass for priors and compensation means (0: reuse the "
+                        "search windows)")
+    p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
@@ -53,10 +60,13 @@ def config_from_args(args) -> RunConfig:
     # A file becomes an absolute path (the run state records it); a dataset name stays as given.
     text = str(Path(args.calib).resolve()) if args.calib and Path(args.calib).exists() else args.calib
     calib = CalibConfig(text=text,
-                        samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
+                        samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"),
+                        prior_samples=pick(args.prior_samples, "prior_samples"),
+                        prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
-                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed)
+                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
+                          compensate=args.compensate)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)

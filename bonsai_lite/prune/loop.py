@@ -33,7 +33,7 @@ from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
-from bonsai_lite.search.priors import flap_bias_compensation
+from bonsai_lite.search.priors import bias_compensation
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
@@ -84,6 +84,14 @@ class Pruner:
     def _tokens(self, iteration: int) -> torch.Tensor:
         c = self.cfg.calib
         return calibration_tokens(self.ids, samples=c.samples, seq_len=c.seq_len, seed=_seed(self.cfg, iteration, 1))
+
+    def _prior_tokens(self, iteration: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Windows of the dense pass (priors, compensation means): their own draw when configured."""
+        c = self.cfg.calib
+        if not c.prior_samples:
+            return tokens
+        return calibration_tokens(self.ids, samples=c.prior_samples, seq_len=c.prior_seq_len or c.seq_len,
+                                  seed=_seed(self.cfg, iteration, 5))
 
     def _target_removed(self, iteration: int) -> float:
         s = self.cfg.search
@@ -152,7 +160,8 @@ class Pruner:
         """Dense pass with activation statistics; repeated in float32 if the compute dtype overflowed."""
         layout = UnitLayout.of(model.layers)
         kind = "wanda" if self.cfg.search.prior == "wanda" else "activation"
-        plan = self._plan(model, 1, len(tokens))
+        seq = tokens.shape[1]
+        plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype=self.cfg.dtype)
         while True:
             tap = StatsTap(len(model.layers), n_samples=len(tokens))
             dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir)
@@ -163,42 +172,48 @@ class Pruner:
                 raise BonsaiError("the dense model's activations or loss are NaN/inf even in float32; "
                                   "check the checkpoint's weights (a corrupt or badly converted download?)")
             log.warning("dense pass overflowed in %s; repeating it in float32", plan.dtype)
-            plan = make_plan(model.spec, model.layers, Work(1, len(tokens), self.cfg.calib.seq_len), self.machine,
-                             dtype="float32")
+            plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype="float32")
 
     def _sampled(self, it: int, model, tokens, layout):
-        """Priors and sampled masks of iteration `it`: from the run state when a killed run got that far."""
+        """Priors, compensation means and sampled masks of iteration `it`: from the run state when a
+        killed run got that far."""
         st, s = self.state, self.cfg.search
         pending = st.meta.get("pending") or {}
         if pending.get("iteration") == it and "masks" in st.tensors:
             log.info("iteration %d: priors and %d sampled masks taken from the run state; %d already evaluated",
                      it + 1, len(st.tensors["masks"]), int(st.meta.get("masks_done", 0)))
-            return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"]
-        dense, _, prior = self._priors(model, tokens)
+            means = {tuple(k.split(":")[1:3]): v for k, v in st.tensors.items() if k.startswith("mean:")}
+            means = {(int(l), kind): v for (l, kind), v in means.items()}
+            return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"], means
+        dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
+        means = _means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
                                   keep_spread=s.keep_spread)
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
         st.tensors.update(prior=prior, masks=sample.masks, candidates=sample.candidates)
+        st.tensors.update({f"mean:{l}:{kind}": v for (l, kind), v in means.items()})
         st.tensors.pop("losses", None)
         st.commit()
         checkpoint("priors")
         self.progress(stage="priors", done=1, total=1)
-        return dict(info), prior, sample.masks, sample.candidates
+        return dict(info), prior, sample.masks, sample.candidates, means
 
     # ---- one iteration -------------------------------------------------------------------------
-    def iteration(self, it: int, layers) -> tuple[tuple[LayerStructure, ...], dict, dict]:
+    def iteration(self, it: int, layers, biases: dict | None = None) -> tuple[tuple[LayerStructure, ...], dict, dict]:
+        """One iteration on the model with `layers` and the compensation `biases` folded in so far;
+        returns the new layers, the biases updated by this iteration's removals, and its record."""
         cfg, s = self.cfg, self.cfg.search
-        model = self.parent.with_layers(layers)
+        model = self.parent.with_layers(layers).with_biases(biases or {})
         layout = UnitLayout.of(layers)
         tokens = self._tokens(it)
         t0 = time.perf_counter()
-        extra: dict = {}
         if s.method in ("bonsai", "bonsai-noregress"):
-            info, prior, masks, candidates = self._sampled(it, model, tokens, layout)
+            info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
+            search_model = model.with_fills(_fills(means, layers, model.spec.head_dim)) if s.compensates else model
             if s.method == "bonsai":
-                losses = self._evaluate_masks(model, tokens, masks)
+                losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
                 if ok.sum() < 4:
                     raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
@@ -217,11 +232,12 @@ class Pruner:
                             loss_std=float(losses[ok].std()))
             else:  # bonsai-noregress
                 ntap = StatsTap(len(layers), n_samples=len(tokens), n_masks=len(masks))
-                self._evaluate_masks(model, tokens, masks, tap=ntap)
+                self._evaluate_masks(search_model, tokens, masks, tap=ntap)
                 agg = S.noregress_scores(model, ntap, layout, masks)
                 scores = torch.where(candidates, agg, torch.full_like(agg, math.inf))
         else:
-            dense, tap, prior = self._priors(model, tokens)
+            dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
+            means = _means(tap)
             self.progress(stage="priors", done=1, total=1)
             info = {"iteration": it, "dense_nll": float(dense.nll[0])}
             if s.method == "random":
@@ -249,19 +265,52 @@ class Pruner:
         if s.uniform:
             drop = uniform_drop(scores, drop, layout, layers, tiebreak=tiebreak)
         new_layers = apply_drop(layers, layout, drop)
-        if s.method == "flap":  # FLAP's bias compensation for the removed channels' mean output
-            for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
-                o, d = S.output_projections(model, l)
-                names = model.spec.adapter.block_tensor_names(l)
-                hd = model.spec.head_dim
-                keep_cols = (~drop[h]).repeat_interleave(hd)
-                if (l, "heads") in tap.stats and not keep_cols.all():
-                    extra[names["o_b"]] = flap_bias_compensation(o, tap.stats[(l, "heads")], keep_columns=keep_cols)
-                if (l, "mlp") in tap.stats and drop[m].any():
-                    extra[names["down_b"]] = flap_bias_compensation(d, tap.stats[(l, "mlp")], keep_columns=~drop[m])
+        new_biases = dict(biases or {})
+        if s.compensates:  # FLAP's bias compensation, for every method: removed units' mean output
+            new_biases.update(self._compensation(model, layout, drop, means))
+        info["compensated_biases"] = len(new_biases)
+        # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
+        n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") else 0
+        info["forward_tokens"] = self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
                     params_non_embedding=model.spec.non_embedding_params(new_layers))
-        return new_layers, extra, info
+        return new_layers, new_biases, info
+
+    def _compensation(self, model, layout, drop: torch.Tensor, means: dict) -> dict:
+        """Current output bias + W[:, removed] @ mean[removed], for every layer that loses units."""
+        out = {}
+        hd = model.spec.head_dim
+        for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+            if not (drop[h].any() or drop[m].any()):
+                continue
+            o, d = S.output_projections(model, l)
+            names = model.spec.adapter.block_tensor_names(l)
+            for key, w, keep in (("o_b", o, (~drop[h]).repeat_interleave(hd)), ("down_b", d, ~drop[m])):
+                kind = "heads" if key == "o_b" else "mlp"
+                if keep.all() or (l, kind) not in means:
+                    continue
+                name = names[key]
+                comp = bias_compensation(w, means[(l, kind)], keep_columns=keep)
+                out[name] = self._current_bias(model, name, comp.numel()) + comp
+        return out
+
+    @staticmethod
+    def _current_bias(model, name: str, width: int) -> torch.Tensor:
+        if name in model.biases:
+            return model.biases[name].float()
+        if name in model.ckpt.infos:
+            return model.ckpt.read(name).float()
+        return torch.zeros(width, dtype=torch.float32)
+
+
+def _means(tap) -> dict:
+    """Calibration means of every o_proj / down_proj input column, keyed (layer, kind)."""
+    return {key: st.mean.to(torch.float32) for key, st in tap.stats.items() if st.count}
+
+
+def _fills(means: dict, layers, head_dim: int) -> dict:
+    """Per layer (head_fill, mlp_fill) for the BlockLoader from the (layer, kind) means."""
+    return {l: (means.get((l, "heads")), means.get((l, "mlp"))) for l in range(len(layers))}
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,
@@ -294,13 +343,14 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
     layers = _layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
     while state.meta["iteration"] < n_iter:
         it = state.meta["iteration"]
-        layers, extra, info = pruner.iteration(it, layers)
+        biases = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
+        layers, biases, info = pruner.iteration(it, layers, biases)
         log.info("iteration %d/%d: %s", it + 1, n_iter, {k: v for k, v in info.items() if k != "regression"})
-        for name, bias in extra.items():
+        for name, bias in biases.items():  # totals so far: the next iteration's model carries them
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=_layers_to_json(layers), masks_done=0, pending=None)
         state.meta["history"].append(info)
-        for name in ("losses", "prior", "masks", "candidates"):
+        for name in ("losses", "prior", "masks", "candidates") + tuple(k for k in state.tensors if k.startswith("mean:")):
             state.tensors.pop(name, None)
         state.commit()
         checkpoint("iteration")
