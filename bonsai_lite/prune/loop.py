@@ -77,9 +77,9 @@ class Pruner:
         self.dense_params = self.parent.spec.non_embedding_params()
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _plan(self, model, masks: int, samples: int):
-        return make_plan(model.spec, model.layers, Work(masks, samples, self.cfg.calib.seq_len), self.machine,
-                         dtype=self.cfg.dtype)
+    def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
+        return make_plan(model.spec, model.layers, Work(masks, samples, seq_len or self.cfg.calib.seq_len),
+                         self.machine, dtype=self.cfg.dtype)
 
     def _tokens(self, iteration: int) -> torch.Tensor:
         c = self.cfg.calib
@@ -161,7 +161,7 @@ class Pruner:
         layout = UnitLayout.of(model.layers)
         kind = "wanda" if self.cfg.search.prior == "wanda" else "activation"
         seq = tokens.shape[1]
-        plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype=self.cfg.dtype)
+        plan = self._plan(model, 1, len(tokens), seq)
         while True:
             tap = StatsTap(len(model.layers), n_samples=len(tokens))
             dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir)
