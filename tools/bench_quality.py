@@ -120,7 +120,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
         "params": res["params_after"], "prunable_params": res["prunable_params_after"],
         "prunable_params_before": res["prunable_params_before"],
-        **commit(), "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -131,7 +131,7 @@ def parent_record(args) -> dict:
     return {"kind": "quality", "model": args.model_name, "method": "parent", "sparsity": 0.0, "seed": None,
             "preset": None, "variant": "", "eval_tokens": ev["tokens"], "eval_windows": ev["windows"],
             "seq_len": args.seq_len, "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
-            "prune_seconds": 0.0, "forward_tokens": 0, "params": ev["params"], **commit(), "hardware": hardware(),
+            "prune_seconds": 0.0, "forward_tokens": 0, "params": ev["params"], **args.code, "hardware": hardware(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.model_name = args.model_name or Path(args.model).resolve().name
+    args.code = commit()  # the code this process runs: later commits to the tree do not change it
     Path(args.work).mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs(args) if not (results_dir / f"{run_name(args.model_name, args.preset, *j)}.json").exists()]
     parent_name = f"quality-{args.model_name}-parent-e{args.eval_tokens}-t{args.seq_len}"
