@@ -218,6 +218,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.model_name = args.model_name or Path(args.model).resolve().name
     args.code = commit()  # the code this process runs: later commits to the tree do not change it
+    import bonsai_lite.eval.perplexity  # noqa: F401  # import it all now, so that edits made to the tree
+    import bonsai_lite.export  # noqa: F401  # while a long benchmark runs cannot mix into it
+    import bonsai_lite.prune.api  # noqa: F401
     Path(args.work).mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs(args) if not (results_dir / f"{run_name(args.model_name, args.preset, *j)}.json").exists()]
     parent_name = f"quality-{args.model_name}-parent-e{args.eval_tokens}-t{args.seq_len}"
