@@ -9,6 +9,7 @@ from bonsai_lite.errors import BonsaiError
 METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "random")
 # Methods compensated by default. All of them, by the measurement in docs/RESULTS.md (on/off rows).
 COMPENSATE_AUTO = frozenset(METHODS)
+ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,20 @@ class SearchConfig:
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     rank: str = "relevance"  # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
+    # "unit": eq. 3, one beta per unit (the paper). "allocation": the prior orders units inside each
+    # (layer, kind) group and the masks learn each group's scale (search/allocation.py); it ranks
+    # per parameter removed and needs masks that vary each group's kept count (keep_spread 0.5 if 0).
+    regression: str = "unit"
     uniform: bool = False
     seed: int = 0
     # Compensation: masked units read as their calibration mean during the search, and removed
     # units' mean output is folded into the o_proj / down_proj bias, carried across iterations.
     # "auto" = on for flap (its definition) and for the methods where it measured better.
     compensate: str = "auto"
+
+    @property
+    def sampling_spread(self) -> float:
+        return self.keep_spread or (ALLOCATION_SPREAD if self.regression == "allocation" else 0.0)
 
     @property
     def compensates(self) -> bool:
@@ -54,6 +63,8 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
+        if self.regression not in ("unit", "allocation"):
+            raise BonsaiError(f"--regression must be unit or allocation, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.masks_per_iter < 2:

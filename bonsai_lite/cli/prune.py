@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                         "per parameter removed")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
+    p.add_argument("--regression", default="unit", choices=["unit", "allocation"],
+                   help="unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, "
+                        "kind), learned scale per group, ranked per parameter (docs/search-maths.md)")
     p.add_argument("--compensate", default="auto", choices=["auto", "on", "off"],
                    help="masked units read as their calibration mean during the search and removed units' mean "
                         "output folded into the output biases (auto: where it measured better, docs/RESULTS.md)")
@@ -66,7 +69,7 @@ def config_from_args(args) -> RunConfig:
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
-                          compensate=args.compensate)
+                          compensate=args.compensate, regression=args.regression)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)

@@ -30,6 +30,7 @@ from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs
 from bonsai_lite.prune.state import RunState
+from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
@@ -189,7 +190,7 @@ class Pruner:
         means = _means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
-                                  keep_spread=s.keep_spread)
+                                  keep_spread=s.sampling_spread)
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
         st.tensors.update(prior=prior, masks=sample.masks, candidates=sample.candidates)
@@ -220,10 +221,14 @@ class Pruner:
                                       "4 are needed); use --dtype float32 or more --masks-per-iter")
                 checkpoint("regression")
                 pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
-                reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4), pairs=pairs)
+                if s.regression == "allocation":
+                    reg = fit_allocation(masks[ok], losses[ok], prior=prior, groups=layout.groups(),
+                                         candidates=candidates, pairs=pairs, seed=_seed(cfg, it, 4))
+                else:
+                    reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4), pairs=pairs)
                 checkpoint("regressed")
                 beta = reg.beta.double()
-                if s.rank == "per-param":
+                if s.rank == "per-param" or s.regression == "allocation":
                     head_p, mlp_p = model.spec.unit_params()
                     beta = beta / unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
                 scores = torch.where(reg.estimated, beta, torch.full_like(beta, math.inf))

@@ -110,3 +110,16 @@ def test_compensated_export_equals_streamed_model(tiny_models, tiny_tokens, tmp_
     ref = evaluate(streamed, tiny_tokens, None, plan())
     got = evaluate(StreamedModel.open(tmp_path / "out"), tiny_tokens, None, plan())
     torch.testing.assert_close(got.row_nll, ref.row_nll, atol=1e-4, rtol=0)
+
+
+def test_allocation_regression_runs_in_the_loop(tiny_models, tmp_path):
+    model_dir = tiny_models["llama-gqa-tied"]
+    ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
+    base = _cfg(model_dir, tmp_path / "out", "bonsai")
+    cfg = RunConfig(**{**base.__dict__, "search": SearchConfig(**{**base.search.__dict__, "regression": "allocation"})})
+    outcome = run_pruning(cfg, ids=ids, run_dir=tmp_path / "run")
+    assert len(outcome.history) == 2
+    assert all("common_scale" in h["regression"] for h in outcome.history)
+    removed = cfg.search.sparsity * StreamedModel.open(model_dir).spec.non_embedding_params()
+    left = StreamedModel.open(model_dir).with_layers(outcome.layers).spec.non_embedding_params(outcome.layers)
+    assert StreamedModel.open(model_dir).spec.non_embedding_params() - left >= removed
