@@ -10,6 +10,9 @@ from bonsai_lite.errors import BonsaiError
 # (0.999 asked for ended at 73% on a tiny model, silently).
 MAX_SPARSITY = 0.9
 METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "random")
+# Methods compensated by default. All of them, by the measurement in docs/RESULTS.md (on/off rows).
+COMPENSATE_AUTO = frozenset(METHODS)
+ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,10 @@ class CalibConfig:
     text: str | None  # file or 'hf:' dataset name; None = sample text from the parent model
     samples: int = 32  # paper appendix A.2: 32 per iteration
     seq_len: int = 2048
+    # Issue 10: one dense pass over its own, larger set of windows feeds the priors and the
+    # compensation means, apart from the sub-model evaluations. 0 = reuse the search windows.
+    prior_samples: int = 0
+    prior_seq_len: int = 0  # 0 = seq_len
 
     def __post_init__(self):
         if self.samples < 1:
@@ -35,8 +42,26 @@ class SearchConfig:
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     rank: str = "relevance"  # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
+    # "unit": eq. 3, one beta per unit (the paper). "allocation": the prior orders units inside each
+    # (layer, kind) group and the masks learn each group's scale (search/allocation.py); it ranks
+    # per parameter removed and needs masks that vary each group's kept count (keep_spread 0.5 if 0).
+    regression: str = "unit"
     uniform: bool = False
     seed: int = 0
+    # Compensation: masked units read as their calibration mean during the search, and removed
+    # units' mean output is folded into the o_proj / down_proj bias, carried across iterations.
+    # "auto" = on for flap (its definition) and for the methods where it measured better.
+    compensate: str = "auto"
+
+    @property
+    def sampling_spread(self) -> float:
+        return self.keep_spread or (ALLOCATION_SPREAD if self.regression == "allocation" else 0.0)
+
+    @property
+    def compensates(self) -> bool:
+        if self.compensate == "auto":
+            return self.method in COMPENSATE_AUTO
+        return self.compensate == "on"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -53,6 +78,10 @@ class SearchConfig:
         if self.sparsity > MAX_SPARSITY:
             raise BonsaiError(f"--sparsity must be at most {MAX_SPARSITY} (beyond it a model keeps too little of each "
                               f"layer to be useful, and the iterative search stops short of the target), got {self.sparsity}")
+        if self.regression not in ("unit", "allocation"):
+            raise BonsaiError(f"--regression must be unit or allocation, got {self.regression!r}")
+        if self.compensate not in ("auto", "on", "off"):
+            raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
 
@@ -84,7 +113,12 @@ class RunConfig:
 
 
 PRESETS = {
-    # minutes on a 2-core CPU for SmolLM2-135M: few short samples, few masks, big steps
-    "quick": dict(p_iter=0.1, masks_per_iter=24, samples=4, seq_len=128),
-    "paper": dict(p_iter=0.05, masks_per_iter=200, samples=32, seq_len=2048),
+    # Budgets for SmolLM2-135M at 50% on 2 CPU cores (issue 10): quick <= 5 min, standard <= 20 min.
+    # quick: few short samples, few masks, big steps; the dense pass reuses the search windows.
+    "quick": dict(p_iter=0.1, masks_per_iter=24, samples=4, seq_len=128, prior_samples=0, prior_seq_len=0),
+    # standard: the paper's p_iter, more sub-models, and a separate dense pass over 16 x 512 tokens
+    # for the priors and compensation means (issue 10, item 5).
+    "standard": dict(p_iter=0.05, masks_per_iter=32, samples=4, seq_len=128, prior_samples=16, prior_seq_len=512),
+    # paper: appendix A.2
+    "paper": dict(p_iter=0.05, masks_per_iter=200, samples=32, seq_len=2048, prior_samples=0, prior_seq_len=0),
 }

@@ -34,6 +34,11 @@ class BlockWeights:
     gate_b: torch.Tensor | None = None
     up_b: torch.Tensor | None = None
     down_b: torch.Tensor | None = None
+    # Compensation during the search: a masked unit's output is replaced by its calibration mean
+    # (o_proj input columns [n_heads * head_dim], down_proj input columns [width]) instead of zero,
+    # which is what bias folding makes of it at removal.
+    head_fill: torch.Tensor | None = None
+    mlp_fill: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:
@@ -97,7 +102,10 @@ def attention(w: BlockWeights, h: torch.Tensor, cos, sin, *, head_mask=None, win
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=d**-0.5, enable_gqa=uniform and n_kv != n_heads
     )
     if head_mask is not None:  # zero pruned heads' outputs before o_proj (paper section 3.1)
-        a = a * head_mask[:, :, None, None].to(a.dtype)
+        hm = head_mask[:, :, None, None].to(a.dtype)
+        a = a * hm
+        if w.head_fill is not None:  # ... or replace them by their calibration mean
+            a = a + (1 - hm) * w.head_fill.view(1, n_heads, 1, d).to(a.dtype)
     a = a.transpose(1, 2).reshape(b, t, n_heads * d)
     if tap is not None:  # priors observe o_proj's input (appendix F)
         tap("heads", a)
@@ -107,7 +115,10 @@ def attention(w: BlockWeights, h: torch.Tensor, cos, sin, *, head_mask=None, win
 def mlp(w: BlockWeights, h: torch.Tensor, act, *, unit_mask=None, tap=None) -> torch.Tensor:
     m = act(F.linear(h, w.gate_w, w.gate_b)) * F.linear(h, w.up_w, w.up_b)
     if unit_mask is not None:  # zero pruned intermediate units before down_proj
-        m = m * unit_mask[:, None, :].to(m.dtype)
+        um = unit_mask[:, None, :].to(m.dtype)
+        m = m * um
+        if w.mlp_fill is not None:  # ... or replace them by their calibration mean
+            m = m + (1 - um) * w.mlp_fill.to(m.dtype)
     if tap is not None:  # priors observe down_proj's input
         tap("mlp", m)
     return F.linear(m, w.down_w, w.down_b)

@@ -1,17 +1,26 @@
-"""Quality benchmark: every method x sparsity on a real model, perplexity side by side.
+"""Quality benchmark: methods x sparsities x seeds on a real model, one JSON record per run.
 
-Prunes with the library API (the same code path as `bonsai-lite prune`), evaluates parent and
-pruned models with the streamed evaluator, appends one JSON line per result to --results (so an
-interrupted benchmark resumes), prints the JSON summary, and with --write-docs regenerates the
-table in docs/RESULTS.md between `<!-- bench_quality:begin -->` and `<!-- bench_quality:end -->`.
+Prunes with the library API (the same code path as `bonsai-lite prune`), evaluates the pruned
+model with the streamed evaluator on the first --eval-tokens tokens of the test text at --seq-len,
+and writes one record per run to --results-dir (default docs/results/) as
+`quality-<model>-<preset>-<method>-<sparsity>-s<seed>[-<variant>].json`. A run whose record exists
+is skipped, and an interrupted prune resumes from its run directory under --work, so the same
+command continues a benchmark across sessions. `--git-commit` commits each record as it lands.
 
-  python tools/bench_quality.py --model /path/smollm2 --calib ../shared/data/wikitext2-valid.txt \
-      --eval ../shared/data/wikitext2-raw-test.txt --preset quick --eval-tokens 8192 --write-docs
+  python tools/bench_quality.py --model /work/smollm2 --calib ../shared/data/wikitext2-valid.txt \
+      --eval ../shared/data/wikitext2-raw-test.txt --preset quick --methods bonsai,flap,wanda-sp \
+      --sparsities 0.35,0.5,0.2 --seeds 0,1,2 --variants compensate=off
+  python tools/bench_quality.py --render        # tables -> docs/RESULTS.md, plots -> docs/img/
+
+Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
+the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
+prior_seq=N, rank=R, spread=X, regression=unit|allocation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -21,14 +30,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig  # noqa: E402
-from bonsai_lite.eval.perplexity import perplexity  # noqa: E402
-from bonsai_lite.prune.api import prune  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
-BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+RESULTS_DIR = ROOT / "docs" / "results"
+SEARCH_METHODS = {"bonsai", "bonsai-noregress"}  # methods that evaluate sub-models
+# variant name -> (config field, parser, where it lives)
+VARIANTS = {
+    "compensate": ("compensate", str, "search"), "masks": ("masks_per_iter", int, "preset"),
+    "p_iter": ("p_iter", float, "preset"), "samples": ("samples", int, "preset"), "seq": ("seq_len", int, "preset"),
+    "prior_samples": ("prior_samples", int, "preset"), "prior_seq": ("prior_seq_len", int, "preset"),
+    "rank": ("rank", str, "search"), "spread": ("keep_spread", float, "search"),
+    "regression": ("regression", str, "search"),
+}
+# what a variant can change for a method that evaluates no sub-models (the others do not apply)
+ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter"}
 
 
 def hardware() -> dict:
@@ -42,142 +60,185 @@ def hardware() -> dict:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+def commit() -> dict:
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()  # noqa: E731
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "bonsai_lite", "tools"))}
 
 
-def load_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _sp(x: float) -> str:
+    return f"{int(round(x * 100)):02d}"
 
 
-def key(r: dict) -> tuple:
-    return (r["method"], r["sparsity"], r.get("tag", ""))
+def run_name(model: str, preset: str, method: str, sparsity: float, seed: int, variant: str = "") -> str:
+    tag = f"-{variant.replace('=', '_')}" if variant else ""
+    return f"quality-{model}-{preset}-{method}-{_sp(sparsity)}-s{seed}{tag}"
 
 
-def run_one(args, method: str, sparsity: float, tag: str = "", **overrides) -> dict:
-    q = dict(PRESETS[args.preset])
-    q.update({k: v for k, v in overrides.items() if k in q})
-    out = Path(args.work) / f"{method}-{int(round(sparsity * 100))}{('-' + tag) if tag else ''}"
-    search = SearchConfig(method=method, sparsity=sparsity, p_iter=min(q["p_iter"], sparsity),
-                          masks_per_iter=q["masks_per_iter"], seed=args.seed,
-                          **{k: v for k, v in overrides.items() if k in ("rank", "penalty", "prior", "keep_spread")})
+def settings_for(preset: str, method: str, sparsity: float, variant: str = "") -> tuple[dict, dict]:
+    """(preset-level settings, search-level overrides) of one run."""
+    q = dict(PRESETS[preset])
+    search: dict = {}
+    if variant:
+        name, value = variant.split("=", 1)
+        field, cast, where = VARIANTS[name]
+        (q if where == "preset" else search)[field] = cast(value)
+    q["p_iter"] = min(q["p_iter"], sparsity)
+    return q, search
+
+
+def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) -> dict:
+    from bonsai_lite.eval.perplexity import perplexity
+    from bonsai_lite.prune.api import prune
+
+    q, search = settings_for(args.preset, method, sparsity, variant)
+    name = run_name(args.model_name, args.preset, method, sparsity, seed, variant)
+    out = Path(args.work) / name
     cfg = RunConfig(model=str(Path(args.model).resolve()), out=str(out.resolve()),
-                    calib=CalibConfig(text=str(Path(args.calib).resolve()), samples=q["samples"], seq_len=q["seq_len"]),
-                    search=search, device=args.device)
+                    calib=CalibConfig(text=str(Path(args.calib).resolve()), samples=q["samples"], seq_len=q["seq_len"],
+                                      prior_samples=q["prior_samples"], prior_seq_len=q["prior_seq_len"]),
+                    search=SearchConfig(method=method, sparsity=sparsity, p_iter=q["p_iter"],
+                                        masks_per_iter=q["masks_per_iter"], seed=seed, **search),
+                    device=args.device)
+    run_dir = Path(args.work) / f"{name}.run"
+    resumed = run_dir.exists()
     t0 = time.perf_counter()
-    res = prune(cfg, overwrite=True, restart=True)
+    res = prune(cfg, run_dir=run_dir, overwrite=True)
     prune_s = time.perf_counter() - t0
-    row = {"method": method, "sparsity": sparsity, "tag": tag, "prune_seconds": prune_s,
-           "params": res["params_after"], "prunable_params": res["prunable_params_after"],
-           "settings": {**q, **overrides}, "ppl": {}}
-    for seq in args.seq_lens:
-        row["ppl"][str(seq)] = perplexity(out, text=args.eval, seq_len=seq, max_tokens=args.eval_tokens,
-                                          device=args.device)["perplexity"]
-    return row
+    ev = perplexity(out, text=args.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens, device=args.device)
+    hist = res["history"]
+    return {
+        "kind": "quality", "model": args.model_name, "method": method, "sparsity": sparsity, "seed": seed,
+        "preset": args.preset, "variant": variant, "compensate": cfg.search.compensates,
+        "settings": {**q, **{k: v for k, v in vars(cfg.search).items() if k not in ("method", "sparsity", "seed")}},
+        "eval_tokens": ev["tokens"], "eval_windows": ev["windows"], "seq_len": args.seq_len,
+        "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
+        "prune_seconds": prune_s, "prune_resumed": resumed,
+        "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)),
+        "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
+        "params": res["params_after"], "prunable_params": res["prunable_params_after"],
+        "prunable_params_before": res["prunable_params_before"],
+        **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
-def table(rows: list[dict], parent: dict, seq_lens: list[int]) -> str:
-    head = "| method | sparsity | params | " + " | ".join(f"ppl @{s}" for s in seq_lens) + " | prune s |"
-    lines = [head, "|" + " --- |" * (4 + len(seq_lens))]
-    lines.append(f"| parent | 0 | {parent['params']:,} | " + " | ".join(f"{parent['ppl'][str(s)]:.2f}" for s in seq_lens)
-                 + " | - |")
-    main = [r for r in rows if not r.get("tag")]
-    for sp in sorted({r["sparsity"] for r in main}):
-        group = sorted((r for r in main if r["sparsity"] == sp), key=lambda r: r["ppl"][str(seq_lens[0])])
-        for r in group:
-            lines.append(f"| {r['method']} | {sp:.2f} | {r['params']:,} | "
-                         + " | ".join(f"{r['ppl'][str(s)]:.2f}" for s in seq_lens) + f" | {r['prune_seconds']:.0f} |")
-    ab = [r for r in rows if r.get("tag")]
-    if ab:
-        lines += ["", "Ablations (bonsai):", "", "| variant | sparsity | " + " | ".join(f"ppl @{s}" for s in seq_lens)
-                  + " | prune s |", "|" + " --- |" * (3 + len(seq_lens))]
-        for r in sorted(ab, key=lambda r: (r["tag"].split("=")[0], r["sparsity"], r["tag"])):
-            lines.append(f"| {r['tag']} | {r['sparsity']:.2f} | " + " | ".join(f"{r['ppl'][str(s)]:.2f}" for s in seq_lens)
-                         + f" | {r['prune_seconds']:.0f} |")
-    return "\n".join(lines)
+def parent_record(args) -> dict:
+    from bonsai_lite.eval.perplexity import perplexity
+
+    ev = perplexity(args.model, text=args.eval, seq_len=args.seq_len, max_tokens=args.eval_tokens, device=args.device)
+    return {"kind": "quality", "model": args.model_name, "method": "parent", "sparsity": 0.0, "seed": None,
+            "preset": None, "variant": "", "eval_tokens": ev["tokens"], "eval_windows": ev["windows"],
+            "seq_len": args.seq_len, "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
+            "prune_seconds": 0.0, "forward_tokens": 0, "params": ev["params"], **args.code, "hardware": hardware(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text() if DOCS.is_file() else "# Results\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Method comparison (tools/bench_quality.py)\n\n" + block + "\n"
-    DOCS.write_text(doc)
+def write_record(results_dir: Path, name: str, record: dict, *, git_commit: bool) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a kill never leaves half a record
+    if git_commit:
+        for _ in range(5):  # another git command may hold the index lock for a moment
+            add = subprocess.run(["git", "add", "--", str(path)], cwd=ROOT, capture_output=True)
+            done = subprocess.run(["git", "commit", "-q", "-m", f"bench_quality: {name}", "--only", "--", str(path)],
+                                  cwd=ROOT, capture_output=True)
+            if add.returncode == 0 and done.returncode == 0:
+                break
+            time.sleep(3)
+    return path
 
 
-def main() -> None:
+def jobs(args) -> list[tuple[str, float, int, str]]:
+    """In the order given: for each sparsity, for each seed, every method's default row and then
+    the variants (only at --variant-sparsities x --variant-seeds), so the first rows to land are the
+    most decisive ones (list the sparsity that matters most first)."""
+    methods = [m for m in args.methods.split(",") if m]
+    sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    v_sp = [float(s) for s in args.variant_sparsities.split(",") if s] if args.variant_sparsities else sparsities[:1]
+    v_seeds = [int(s) for s in args.variant_seeds.split(",") if s]
+    out = []
+    for sp in sparsities:
+        for seed in seeds:
+            for m in methods:
+                out.append((m, sp, seed, ""))
+            for v in variants if sp in v_sp and seed in v_seeds else ():
+                for m in methods:
+                    name = v.split("=", 1)[0]
+                    if m in SEARCH_METHODS or name in ONE_PASS_VARIANTS:
+                        if m != "flap" or name != "p_iter":  # FLAP is one shot
+                            out.append((m, sp, seed, v))
+    return out
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--eval", required=True)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--model")
+    ap.add_argument("--model-name", default=None, help="name in the records (default: the directory name)")
+    ap.add_argument("--calib")
+    ap.add_argument("--eval")
+    ap.add_argument("--methods", default="bonsai,flap,wanda-sp")
     ap.add_argument("--sparsities", default="0.2,0.35,0.5")
-    ap.add_argument("--seq-lens", default="2048,512")
-    ap.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first T tokens (all by default)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default="", help="comma list of name=value (see the module docstring)")
+    ap.add_argument("--variant-sparsities", default="", help="sparsities the variants run at (default: the first)")
+    ap.add_argument("--variant-seeds", default="0", help="seeds the variants run at")
     ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    ap.add_argument("--ablations", default="", help="comma list of masks=N, p_iter=X, rank=R (bonsai, at --ablation-sparsity)")
-    ap.add_argument("--ablation-sparsity", type=float, default=0.35)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--work", default="/tmp/bonsai-quality")
-    ap.add_argument("--results", default=None, help="JSONL of finished results (default WORK/results.jsonl)")
+    ap.add_argument("--results-dir", default=str(RESULTS_DIR))
     ap.add_argument("--device", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--write-docs", action="store_true")
-    args = ap.parse_args()
-    args.seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--git-commit", action="store_true", help="commit each record as it lands")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
+    ap.add_argument("--render", action="store_true", help="only regenerate docs/RESULTS.md tables and docs/img plots")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results_dir = Path(args.results_dir)
+    if args.render:
+        from render_quality import load_records, render_docs
+
+        render_docs(load_records(results_dir))
+        return 0
+    if not (args.model and args.calib and args.eval):
+        ap.error("--model, --calib and --eval are required unless --render")
+    for m in args.methods.split(","):
+        if m and m not in METHODS:
+            ap.error(f"unknown method {m!r}")
+    for v in filter(None, args.variants.split(",")):
+        if "=" not in v or v.split("=", 1)[0] not in VARIANTS:
+            ap.error(f"bad variant {v!r}; known: {', '.join(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model_name = args.model_name or Path(args.model).resolve().name
+    args.code = commit()  # the code this process runs: later commits to the tree do not change it
+    import bonsai_lite.eval.perplexity  # noqa: F401  # import it all now, so that edits made to the tree
+    import bonsai_lite.export  # noqa: F401  # while a long benchmark runs cannot mix into it
+    import bonsai_lite.prune.api  # noqa: F401
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    results_path = Path(args.results or Path(args.work) / "results.jsonl")
-    rows = load_results(results_path)
-    done = {key(r) for r in rows}
-    parent = next((r for r in rows if r["method"] == "parent"), None)
-    if parent is None:
-        parent = {"method": "parent", "sparsity": 0.0, "tag": "", "ppl": {}, "params": None}
-        for seq in args.seq_lens:
-            p = perplexity(args.model, text=args.eval, seq_len=seq, max_tokens=args.eval_tokens, device=args.device)
-            parent["ppl"][str(seq)], parent["params"] = p["perplexity"], p["params"]
-        with open(results_path, "a") as f:
-            f.write(json.dumps(parent) + "\n")
-        rows.append(parent)
-    methods = [m for m in args.methods.split(",") if m and m != "none"]
-    todo = [(m, float(s), "", {}) for s in args.sparsities.split(",") for m in methods]
-    for ab in filter(None, args.ablations.split(",")):
-        name, value = ab.split("=")
-        parse = {"masks": ("masks_per_iter", int), "p_iter": ("p_iter", float), "rank": ("rank", str),
-                 "samples": ("samples", int), "spread": ("keep_spread", float)}
-        field_name, cast = parse[name]
-        over = {field_name: cast(value)}
-        todo.append(("bonsai", args.ablation_sparsity, ab, over))
-    for method, sp, tag, over in todo:
-        if (method, sp, tag) in done:
-            continue
-        print(f"[bench_quality] {method} sparsity {sp} {tag}", file=sys.stderr, flush=True)
-        row = run_one(args, method, sp, tag, **over)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
-    body = [r for r in rows if r["method"] != "parent"]
-    settings = {"model": args.model, "calib": args.calib, "eval": args.eval, "eval_tokens": args.eval_tokens,
-                "preset": args.preset, "preset_settings": PRESETS[args.preset], "seed": args.seed}
-    summary = {"hardware": hardware(), "commit": commit(), "settings": settings, "parent": parent, "results": body}
-    print(json.dumps(summary, indent=1))
-    if args.write_docs:
-        cmd = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
-        hw = summary["hardware"]
-        text = (f"Hardware: {hw['cpu']} ({hw['cores']} cores, torch {hw['torch']}, {hw['threads']} threads)"
-                f"{', GPU ' + hw['gpu'] if hw['gpu'] else ''}; commit {summary['commit']}.\n"
-                f"Settings: preset `{args.preset}` {PRESETS[args.preset]}, seed {args.seed}; calibration "
-                f"`{Path(args.calib).name}`, evaluation `{Path(args.eval).name}`"
-                f"{f' (first {args.eval_tokens} tokens)' if args.eval_tokens else ''}.\n\nCommand: `{cmd}`\n\n"
-                + table(body, parent, args.seq_lens))
-        write_docs(text)
+    todo = [j for j in jobs(args) if not (results_dir / f"{run_name(args.model_name, args.preset, *j)}.json").exists()]
+    parent_name = f"quality-{args.model_name}-parent-e{args.eval_tokens}-t{args.seq_len}"
+    if args.dry_run:
+        print(json.dumps({"todo": [run_name(args.model_name, args.preset, *j) for j in todo]}, indent=1))
+        return 0
+    if not (results_dir / f"{parent_name}.json").exists():
+        write_record(results_dir, parent_name, parent_record(args), git_commit=args.git_commit)
+    for method, sp, seed, variant in todo:
+        name = run_name(args.model_name, args.preset, method, sp, seed, variant)
+        logging.info("[bench_quality] %s", name)
+        rec = prune_and_eval(args, method, sp, seed, variant)
+        write_record(results_dir, name, rec, git_commit=args.git_commit)
+        print(json.dumps({k: rec[k] for k in ("method", "sparsity", "seed", "variant", "perplexity",
+                                              "prune_seconds", "forward_tokens")}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="bonsai", choices=METHODS)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="quick: minutes on a CPU; paper: appendix A.2 settings (explicit flags win)")
+    p.add_argument("--time-budget", default=None, metavar="T",
+                   help="wall-clock budget for the search (e.g. 20m): picks masks/tokens/p_iter from the planner's "
+                        "time model (bonsai_lite/prune/presets.py); explicit flags still win")
     p.add_argument("--p-iter", type=float, default=None, help="fraction pruned per iteration (paper: 0.05)")
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
@@ -36,6 +39,16 @@ def add_parser(sub) -> None:
                         "per parameter removed")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
+    p.add_argument("--regression", default="unit", choices=["unit", "allocation"],
+                   help="unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, "
+                        "kind), learned scale per group, ranked per parameter (docs/search-maths.md)")
+    p.add_argument("--compensate", default="auto", choices=["auto", "on", "off"],
+                   help="masked units read as their calibration mean during the search and removed units' mean "
+                        "output folded into the output biases (auto: where it measured better, docs/RESULTS.md)")
+    p.add_argument("--prior-samples", type=int, default=None,
+                   help="windows of the separate dense pass for priors and compensation means (0: reuse the "
+                        "search windows)")
+    p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
@@ -54,17 +67,39 @@ def add_parser(sub) -> None:
 
 def config_from_args(args) -> RunConfig:
     preset = PRESETS[args.preset or "paper"]
+    if getattr(args, "time_budget", None):
+        preset = _fit_time_budget(args)
     pick = lambda v, k: v if v is not None else preset[k]  # noqa: E731
     # A file becomes an absolute path (the run state records it); a dataset name stays as given.
     text = str(Path(args.calib).resolve()) if args.calib and Path(args.calib).exists() else args.calib
     calib = CalibConfig(text=text,
-                        samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
+                        samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"),
+                        prior_samples=pick(args.prior_samples, "prior_samples"),
+                        prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
-                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed)
+                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
+                          compensate=args.compensate, regression=args.regression)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
+
+
+def _fit_time_budget(args) -> dict:
+    from bonsai_lite.prune.presets import fit_time_budget, parse_seconds
+    from bonsai_lite.search.planner import detect_machine
+    from bonsai_lite.structure import load_spec
+
+    if args.preset:
+        raise BonsaiError("give either --preset or --time-budget, not both")
+    seconds = parse_seconds(args.time_budget)
+    machine = detect_machine(device=args.device, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
+                             spill_dir=args.spill_dir)
+    e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
+                        machine=machine, dtype=args.dtype)
+    log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
+             e.settings, e.seconds, e.forward_tokens)
+    return e.settings
 
 
 def run(args) -> int:

@@ -6,7 +6,7 @@ blocks the memory plan allows (one, or two with prefetch) are ever alive.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -17,8 +17,16 @@ from bonsai_lite.structure import LayerStructure, ModelSpec
 
 
 class BlockLoader:
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, layers: tuple[LayerStructure, ...], *, device, dtype):
+    """``biases`` maps full bias names to tensors that replace the checkpoint's (compensation biases
+    folded in by earlier pruning iterations: without them a later iteration would search a model
+    that lost its compensation). ``fills`` maps a layer to the calibration means that replace
+    masked units' outputs (``(head_fill, mlp_fill)``, in the layer's current structure)."""
+
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, layers: tuple[LayerStructure, ...], *, device, dtype,
+                 biases: Mapping[str, torch.Tensor] | None = None,
+                 fills: Mapping[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None):
         self.ckpt, self.spec, self.layers = ckpt, spec, layers
+        self.biases, self.fills = dict(biases or {}), dict(fills or {})
         self.device, self.dtype = torch.device(device), dtype
         self.bytes_to_device = 0
 
@@ -35,6 +43,9 @@ class BlockLoader:
         kw: dict[str, torch.Tensor | None] = {}
         for key, name in names.items():
             is_bias = key.endswith("_b")
+            if is_bias and name in self.biases:  # output biases (o/down): hidden-sized, never sliced
+                kw[key] = self._to_device(self.biases[name])
+                continue
             if name not in self.ckpt.infos:
                 if not is_bias:
                     self.ckpt.info(name)  # raises a clear "tensor missing" error
@@ -43,6 +54,9 @@ class BlockLoader:
             role = key.rsplit("_", 1)[0] if key not in ("attn_norm", "mlp_norm") else key
             t = slice_param(self.ckpt.read(name), role, is_bias=is_bias, layer=structure, head_dim=self.spec.head_dim)
             kw[key] = self._to_device(t)
+        head_fill, mlp_fill = self.fills.get(layer, (None, None))
+        for key, fill in (("head_fill", head_fill), ("mlp_fill", mlp_fill)):
+            kw[key] = None if fill is None else self._to_device(fill)
         return BlockWeights(kv_map=structure.kv_map.to(self.device), head_dim=self.spec.head_dim, **kw)
 
     def block_bytes(self, layer: int) -> int:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ class StreamedModel:
     spec: ModelSpec
     ckpt: Checkpoint
     layers: tuple[LayerStructure, ...]
+    biases: Mapping[str, torch.Tensor] = field(default_factory=dict)  # compensation biases (BlockLoader)
+    fills: Mapping[int, tuple] = field(default_factory=dict)  # masked-unit calibration means (BlockLoader)
 
     @classmethod
     def open(cls, model_dir: str | Path) -> "StreamedModel":
@@ -30,8 +33,15 @@ class StreamedModel:
     def with_layers(self, layers: tuple[LayerStructure, ...]) -> "StreamedModel":
         return replace(self, layers=layers)
 
+    def with_biases(self, biases: Mapping[str, torch.Tensor]) -> "StreamedModel":
+        return replace(self, biases=dict(biases))
+
+    def with_fills(self, fills: Mapping[int, tuple]) -> "StreamedModel":
+        return replace(self, fills=dict(fills))
+
     def loader(self, *, device, dtype) -> BlockLoader:
-        return BlockLoader(self.ckpt, self.spec, self.layers, device=device, dtype=dtype)
+        return BlockLoader(self.ckpt, self.spec, self.layers, device=device, dtype=dtype, biases=self.biases,
+                           fills=self.fills)
 
     def rope(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         return rope_inv_freq(self.spec, seq_len)

@@ -68,6 +68,12 @@ def calibration_ids(cfg: RunConfig, model_dir, *, cache_dir: str | Path | None =
 
 
 def _check_length(cfg: RunConfig, ids) -> None:
+    c = cfg.calib
+    prior_need = c.prior_samples * (c.prior_seq_len or c.seq_len)
+    if prior_need and ids.numel() < prior_need:
+        raise BonsaiError(f"calibration text too short for the prior pass: {c.prior_samples} windows x "
+                          f"{c.prior_seq_len or c.seq_len} tokens need {prior_need} tokens, the text has {ids.numel()}; "
+                          "give more text or fewer --prior-samples")
     need = cfg.calib.samples * cfg.calib.seq_len
     if ids.numel() < need:
         raise BonsaiError(f"calibration text too short: {cfg.calib.samples} samples x {cfg.calib.seq_len} tokens "

@@ -186,17 +186,22 @@ class Ranks:
         log.info("rank %d/%d: settings and model fingerprint agree across ranks", self.rank, self.world)
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, layers: list, tokens: torch.Tensor, masks: torch.Tensor, *, first: int, local) -> torch.Tensor:
-        """Rank 0: losses of `masks`, each rank evaluating its share with `local(layers, tokens, masks, first)`."""
-        msg = pack({"cmd": "eval", "first": first, "layers": layers}, {"tokens": tokens, "masks": masks})
+    def evaluate(self, layers: list, tokens: torch.Tensor, masks: torch.Tensor, *, first: int, local,
+                 extra: dict | None = None) -> torch.Tensor:
+        """Rank 0: losses of `masks`, each rank evaluating its share with
+        `local(layers, tokens, masks, first=..., extra=...)`; `extra` (named tensors) travels along."""
+        extra = extra or {}
+        msg = pack({"cmd": "eval", "first": first, "layers": layers},
+                   {"tokens": tokens, "masks": masks, **{f"x:{k}": v for k, v in extra.items()}})
         self.broadcast_bytes(msg, what="sending sub-models")
-        return self._share(layers, tokens, masks, first, local)
+        return self._share(layers, tokens, masks, first, local, extra)
 
-    def _share(self, layers, tokens, masks, first: int, local) -> torch.Tensor:
+    def _share(self, layers, tokens, masks, first: int, local, extra: dict) -> torch.Tensor:
         bounds = shares(len(masks), self.world)
         lo, hi = bounds[self.rank]
         try:
-            nll = local(layers, tokens, masks[lo:hi], first=first + lo) if hi > lo else torch.empty(0)
+            nll = (local(layers, tokens, masks[lo:hi], first=first + lo, extra=extra) if hi > lo
+                   else torch.empty(0))
             reply = pack({}, {"nll": nll.to(torch.float64)})
         except Exception as e:  # reported to rank 0, which stops the run with it
             log.debug("evaluation failed", exc_info=True)
@@ -222,7 +227,8 @@ class Ranks:
                 raise BonsaiError(f"rank 0 stopped the run: {meta['reason']}")
             masks = tensors["masks"]
             lo, hi = shares(len(masks), self.world)[self.rank]
-            self._share(meta["layers"], tensors["tokens"], masks, int(meta["first"]), local)
+            extra = {k[2:]: v for k, v in tensors.items() if k.startswith("x:")}
+            self._share(meta["layers"], tensors["tokens"], masks, int(meta["first"]), local, extra)
             done += hi - lo
 
     def close(self, error: BaseException | None = None) -> None:

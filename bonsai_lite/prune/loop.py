@@ -29,12 +29,13 @@ from bonsai_lite.progress import NullProgress
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
-from bonsai_lite.prune.select import apply_drop, greedy_drop, uniform_drop, unit_costs
+from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs
 from bonsai_lite.prune.state import RunState
+from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
-from bonsai_lite.search.priors import flap_bias_compensation
+from bonsai_lite.search.priors import bias_compensation
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
@@ -81,13 +82,21 @@ class Pruner:
         self.dense_params = self.parent.spec.non_embedding_params()
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _plan(self, model, masks: int, samples: int):
-        return make_plan(model.spec, model.layers, Work(masks, samples, self.cfg.calib.seq_len), self.machine,
-                         dtype=self.cfg.dtype)
+    def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
+        return make_plan(model.spec, model.layers, Work(masks, samples, seq_len or self.cfg.calib.seq_len),
+                         self.machine, dtype=self.cfg.dtype)
 
     def _tokens(self, iteration: int) -> torch.Tensor:
         c = self.cfg.calib
         return calibration_tokens(self.ids, samples=c.samples, seq_len=c.seq_len, seed=_seed(self.cfg, iteration, 1))
+
+    def _prior_tokens(self, iteration: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Windows of the dense pass (priors, compensation means): their own draw when configured."""
+        c = self.cfg.calib
+        if not c.prior_samples:
+            return tokens
+        return calibration_tokens(self.ids, samples=c.prior_samples, seq_len=c.prior_seq_len or c.seq_len,
+                                  seed=_seed(self.cfg, iteration, 5))
 
     def _target_removed(self, iteration: int) -> float:
         s = self.cfg.search
@@ -132,7 +141,8 @@ class Pruner:
                 k1 = min(len(masks), k0 + chunk)
                 if self.ranks is not None and tap is None:  # split across torchrun ranks
                     losses[k0:k1] = self.ranks.evaluate(_layers_to_json(model.layers), tokens, masks[k0:k1],
-                                                        first=k0, local=self.evaluate_share)
+                                                        first=k0, local=self.evaluate_share,
+                                                        extra=_model_tensors(model))
                     bar.advance(k1 - k0)
                     bar.tokens += (k1 - k0) * tokens.numel()
                 else:
@@ -148,10 +158,11 @@ class Pruner:
                 checkpoint("evaluate")
         return losses
 
-    def evaluate_share(self, layers: list, tokens, masks, *, first: int) -> torch.Tensor:
-        """One rank's share of a distributed chunk, planned for this rank's own device and budget."""
-        model = self.parent.with_layers(_layers_from_json(layers))
-        plan = self._plan(model, len(masks), len(tokens))
+    def evaluate_share(self, layers: list, tokens, masks, *, first: int, extra: dict | None = None) -> torch.Tensor:
+        """One rank's share of a distributed chunk, planned for this rank's own device and budget; `extra`
+        carries the compensation biases and fills of the model rank 0 evaluates (`_model_tensors`)."""
+        model = _with_model_tensors(self.parent.with_layers(_layers_from_json(layers)), extra or {})
+        plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype, first=first)
 
@@ -180,7 +191,8 @@ class Pruner:
         """Dense pass with activation statistics; repeated in float32 if the compute dtype overflowed."""
         layout = UnitLayout.of(model.layers)
         kind = "wanda" if self.cfg.search.prior == "wanda" else "activation"
-        plan = self._plan(model, 1, len(tokens))
+        seq = tokens.shape[1]
+        plan = self._plan(model, 1, len(tokens), seq)
         log.debug(plan.describe())
         while True:
             tap = StatsTap(len(model.layers), n_samples=len(tokens))
@@ -196,52 +208,64 @@ class Pruner:
                 raise BonsaiError("the dense model's activations or loss are NaN/inf even in float32; "
                                   "check the checkpoint's weights (a corrupt or badly converted download?)")
             log.warning("dense pass overflowed in %s; repeating it in float32", plan.dtype)
-            plan = make_plan(model.spec, model.layers, Work(1, len(tokens), self.cfg.calib.seq_len), self.machine,
-                             dtype="float32")
+            plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype="float32")
 
     def _sampled(self, it: int, model, tokens, layout):
-        """Priors and sampled masks of iteration `it`: from the run state when a killed run got that far."""
+        """Priors, compensation means and sampled masks of iteration `it`: from the run state when a
+        killed run got that far."""
         st, s = self.state, self.cfg.search
         pending = st.meta.get("pending") or {}
         if pending.get("iteration") == it and "masks" in st.tensors:
             log.info("iteration %d: priors and %d sampled masks taken from the run state; %d already evaluated",
                      it + 1, len(st.tensors["masks"]), int(st.meta.get("masks_done", 0)))
-            return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"]
-        dense, _, prior = self._priors(model, tokens)
+            means = {tuple(k.split(":")[1:3]): v for k, v in st.tensors.items() if k.startswith("mean:")}
+            means = {(int(l), kind): v for (l, kind), v in means.items()}
+            return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"], means
+        dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
+        means = _means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
-                                  keep_spread=s.keep_spread)
+                                  keep_spread=s.sampling_spread)
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
         st.tensors.update(prior=prior, masks=sample.masks, candidates=sample.candidates)
+        st.tensors.update({f"mean:{l}:{kind}": v for (l, kind), v in means.items()})
         st.tensors.pop("losses", None)
         st.commit()
         checkpoint("priors")
-        return dict(info), prior, sample.masks, sample.candidates
+        return dict(info), prior, sample.masks, sample.candidates, means
 
     # ---- one iteration -------------------------------------------------------------------------
-    def iteration(self, it: int, layers) -> tuple[tuple[LayerStructure, ...], dict, dict]:
+    def iteration(self, it: int, layers, biases: dict | None = None) -> tuple[tuple[LayerStructure, ...], dict, dict]:
+        """One iteration on the model with `layers` and the compensation `biases` folded in so far;
+        returns the new layers, the biases updated by this iteration's removals, and its record."""
         cfg, s = self.cfg, self.cfg.search
-        model = self.parent.with_layers(layers)
+        model = self.parent.with_layers(layers).with_biases(biases or {})
         layout = UnitLayout.of(layers)
         tokens = self._tokens(it)
         self.it = it
         t0 = time.perf_counter()
-        extra: dict = {}
         if s.method in ("bonsai", "bonsai-noregress"):
-            info, prior, masks, candidates = self._sampled(it, model, tokens, layout)
+            info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
+            search_model = model.with_fills(_fills(means, layers, model.spec.head_dim)) if s.compensates else model
             if s.method == "bonsai":
-                losses = self._evaluate_masks(model, tokens, masks)
+                losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
                 if ok.sum() < 4:
                     raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
                                       "4 are needed); use --dtype float32 or more --masks-per-iter")
                 checkpoint("regression")
+                pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
                 with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):
-                    reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4))
+                    if s.regression == "allocation":
+                        reg = fit_allocation(masks[ok], losses[ok], prior=prior, groups=layout.groups(),
+                                             candidates=candidates, pairs=pairs, seed=_seed(cfg, it, 4))
+                    else:
+                        reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4),
+                                            pairs=pairs)
                 checkpoint("regressed")
                 beta = reg.beta.double()
-                if s.rank == "per-param":
+                if s.rank == "per-param" or s.regression == "allocation":
                     head_p, mlp_p = model.spec.unit_params()
                     beta = beta / unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
                 scores = torch.where(reg.estimated, beta, torch.full_like(beta, math.inf))
@@ -250,11 +274,12 @@ class Pruner:
                             loss_std=float(losses[ok].std()))
             else:  # bonsai-noregress
                 ntap = StatsTap(len(layers), n_samples=len(tokens), n_masks=len(masks))
-                self._evaluate_masks(model, tokens, masks, tap=ntap)
+                self._evaluate_masks(search_model, tokens, masks, tap=ntap)
                 agg = S.noregress_scores(model, ntap, layout, masks)
                 scores = torch.where(candidates, agg, torch.full_like(agg, math.inf))
         else:
-            dense, tap, prior = self._priors(model, tokens)
+            dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
+            means = _means(tap)
             info = {"iteration": it, "dense_nll": float(dense.nll[0])}
             if s.method == "random":
                 g = torch.Generator().manual_seed(_seed(cfg, it, 2))
@@ -275,25 +300,80 @@ class Pruner:
         head_p, mlp_p = model.spec.unit_params()
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._target_removed(it) - (self.dense_params - model.spec.non_embedding_params(layers))
-        drop = greedy_drop(scores, costs, need) if need > 0 else torch.zeros(layout.total, dtype=torch.bool)
+        tiebreak = normalised_prior(prior, layout.groups())  # ties (e.g. beta all 0) go by the prior
+        drop = (greedy_drop(scores, costs, need, tiebreak=tiebreak) if need > 0
+                else torch.zeros(layout.total, dtype=torch.bool))
         if s.uniform:
-            drop = uniform_drop(scores, drop, layout, layers)
+            drop = uniform_drop(scores, drop, layout, layers, tiebreak=tiebreak)
         new_layers = apply_drop(layers, layout, drop)
-        if s.method == "flap":  # FLAP's bias compensation for the removed channels' mean output
-            for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
-                o, d = S.output_projections(model, l)
-                names = model.spec.adapter.block_tensor_names(l)
-                hd = model.spec.head_dim
-                keep_cols = (~drop[h]).repeat_interleave(hd)
-                if (l, "heads") in tap.stats and not keep_cols.all():
-                    extra[names["o_b"]] = flap_bias_compensation(o, tap.stats[(l, "heads")], keep_columns=keep_cols)
-                if (l, "mlp") in tap.stats and drop[m].any():
-                    extra[names["down_b"]] = flap_bias_compensation(d, tap.stats[(l, "mlp")], keep_columns=~drop[m])
+        new_biases = dict(biases or {})
+        if s.compensates:  # FLAP's bias compensation, for every method: removed units' mean output
+            new_biases.update(self._compensation(model, layout, drop, means))
+        info["compensated_biases"] = len(new_biases)
+        # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
+        n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") else 0
+        info["forward_tokens"] = self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
                     removed_heads=[int(drop[h].sum()) for h in layout.heads],
                     removed_mlp=[int(drop[m].sum()) for m in layout.mlp],
                     params_non_embedding=model.spec.non_embedding_params(new_layers))
-        return new_layers, extra, info
+        return new_layers, new_biases, info
+
+    def _compensation(self, model, layout, drop: torch.Tensor, means: dict) -> dict:
+        """Current output bias + W[:, removed] @ mean[removed], for every layer that loses units."""
+        out = {}
+        hd = model.spec.head_dim
+        for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+            if not (drop[h].any() or drop[m].any()):
+                continue
+            o, d = S.output_projections(model, l)
+            names = model.spec.adapter.block_tensor_names(l)
+            for key, w, keep in (("o_b", o, (~drop[h]).repeat_interleave(hd)), ("down_b", d, ~drop[m])):
+                kind = "heads" if key == "o_b" else "mlp"
+                if keep.all() or (l, kind) not in means:
+                    continue
+                name = names[key]
+                comp = bias_compensation(w, means[(l, kind)], keep_columns=keep)
+                out[name] = self._current_bias(model, name, comp.numel()) + comp
+        return out
+
+    @staticmethod
+    def _current_bias(model, name: str, width: int) -> torch.Tensor:
+        if name in model.biases:
+            return model.biases[name].float()
+        if name in model.ckpt.infos:
+            return model.ckpt.read(name).float()
+        return torch.zeros(width, dtype=torch.float32)
+
+
+def _model_tensors(model) -> dict:
+    """A model's compensation biases and masked-unit fills as named tensors (sent to other ranks)."""
+    out = {f"bias:{name}": t for name, t in model.biases.items()}
+    for l, fill in model.fills.items():
+        for kind, t in zip(("heads", "mlp"), fill):
+            if t is not None:
+                out[f"fill:{l}:{kind}"] = t
+    return out
+
+
+def _with_model_tensors(model, tensors: dict):
+    """Inverse of `_model_tensors` on a model with the same layers."""
+    biases = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith("bias:")}
+    model = model.with_biases(biases)
+    if any(k.startswith("fill:") for k in tensors):
+        model = model.with_fills({l: (tensors.get(f"fill:{l}:heads"), tensors.get(f"fill:{l}:mlp"))
+                                  for l in range(len(model.layers))})
+    return model
+
+
+def _means(tap) -> dict:
+    """Calibration means of every o_proj / down_proj input column, keyed (layer, kind)."""
+    return {key: st.mean.to(torch.float32) for key, st in tap.stats.items() if st.count}
+
+
+def _fills(means: dict, layers, head_dim: int) -> dict:
+    """Per layer (head_fill, mlp_fill) for the BlockLoader from the (layer, kind) means."""
+    return {l: (means.get((l, "heads")), means.get((l, "mlp"))) for l in range(len(layers))}
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,
@@ -329,15 +409,16 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
     pruner.progress.iteration(state.meta["iteration"], n_iter)
     while state.meta["iteration"] < n_iter:
         it = state.meta["iteration"]
-        layers, extra, info = pruner.iteration(it, layers)
+        biases = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
+        layers, biases, info = pruner.iteration(it, layers, biases)
         log.info("iteration %d/%d: %s", it + 1, n_iter, iteration_line(info))
-        for name, bias in extra.items():
+        for name, bias in biases.items():  # totals so far: the next iteration's model carries them
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=_layers_to_json(layers), masks_done=0, pending=None)
         state.meta["history"].append(info)
         if "losses" in state.tensors:  # each sub-model's loss, kept for analysis (and compared across rank counts)
             state.tensors[f"losses:{it}"] = state.tensors.pop("losses")
-        for name in ("losses", "prior", "masks", "candidates"):
+        for name in ("losses", "prior", "masks", "candidates") + tuple(k for k in state.tensors if k.startswith("mean:")):
             state.tensors.pop(name, None)
         state.commit()
         checkpoint("iteration")

@@ -19,9 +19,32 @@ def unit_costs(layout: UnitLayout, *, head_params: int, mlp_params: int) -> torc
     return costs
 
 
-def greedy_drop(scores: torch.Tensor, costs: torch.Tensor, target: float) -> torch.Tensor:
-    """Bool [U] of units to drop: ascending score (stable: ties by index) until costs reach target."""
-    order = torch.sort(scores.to(torch.float64), stable=True).indices
+def normalised_prior(prior: torch.Tensor, groups) -> torch.Tensor:
+    """The prior divided by its mean over each (layer, kind) group: raw Wanda scores grow with
+    depth and differ between heads and MLP units, so only group-relative values compare globally."""
+    out = prior.to(torch.float64).clone()
+    for g in groups:
+        vals = out[g]
+        if vals.numel():
+            out[g] = vals / vals.abs().mean().clamp_min(1e-30)
+    return out
+
+
+def _ascending(scores: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
+    """Indices by ascending score; equal scores by ascending ``tiebreak`` (the prior), then index.
+
+    Ties are common: an L1 fit with a large gamma gives every unit beta = 0. Breaking them by index
+    would strip the first layers first."""
+    order = torch.arange(scores.numel())
+    if tiebreak is not None:
+        order = torch.sort(tiebreak.to(torch.float64).flatten(), stable=True).indices
+    return order[torch.sort(scores.to(torch.float64)[order], stable=True).indices]
+
+
+def greedy_drop(scores: torch.Tensor, costs: torch.Tensor, target: float, *,
+                tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [U] of units to drop: ascending score (ties by ``tiebreak``, then index) until costs reach target."""
+    order = _ascending(scores, tiebreak)
     order = order[torch.isfinite(scores[order]) | (scores[order] < 0)]
     cum = torch.cumsum(costs[order], 0)
     n = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)).item()) + 1
@@ -30,7 +53,8 @@ def greedy_drop(scores: torch.Tensor, costs: torch.Tensor, target: float) -> tor
     return drop
 
 
-def uniform_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, layers: tuple[LayerStructure, ...]) -> torch.Tensor:
+def uniform_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, layers: tuple[LayerStructure, ...], *,
+                 tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Spread a global selection evenly: every layer drops the same number of heads (the same number
     per KV group, so the export is a stock GQA config) and of MLP units, chosen by score in-layer."""
     n_layers = len(layers)
@@ -41,12 +65,12 @@ def uniform_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, l
     for s, h, m in zip(layers, layout.heads, layout.mlp):
         if per_layer_mlp:
             idx = torch.arange(m.start, m.stop)
-            out[idx[torch.sort(scores[m], stable=True).indices[:per_layer_mlp]]] = True
+            out[idx[_ascending(scores[m], None if tiebreak is None else tiebreak[m])[:per_layer_mlp]]] = True
         if per_group:
             kv = torch.tensor(s.kv_of_head)
             for g in s.kv:
                 members = torch.arange(h.start, h.stop)[kv == g]
-                order = torch.sort(scores[members], stable=True).indices
+                order = _ascending(scores[members], None if tiebreak is None else tiebreak[members])
                 out[members[order[: min(per_group, len(members))]]] = True
     return out
 

@@ -143,7 +143,8 @@ class Int8Loader:
         _bnb()
         self.inner, self.threshold = loader, threshold
         # The same read -> slice -> cast chain, kept on the host so that tensors reach the GPU one by one.
-        self.host = BlockLoader(loader.ckpt, loader.spec, loader.layers, device="cpu", dtype=loader.dtype)
+        self.host = BlockLoader(loader.ckpt, loader.spec, loader.layers, device="cpu", dtype=loader.dtype,
+                                biases=loader.biases, fills=loader.fills)
         self._moved = 0
 
     @property

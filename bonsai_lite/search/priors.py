@@ -23,6 +23,7 @@ __all__ = [
     "flap_scores",
     "flap_standardize",
     "flap_bias_compensation",
+    "bias_compensation",
 ]
 
 
@@ -211,6 +212,14 @@ def flap_bias_compensation(
     keep = keep_columns.to(device=w_out.device, dtype=torch.bool).flatten()
     if keep.numel() != w_out.shape[1]:
         raise ValueError(f"keep_columns has {keep.numel()} entries, w_out {w_out.shape[1]} columns")
+    return bias_compensation(w_out, stats.mean, keep_columns=keep)
+
+
+def bias_compensation(w_out: torch.Tensor, mean: torch.Tensor, *, keep_columns: torch.Tensor) -> torch.Tensor:
+    """``W[:, removed] @ mean[removed]`` (float32 ``[out_features]``) from the input means alone."""
+    keep = keep_columns.to(device=w_out.device, dtype=torch.bool).flatten()
+    if keep.numel() != w_out.shape[1] or mean.numel() != w_out.shape[1]:
+        raise ValueError(f"keep_columns ({keep.numel()}) / mean ({mean.numel()}) do not match w_out's "
+                         f"{w_out.shape[1]} columns")
     removed = ~keep
-    mean = stats.mean.to(w_out.device)[removed]
-    return (w_out[:, removed].to(torch.float64) @ mean).to(torch.float32)
+    return (w_out[:, removed].to(torch.float64) @ mean.to(w_out.device, torch.float64)[removed]).to(torch.float32)

@@ -7,7 +7,8 @@ Objective, on the standardised utility y = -loss (zero mean, unit variance over 
 with P = ||beta||_1 ("l1", the paper's default) or ||beta||_2^2 ("l2", its Phi-2 choice). Only
 columns that vary across masks are regressed; the others (fixed units) are absorbed by b0 and
 reported as not ``estimated``. Hyper-parameters are picked by the mean over K folds of Kendall's
-tau between held-out predictions and held-out utilities (appendix A.1).
+tau between held-out predictions and held-out utilities (appendix A.1), made pair-aware: whole
+(mask, complement) pairs are held out and the tau ranks within-pair differences (see fit_relevance).
 
 Solvers: "adam" (the paper's: mini-batch Adam, Table 8 grid), "closed" (ridge through one thin
 SVD per fold, L2 only) and "fista" (accelerated proximal gradient with adaptive restart, L1).
@@ -72,18 +73,48 @@ def _param_list(grid: Mapping[str, Sequence]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _assign_folds(masks: torch.Tensor, n_folds: int, seed: int) -> tuple[torch.Tensor, int]:
-    # Duplicate masks share a fold: otherwise a held-out mask would also be in the training set
-    # and inflate the held-out tau that picks the hyper-parameters.
-    _, inverse = torch.unique(masks, dim=0, return_inverse=True)
-    n_unique = int(inverse.max()) + 1
-    if n_unique < 2:
+def _pair_ids(x: torch.Tensor) -> torch.Tensor | None:
+    """Rows 2k and 2k+1 as (mask, complement) pairs when every such pair is complementary on the
+    varying columns (what ``sample_masks`` produces); otherwise None."""
+    k = x.shape[0]
+    if k < 4 or k % 2 or x.shape[1] == 0:
+        return None
+    if not bool(((x[0::2] + x[1::2]) == 1).all()):
+        return None
+    return torch.arange(k) // 2
+
+
+def _assign_folds(masks: torch.Tensor, pairs: torch.Tensor, n_folds: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Fold per row. Both members of a pair share a fold, and so do duplicate masks: otherwise a
+    held-out mask's complement (or twin) sits in the training folds and predicts it (with a
+    linear truth, loss(m) + loss(complement) is a constant), inflating the held-out tau."""
+    _, row_uid = torch.unique(masks, dim=0, return_inverse=True)
+    _, pair_idx = torch.unique(pairs, return_inverse=True)
+    # a pair's key is the smallest mask id among its members: duplicated pairs share a key
+    key = torch.full((int(pair_idx.max()) + 1,), row_uid.numel(), dtype=torch.int64)
+    key = key.scatter_reduce(0, pair_idx, row_uid, reduce="amin")
+    _, key_inverse = torch.unique(key, return_inverse=True)
+    n_keys = int(key_inverse.max()) + 1
+    if int(row_uid.max()) + 1 < 2:
         raise ValueError("need at least two distinct masks to cross-validate")
-    k = min(n_folds, n_unique)
-    perm = torch.randperm(n_unique, generator=torch.Generator().manual_seed(seed))
-    fold_of_unique = torch.empty(n_unique, dtype=torch.int64)
-    fold_of_unique[perm] = torch.arange(n_unique) % k
-    return fold_of_unique[inverse], k
+    if n_keys < 2:
+        raise ValueError("need at least two distinct (mask, complement) pairs to cross-validate")
+    k = min(n_folds, n_keys)
+    perm = torch.randperm(n_keys, generator=torch.Generator().manual_seed(seed))
+    fold_of_key = torch.empty(n_keys, dtype=torch.int64)
+    fold_of_key[perm] = torch.arange(n_keys) % k
+    return fold_of_key[key_inverse[pair_idx]], k
+
+
+def _pair_differences(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """v [..., K] -> first-minus-second member of every complete pair [..., P]."""
+    ids, counts = torch.unique(pairs, return_counts=True)
+    first, second = [], []
+    for pid in ids[counts == 2].tolist():
+        rows = (pairs == pid).nonzero().flatten()
+        first.append(int(rows[0]))
+        second.append(int(rows[1]))
+    return v[..., first] - v[..., second]
 
 
 def _tau(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -238,12 +269,16 @@ def fit_relevance(
     n_folds: int = 5,
     seed: int = 0,
     solver: str = "auto",
+    pairs: torch.Tensor | None = None,
 ) -> RegressionResult:
     """Estimate per-unit relevance beta from ``masks`` [K, U] (True = kept) and ``losses`` [K].
 
     ``grid`` maps hyper-parameter names to candidate values (product taken); it defaults to
     Table 8 for Adam (gamma, lr factor, batch, epochs) and to Table 8's gammas otherwise.
     Deterministic for a fixed ``seed``. Raises ValueError on non-finite losses (callers filter).
+    ``pairs`` [K] gives each row's (mask, complement) pair id (a row whose partner was dropped is
+    a pair of one); by default rows 2k and 2k+1 are a pair when they are complementary. With
+    pairs, folds hold out whole pairs and the reported tau ranks within-pair loss differences.
     """
     solver = _resolve_solver(penalty, solver)
     masks = torch.as_tensor(masks)
@@ -267,7 +302,13 @@ def fit_relevance(
     t_mean = float(utility.mean())
     t_std = float(utility.std()) if losses.numel() > 1 else 0.0
     y = (utility - t_mean) / (t_std if t_std > 0 else 1.0)
-    folds, k = _assign_folds(masks.to(torch.bool).cpu(), n_folds, seed)
+    if pairs is None:
+        pairs = _pair_ids(x)
+    paired = pairs is not None
+    pairs = torch.as_tensor(pairs, dtype=torch.int64).flatten() if paired else torch.arange(x.shape[0])
+    if pairs.numel() != x.shape[0]:
+        raise ValueError(f"pairs has {pairs.numel()} entries for {x.shape[0]} masks")
+    folds, k = _assign_folds(masks.to(torch.bool).cpu(), pairs, n_folds, seed)
 
     beta_full = torch.zeros(n_units, dtype=torch.float32)
     if x.shape[1] == 0 or t_std == 0:
@@ -275,13 +316,20 @@ def fit_relevance(
         return RegressionResult(beta_full, estimated, 0.0, penalty, solver, params[0], 0.0,
                                 t_mean, t_std)
 
-    taus = torch.zeros(len(params), dtype=torch.float64)
+    # Out-of-fold predictions of every row, then one tau over all of them. With pairs the tau is
+    # between within-pair differences (predicted beta . (mask - complement) vs observed): the
+    # intercept and the pair's shared part cancel, so it measures beta itself and not the
+    # mask-vs-complement contrast, which any interpolant of the training pairs predicts.
+    pred = torch.zeros(len(params), x.shape[0], dtype=torch.float64)
     for f in range(k):
         train, test = folds != f, folds == f
         beta, b0 = _fit_all(x[train], y[train], params, penalty, solver, seed + f)
-        pred = b0.unsqueeze(1) + beta @ x[test].T  # [C, n_test]
-        taus += torch.tensor([_tau(pred[c], y[test]) for c in range(len(params))])
-    taus /= k
+        pred[:, test] = b0.unsqueeze(1) + beta @ x[test].T
+    if paired:
+        pred_d, y_d = _pair_differences(pred, pairs), _pair_differences(y, pairs)
+    else:
+        pred_d, y_d = pred, y
+    taus = torch.tensor([_tau(pred_d[c], y_d) for c in range(len(params))], dtype=torch.float64)
     best = int(torch.argmax(taus))  # first maximum: ties resolve in grid order
     beta, b0 = _fit_all(x, y, [params[best]], penalty, solver, seed + k)
     beta_full[estimated] = beta[0].to(torch.float32)

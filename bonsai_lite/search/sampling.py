@@ -23,6 +23,7 @@ __all__ = ["MaskSample", "sample_masks", "group_indices"]
 # every other such unit, so the regression could not tell them apart. The floor is relative to the
 # group's mean positive prior so that it does not depend on the prior's units.
 PRIOR_FLOOR_FRACTION = 1e-2
+MIN_CANDIDATES = 2  # per group of two or more units; see _n_fixed
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ def _n_fixed(n: int, p_iter: float) -> int:
     if n < 2:
         return n  # a lone unit (e.g. a layer's last head) is never perturbed
     # floor(x + 0.5): round half up, unlike Python's banker's round(), so 2.5 -> 3 everywhere.
-    return min(n, max(0, math.floor((1.0 - 2.0 * p_iter) * n + 0.5)))
+    # At least two candidates: a lone candidate is dropped by every mask and kept by every
+    # complement, so its column equals the mask-vs-complement indicator and every other lone
+    # candidate's column (9 heads at p_iter 0.05 gave 30 identical head columns, one shared beta).
+    return min(n - MIN_CANDIDATES, max(0, math.floor((1.0 - 2.0 * p_iter) * n + 0.5)))
 
 
 def _floored(prior: torch.Tensor) -> torch.Tensor:
@@ -74,10 +78,11 @@ def sample_masks(
 ) -> MaskSample:
     """Draw ``n_masks`` masks in (mask, complement) pairs; an odd ``n_masks`` is rounded up.
 
-    Per group of n units: the top ``floor((1 - 2 p_iter) n + 0.5)`` by prior are fixed (ties go to
-    the lower index); of the c remaining candidates a mask keeps ``c // 2`` drawn without
-    replacement with probability proportional to the (floored) prior, and its complement keeps the
-    other ``c - c // 2``. Groups of one unit are never perturbed; units in no group are fixed.
+    Per group of n units: the top ``min(n - 2, floor((1 - 2 p_iter) n + 0.5))`` by prior are fixed
+    (ties go to the lower index); of the c >= 2 remaining candidates a mask keeps ``c // 2`` (odd c:
+    ``c // 2`` or ``c - c // 2``, a coin flip per pair) drawn without replacement with probability
+    proportional to the (floored) prior, and its complement keeps the others. Groups of one unit
+    are never perturbed; units in no group are fixed.
     ``generator`` is a CPU ``torch.Generator``; the same state gives the same output.
     """
     prior = prior.detach().to(torch.float64).flatten().cpu()
@@ -118,11 +123,17 @@ def sample_masks(
             rows = torch.arange(n_pairs).unsqueeze(1).expand(-1, c)
             kept[rows[take], cand[order_w][take]] = True
             continue
-        if n_keep == 0:
-            continue  # one candidate: the mask drops it, the complement keeps it
         weights = _floored(prior[cand]).expand(n_pairs, -1)
-        draws = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
-        kept[torch.arange(n_pairs).unsqueeze(1), cand[draws]] = True
+        order_w = torch.multinomial(weights, c, replacement=False, generator=generator)  # weighted order
+        counts = torch.full((n_pairs,), n_keep, dtype=torch.int64)
+        if c % 2:
+            # An odd group: which member of the pair keeps the extra unit is a coin flip, so the
+            # group's kept count does not line up with the mask-vs-complement indicator of every
+            # other odd group (identical aggregate columns across groups).
+            counts += torch.randint(0, 2, (n_pairs,), generator=generator)
+        take = torch.arange(c).unsqueeze(0) < counts.unsqueeze(1)
+        rows = torch.arange(n_pairs).unsqueeze(1).expand(-1, c)
+        kept[rows[take], cand[order_w][take]] = True
 
     fixed = ~candidates
     mask = fixed | kept

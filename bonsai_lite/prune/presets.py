@@ -1,0 +1,87 @@
+"""Search settings for a wall-clock budget, from the planner's time model.
+
+A ladder of settings from the cheapest (`quick`) to the paper's, each rung spending more forward
+tokens where issue 10's measurements say it pays (more sub-models, then longer windows, then a
+larger dense pass). `--time-budget` takes the most expensive rung whose predicted prune time fits.
+The prediction sums, per iteration, the planner's predicted seconds for the dense pass and for the
+sub-model evaluations on the structure left at that iteration (the model shrinks as it is pruned).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from bonsai_lite.config import PRESETS
+from bonsai_lite.errors import BonsaiError
+from bonsai_lite.search.planner import Machine, Work, make_plan
+from bonsai_lite.structure import ModelSpec
+
+LADDER: tuple[tuple[str, dict], ...] = (
+    ("quick", PRESETS["quick"]),
+    ("quick+prior", dict(PRESETS["quick"], prior_samples=16, prior_seq_len=512)),
+    ("standard", PRESETS["standard"]),
+    ("standard-64", dict(PRESETS["standard"], masks_per_iter=64, samples=8, seq_len=256, prior_samples=32)),
+    ("standard-100", dict(PRESETS["standard"], masks_per_iter=100, samples=16, seq_len=512, prior_samples=32,
+                          prior_seq_len=1024)),
+    ("paper", PRESETS["paper"]),
+)
+# Methods that evaluate sub-models; the others only pay the dense pass of each iteration.
+SEARCH_METHODS = ("bonsai", "bonsai-noregress")
+
+
+def parse_seconds(text: str) -> float:
+    """'90s', '20m', '1.5h' or a plain number of seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise BonsaiError(f"cannot read the time budget {text!r}; use e.g. 300s, 20m or 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    name: str
+    settings: dict
+    seconds: float
+    forward_tokens: int
+
+
+def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
+             dtype: str | None = None) -> Estimate:
+    """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded)."""
+    p_iter = min(settings["p_iter"], sparsity)
+    n_iter = 1 if method == "flap" else math.ceil(sparsity / p_iter - 1e-9)
+    prior_n = settings.get("prior_samples") or settings["samples"]
+    prior_t = settings.get("prior_seq_len") or settings["seq_len"]
+    seconds, tokens = 0.0, 0
+    for it in range(n_iter):
+        # the structure at iteration `it` keeps ~(1 - it p_iter) of the prunable parameters: scale
+        # the parent's compute by it (the planner's time is dominated by compute on a CPU)
+        left = max(0.05, 1.0 - it * p_iter)
+        dense = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype)
+        seconds += dense.predicted_seconds * left
+        tokens += prior_n * prior_t
+        if method in SEARCH_METHODS:
+            k = settings["masks_per_iter"]
+            ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
+            seconds += ev.predicted_seconds * left
+            tokens += k * settings["samples"] * settings["seq_len"]
+    return Estimate("", dict(settings), seconds, tokens)
+
+
+def fit_time_budget(spec: ModelSpec, budget_seconds: float, *, method: str, sparsity: float, machine: Machine,
+                    dtype: str | None = None) -> Estimate:
+    """The most expensive rung of LADDER predicted to fit; BonsaiError naming the cheapest otherwise."""
+    best = None
+    cheapest = None
+    for name, settings in LADDER:
+        e = estimate(spec, settings, method=method, sparsity=sparsity, machine=machine, dtype=dtype)
+        e = Estimate(name, e.settings, e.seconds, e.forward_tokens)
+        cheapest = cheapest or e
+        if e.seconds <= budget_seconds:
+            best = e
+    if best is None:
+        raise BonsaiError(f"no search settings fit a time budget of {budget_seconds:.0f} s: the cheapest ('quick') "
+                          f"is predicted to take {cheapest.seconds:.0f} s on this machine; give a larger "
+                          "--time-budget or a larger --p-iter")
+    return best

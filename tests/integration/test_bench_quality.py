@@ -1,0 +1,69 @@
+"""tools/bench_quality.py end to end on a tiny sharded model: records with the fields the tables
+need, a re-run skips finished runs, and the rendered table's means are the records' means."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import prunable_model  # noqa: E402
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {"kind", "model", "method", "sparsity", "seed", "preset", "eval_tokens", "seq_len", "perplexity",
+          "prune_seconds", "forward_tokens", "commit", "hardware"}
+
+
+def _bench(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_quality.py"), *args], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
+    model, calib = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
+    results = tmp_path / "results"
+    common = ["--model", str(model), "--model-name", "tiny", "--calib", str(calib), "--eval", str(calib),
+              "--methods", "bonsai,flap", "--sparsities", "0.2", "--seeds", "0,1", "--variants", "compensate=off",
+              "--preset", "quick", "--seq-len", "32", "--eval-tokens", "256", "--work", str(tmp_path / "work"),
+              "--results-dir", str(results), "--threads", "1"]
+    _bench(*common)
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    runs = [r for r in records if r["method"] != "parent"]
+    assert len(runs) == 2 * 2 * 2 and len(records) == len(runs) + 1  # (2 methods x 2 seeds) x (default, variant)
+    for r in records:
+        assert FIELDS <= set(r) and r["kind"] == "quality" and r["eval_tokens"] == 256 and r["seq_len"] == 32
+    for r in runs:
+        assert r["perplexity"] > 1 and r["forward_tokens"] > 0 and r["prune_seconds"] > 0
+        if r["variant"] == "compensate=off":
+            assert r["compensate"] is False
+        elif r["method"] == "flap":
+            assert r["compensate"] is True  # FLAP's definition
+    bonsai = [r for r in runs if r["method"] == "bonsai" and not r["variant"]]
+    flap = [r for r in runs if r["method"] == "flap" and not r["variant"]]
+    assert all(b["forward_tokens"] > f["forward_tokens"] for b in bonsai for f in flap)
+    # resumable: a second invocation has nothing left to do and rewrites nothing
+    stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    assert json.loads(_bench(*common, "--dry-run"))["todo"] == []
+    _bench(*common)
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == stamps
+    # render on a copy of a page: only the block between the markers changes; means come from the records
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import BEGIN, END, load_records, render_docs
+
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"# Results\n\nbefore\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    render_docs(load_records(results), page, tmp_path / "img")
+    text = page.read_text()
+    assert text.startswith("# Results\n\nbefore\n") and text.endswith("\n\nafter\n") and "old" not in text
+    mean = statistics.fmean(r["perplexity"] for r in bonsai)
+    row = next(line for line in text.splitlines() if line.startswith("| 0.20 |") and "bonsai" in line)
+    assert f"{mean:.2f}" in row or f"{mean:.1f}" in row or f"{mean:,.0f}" in row
+    assert "compensate=off" in text

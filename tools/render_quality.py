@@ -1,0 +1,193 @@
+"""Tables and plots from the quality records in docs/results/ (written by tools/bench_quality.py).
+
+`render(records)` returns the markdown that goes between `<!-- bench_quality:begin -->` and
+`<!-- bench_quality:end -->` in docs/RESULTS.md; `plots(records, out_dir)` draws perplexity vs
+sparsity and perplexity vs prune compute (matplotlib, optional: `pip install -e .[plots]`).
+Nothing here computes a result: every figure is a mean, spread or count over the records.
+
+  python tools/render_quality.py            # same as tools/bench_quality.py --render
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "RESULTS.md"
+IMG = ROOT / "docs" / "img"
+RESULTS_DIR = ROOT / "docs" / "results"
+BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+TARGET_SEEDS = 3
+
+
+def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    out = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("kind") == "quality":
+            out.append({**rec, "file": path.name})
+    return out
+
+
+def aggregate(records: list[dict]) -> dict[tuple, dict]:
+    """(model, preset, method, sparsity, variant) -> mean/spread over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["method"] != "parent":
+            groups[(r["model"], r["preset"], r["method"], r["sparsity"], r.get("variant", ""))].append(r)
+    out = {}
+    for key, rs in groups.items():
+        ppl = [r["perplexity"] for r in rs]
+        out[key] = {
+            "n": len(rs), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.fmean(ppl),
+            "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"), "min": min(ppl), "max": max(ppl),
+            "prune_seconds": statistics.fmean(r["prune_seconds"] for r in rs),
+            "forward_tokens": statistics.fmean(r["forward_tokens"] for r in rs),
+            "eval_tokens": sorted({r["eval_tokens"] for r in rs}), "seq_len": sorted({r["seq_len"] for r in rs}),
+            "commits": sorted({r["commit"] for r in rs}), "compensate": sorted({bool(r.get("compensate")) for r in rs}),
+        }
+    return out
+
+
+def _f(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def _spread(a: dict) -> str:
+    return f"{_f(a['std'])} ({_f(a['min'])}-{_f(a['max'])})" if a["n"] > 1 else "one seed"
+
+
+def render(records: list[dict]) -> str:
+    agg = aggregate(records)
+    parents = [r for r in records if r["method"] == "parent"]
+    lines = []
+    hw = sorted({(r["hardware"]["cpu"], r["hardware"]["cores"], r["hardware"].get("gpu")) for r in records})
+    lines.append("Hardware: " + "; ".join(f"{c} ({n} cores{', GPU ' + g if g else ''})" for c, n, g in hw)
+                 + f". Records: {len(records)} files in `docs/results/` (commits "
+                 + ", ".join(sorted({r['commit'] for r in records})) + ").")
+    lines.append("")
+    for p in parents:
+        lines.append(f"Parent ({p['model']}): perplexity **{p['perplexity']:.2f}** on the first {p['eval_tokens']:,} "
+                     f"test tokens at seq {p['seq_len']} ({p['eval_windows']} windows; the full-file figure is 21.97).")
+    lines.append("")
+    presets = sorted({k[1] for k in agg})
+    for preset in presets:
+        main = {k: v for k, v in agg.items() if k[1] == preset and not k[4]}
+        if not main:
+            continue
+        lines += [f"### Preset `{preset}`: mean perplexity over seeds", "",
+                  "| sparsity | method | seeds | mean ppl | std (min-max) | gap to next / larger std | prune s | forward tokens |",
+                  "| --- | --- | --- | ---: | --- | --- | ---: | ---: |"]
+        for sp in sorted({k[3] for k in main}):
+            rows = sorted(((k, v) for k, v in main.items() if k[3] == sp), key=lambda kv: kv[1]["mean"])
+            for i, (k, v) in enumerate(rows):
+                gap = "-"
+                if i + 1 < len(rows):
+                    nxt = rows[i + 1][1]
+                    spread = max((x for x in (v["std"], nxt["std"]) if not math.isnan(x)), default=float("nan"))
+                    gap = f"{_f(nxt['mean'] - v['mean'])} / {_f(spread)}"
+                name = f"**{k[2]}**" if i == 0 else k[2]
+                lines.append(f"| {sp:.2f} | {name} | {v['n']} ({','.join(map(str, v['seeds']))}) | {_f(v['mean'])} | "
+                             f"{_spread(v)} | {gap} | {v['prune_seconds']:.0f} | {v['forward_tokens']:,.0f} |")
+        lines.append("")
+        ab = {k: v for k, v in agg.items() if k[1] == preset and k[4]}
+        if ab:
+            lines += [f"Ablations, preset `{preset}` (same seeds as the default row where both exist):", "",
+                      "| sparsity | method | variant | seeds | mean ppl (variant) | mean ppl (default, same seeds) | prune s |",
+                      "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+            for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
+                base = [r["perplexity"] for r in records if (r["model"], r["preset"], r["method"], r["sparsity"]) ==
+                        k[:4] and not r.get("variant") and r["seed"] in v["seeds"]]
+                lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} | {_f(v['mean'])} | "
+                             f"{_f(statistics.fmean(base)) if base else '-'} | {v['prune_seconds']:.0f} |")
+            lines.append("")
+        short = [f"{k[2]} @ {k[3]:.2f}{' ' + k[4] if k[4] else ''} ({v['n']}/{TARGET_SEEDS})"
+                 for k, v in sorted(agg.items()) if k[1] == preset and v["n"] < TARGET_SEEDS]
+        if short:
+            lines += [f"Fewer than {TARGET_SEEDS} seeds so far: " + ", ".join(short) + ".", ""]
+    if (IMG / "quality-sparsity.png").exists() or _have_matplotlib():
+        lines += ["![perplexity vs sparsity](img/quality-sparsity.png)",
+                  "![perplexity vs prune compute](img/quality-compute.png)"]
+    return "\n".join(lines).rstrip()
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
+    """perplexity vs sparsity (default rows, mean and min-max over seeds) and perplexity vs forward
+    tokens spent by the prune (every preset/variant row: the quality-per-compute frontier)."""
+    if not _have_matplotlib():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parent = next((r["perplexity"] for r in records if r["method"] == "parent"), None)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({k[2] for k in agg}):
+        for preset in sorted({k[1] for k in agg if k[2] == method}):
+            pts = sorted((k[3], v) for k, v in agg.items() if k[2] == method and k[1] == preset and not k[4])
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1]["mean"] for p in pts]
+            err = [[y - p[1]["min"] for y, p in zip(ys, pts)], [p[1]["max"] - y for y, p in zip(ys, pts)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{method} ({preset})")
+    if parent:
+        ax.axhline(parent, color="grey", ls=":", label="parent")
+    ax.set(xlabel="sparsity (non-embedding parameters removed)", ylabel="perplexity (WikiText-2 test)", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "quality-sparsity.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    sparsities = sorted({k[3] for k in agg})
+    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.2 * max(1, len(sparsities)), 3.8), squeeze=False)
+    for ax, sp in zip(axes[0], sparsities):
+        for method in sorted({k[2] for k in agg if k[3] == sp}):
+            pts = sorted((v["forward_tokens"], v["mean"]) for k, v in agg.items() if k[2] == method and k[3] == sp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set(title=f"sparsity {sp:.2f}", xlabel="forward tokens spent pruning", ylabel="perplexity",
+               xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "quality-compute.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def write_docs(text: str, doc_path: Path = DOCS) -> None:
+    doc = doc_path.read_text() if doc_path.is_file() else "# Results\n"
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc:
+        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip() + "\n\n## Method comparison (tools/bench_quality.py)\n\n" + block + "\n"
+    doc_path.write_text(doc)
+
+
+def render_docs(records: list[dict], doc_path: Path = DOCS, img_dir: Path = IMG) -> None:
+    plots(records, img_dir)
+    write_docs(render(records), doc_path)
+
+
+if __name__ == "__main__":
+    render_docs(load_records(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
