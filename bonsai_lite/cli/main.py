@@ -6,6 +6,7 @@ import errno
 import importlib
 import json
 import logging
+import os
 import sys
 
 from bonsai_lite.errors import BonsaiError
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", stream=sys.stderr)
     quiet_third_party(debug=debug)
     try:
+        if args.command != "prune" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            # every rank would do the whole job and write the same outputs
+            raise BonsaiError(f"only `prune` runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
+                              f"run `{args.command}` as a single process")
         return int(args.run(args) or 0)
     except BonsaiError as e:
         if debug:

@@ -108,6 +108,9 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         except BonsaiError as e:
             error = str(e)
         ranks.agree(facts, error=error)
+        if ranks.is_root and cfg.search.method != "bonsai":
+            log.warning("--method %s evaluates no sub-models on other ranks: rank 0 does all the work while they "
+                        "wait (docs/distributed.md)", cfg.search.method)
         if not ranks.is_root:
             from bonsai_lite.prune.loop import Pruner
 

@@ -76,3 +76,11 @@ def test_cpu_ranks_on_one_machine_share_its_ram_by_default():
     assert host_budget_share(ranks, device="cpu", budget=None, default_budget=lambda: 1000) == 500
     assert host_budget_share(ranks, device="cpu", budget=300, default_budget=lambda: 1000) == 300  # given: kept
     assert host_budget_share(ranks, device="cuda", budget=None, default_budget=lambda: 1000) is None  # own GPU
+
+
+def test_only_prune_runs_under_torchrun(monkeypatch, capsys, tmp_path):
+    from bonsai_lite.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", str(tmp_path), "--data", str(tmp_path / "t.txt"), "--seq-len", "4"]) == 2
+    assert "only `prune` runs under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
