@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bonsai_lite.cli.main import main
-from conftest import make_tiny_model, prunable_model
+from conftest import observe, prunable_model
 
 pytestmark = pytest.mark.integration
 # Bounded: ~10 s on one core. BONSAI_FUZZ_TRIALS / BONSAI_FUZZ_SEED widen a search by hand.
@@ -184,4 +184,7 @@ def test_corrupted_checkpoints_give_the_clean_answer_or_one_line(clean, tmp_path
             outcomes["error"] += 1
         logging.getLogger(__name__).info("fuzz trial %d: %s -> %s", trial, what, "ok" if rc == 0 else err.strip()[-160:])
         shutil.rmtree(m)
+    observe(f"{TRIALS} corrupted models (seed {SEED}): {outcomes['error']} one-line errors, {outcomes['same']} "
+            "gave the clean perplexity (a corruption that changes nothing, e.g. a square shape transposed); "
+            "no traceback, no other number")
     assert outcomes["error"] > TRIALS // 2  # the corruptions do bite
