@@ -212,6 +212,9 @@ def spec_from_hf_config(hf, *, adapter: Adapter | None = None, raw: dict | None 
     adapter = adapter or adapter_for(getattr(hf, "architectures", None))
     n_heads = hf.num_attention_heads
     n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
+    if n_heads < 1 or n_kv < 1 or n_heads % n_kv:  # before anything divides by them
+        raise CheckpointError(f"config.json: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
+                              f"{n_kv}")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     window = None
     if adapter.sliding_window_key:

@@ -81,6 +81,18 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
                 f"file has {size}); re-download this file"
             )
         infos[name] = TensorInfo(path, dtype, shape, start + begin, end - begin)
+    # The format lays tensors out back to back, covering the data exactly (safetensors' own loader
+    # checks it too): an overlap would read another tensor's bytes as this one's, a hole hides an edit.
+    spans = sorted((i.offset, i.offset + i.nbytes, n) for n, i in infos.items())
+    pos = start
+    for begin, end, name in spans:
+        if begin != pos:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({name!r} starts at byte {begin}, the previous "
+                                  f"tensor ends at {pos}); re-download this file")
+        pos = end
+    if pos != size:
+        raise CheckpointError(f"{path}: corrupt safetensors header (its tensors end at byte {pos}, the file has {size}); "
+                              "re-download this file")
     return infos
 
 

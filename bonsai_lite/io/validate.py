@@ -7,6 +7,7 @@ mean nothing. Only headers are looked at: no weight bytes are read.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from bonsai_lite.errors import CheckpointError
@@ -51,6 +52,11 @@ def check_model(spec: ModelSpec, ckpt: Checkpoint, layers: tuple[LayerStructure,
     quant = [n for n in ckpt.infos if n.endswith(QUANT_SUFFIXES)]
     if quant:
         raise CheckpointError(f"{root}: a quantised checkpoint (tensor {quant[0]!r}); {DEQUANTISE}")
+    block = re.compile(re.escape(spec.adapter.layer).replace(r"\{\}", r"(\d+)"))
+    extra = [n for n in ckpt.infos if (m := block.match(n)) and int(m.group(1)) >= len(layers)]
+    if extra:
+        raise CheckpointError(f"{root}: the checkpoint has tensors of more layers than config.json's "
+                              f"num_hidden_layers {len(layers)} ({extra[0]!r}); config.json and the weights disagree")
     want = expected_shapes(spec, layers)
     optional_head = spec.tie_embeddings  # a tied model may or may not store lm_head
     matrices: dict[str, object] = {}

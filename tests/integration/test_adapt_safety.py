@@ -18,7 +18,7 @@ import torch
 import bonsai_lite.io.outdir as outdir_mod
 from bonsai_lite.cli.main import main
 from bonsai_lite.prune.state import RunState
-from conftest import make_tiny_model
+from conftest import make_tiny_model, observe
 from test_adapt import TEXT, add_char_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -61,6 +61,7 @@ def fails(argv, capsys, *needles) -> str:
     assert line.count("\n") == 1, line
     for n in needles:
         assert n in line, (n, line)
+    observe(line)
     return line
 
 
@@ -120,6 +121,7 @@ def test_output_onto_an_input_is_refused_before_any_work(pair, tmp_path, capsys,
 
 
 def test_run_dir_inside_the_output_is_refused(pair, tmp_path, capsys):
+    """Item 3: --run-dir inside --out (which the export replaces) is refused before training."""
     parent, pruned, text = pair
     out = user_dir(tmp_path / "out")
     before = digest(out, pruned)
@@ -181,6 +183,7 @@ def test_full_disk_while_merging_leaves_no_partial_output_and_resumes(pair, tmp_
 
 
 def test_too_little_free_space_is_refused_before_training(pair, tmp_path, capsys, monkeypatch):
+    """Item 5: free space for the output and a new teacher cache is checked first (1 byte free, simulated)."""
     parent, pruned, text = pair
     monkeypatch.setattr(outdir_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1, 1))
     fails(adapt_argv(pruned, text, tmp_path / "out", parent=parent), capsys, "not enough disk space",
@@ -206,6 +209,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_real_small_filesystem_is_refused_up_front(pair, small_tmpfs, capsys, monkeypatch):
+    """Item 5: a real 256 KiB tmpfs (root only); the previous code died there with SIGBUS ("Bus error")."""
     parent, pruned, text = pair
     monkeypatch.setattr(outdir_mod, "DISK_HEADROOM_BYTES", 0)  # judge by the real need alone
     before = digest(parent, pruned, text)

@@ -30,7 +30,7 @@ from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.cache import ActivationCache
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 
-from conftest import prunable_model  # noqa: E402
+from conftest import observe, prunable_model  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -74,6 +74,7 @@ def fails(argv, capsys, *needles) -> str:
     assert line.count("\n") == 1 and line.endswith("\n"), line
     for n in needles:
         assert n in line, (n, line)
+    observe(line)
     return line
 
 

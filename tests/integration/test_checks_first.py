@@ -27,7 +27,7 @@ from bonsai_lite.adapt.merge import export_adapted
 from bonsai_lite.cli.main import main
 from bonsai_lite.export import export_pruned
 from bonsai_lite.structure import load_spec
-from conftest import make_tiny_model
+from conftest import make_tiny_model, observe
 from test_bad_inputs import copy_model, done, fails, prune_args, snapshot, untouched  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
@@ -74,6 +74,8 @@ def in_shard_of(name, change):
 # ---- item 6: resume of a model that changed at the same path ----------------------------------------
 
 def test_resume_refuses_a_model_that_changed_shape(done, tmp_path, capsys, no_forward, monkeypatch):
+    """Item 6: the model at the same path replaced by a wider one (MLP 96 -> 128) used to 'resume'
+    from masks of the old one and export."""
     _, model, calib, _ = done
     m = copy_model(model, tmp_path / "m")
     out = tmp_path / "o"
@@ -101,6 +103,7 @@ def _int8_with_scales(t):
 
 @pytest.mark.parametrize("variant", ["quantization_config", "int8+SCB", "int8 only"])
 def test_quantised_checkpoint_is_refused(done, untouched, tmp_path, capsys, no_forward, variant):
+    """Item 7: integer weights (+ .SCB scales, + quantization_config) were read as floats and pruned."""
     _, model, calib, _ = done
     m = copy_model(model, tmp_path / "m")
     if variant == "quantization_config":
@@ -121,8 +124,10 @@ def test_quantised_checkpoint_is_refused(done, untouched, tmp_path, capsys, no_f
     ("one matrix float16", ("is float16 while the other weight matrices are float32",)),
     ("intermediate_size smaller", ("config.json implies", "intermediate_size 64")),
     ("negative heads", ("num_attention_heads = -6",)),
-])
+], ids=["one matrix float16", "intermediate_size smaller than the tensors", "negative heads"])
 def test_config_that_disagrees_with_the_tensors(done, tmp_path, capsys, case, needles):
+    """Item 8: config.json and tensor headers that disagree used to give a perplexity and an export
+    (eval, then prune)."""
     _, model, calib, _ = done
     m = copy_model(model, tmp_path / "m")
     if case == "one matrix float16":
@@ -143,13 +148,14 @@ def test_config_that_disagrees_with_the_tensors(done, tmp_path, capsys, case, ne
 @pytest.mark.parametrize("flags,needle", [
     (["--seq-len", "1"], "--seq-len must be at least 2"),
     (["--seq-len", "16", "--max-tokens", "-5"], "--max-tokens must be at least --seq-len (16), got -5"),
-])
+], ids=["eval --seq-len 1 (printed nan)", "eval --max-tokens -5 (dropped 5 tokens)"])
 def test_eval_arguments_that_gave_nan_or_dropped_tokens(done, capsys, flags, needle):
     _, model, calib, _ = done
     fails(["eval", str(model), "--data", str(calib), "--device", "cpu", *flags], capsys, needle)
 
 
 def test_negative_rms_norm_eps(done, tmp_path, capsys):
+    """Item 10: rms_norm_eps < 0 printed nan and exited 0."""
     _, model, calib, _ = done
     m = edit_config(copy_model(model, tmp_path / "m"), rms_norm_eps=-1e-6)
     fails(["eval", str(m), "--data", str(calib), "--seq-len", "16", "--device", "cpu"], capsys, "rms_norm_eps")
@@ -157,6 +163,8 @@ def test_negative_rms_norm_eps(done, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["random bytes", "latin-1", "unknown words"])
 def test_text_that_is_not_text_warns(done, tmp_path, caplog, kind):
+    """Item 10: random bytes, Latin-1 text and text of unknown words were accepted without a word;
+    now used with a warning."""
     _, model, calib, _ = done
     data = tmp_path / "data.txt"
     if kind == "random bytes":
@@ -170,6 +178,9 @@ def test_text_that_is_not_text_warns(done, tmp_path, caplog, kind):
         assert main(["eval", str(model), "--data", str(data), "--seq-len", "16", "--device", "cpu"]) == 0
     want = {"random bytes": "not valid UTF-8", "latin-1": "not valid UTF-8", "unknown words": "unknown or raw-byte"}
     assert want[kind] in caplog.text
+    for r in caplog.records:
+        if r.levelname == "WARNING":
+            observe(f"warning: {r.getMessage()}")
 
 
 def test_clean_text_does_not_warn(done, tmp_path, caplog):
@@ -190,6 +201,8 @@ def test_clean_text_does_not_warn(done, tmp_path, caplog):
 
 @pytest.mark.parametrize("where", ["the model", "a file", "above the model", "run dir inside out"])
 def test_bad_destination_is_refused_before_the_search(done, tmp_path, capsys, no_forward, where):
+    """Item 11: prune --out onto the model, a file, a folder above the model, or around --run-dir
+    was refused only after the search."""
     _, model, calib, _ = done
     root = tmp_path / "models"
     m = copy_model(model, root / "m")
@@ -205,6 +218,7 @@ def test_bad_destination_is_refused_before_the_search(done, tmp_path, capsys, no
 
 
 def test_too_little_disk_is_refused_before_the_search(done, tmp_path, capsys, no_forward, monkeypatch):
+    """Item 11: free space for the export is checked before the search (1 byte free, simulated)."""
     _, model, calib, _ = done
     monkeypatch.setattr(outdir_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1, 1))
     fails(prune_args(model, calib, tmp_path / "new"), capsys, "not enough disk space", "the pruned model")
@@ -212,6 +226,8 @@ def test_too_little_disk_is_refused_before_the_search(done, tmp_path, capsys, no
 
 
 def test_late_export_failure_says_how_to_export_from_the_saved_search(done, tmp_path, capsys, monkeypatch, caplog):
+    """Item 11: a disk full during the export (simulated ENOSPC) names the run directory; following
+    the advice (another --out with that --run-dir) exports without searching again."""
     _, model, calib, out = done
     new = tmp_path / "new"
 
@@ -247,6 +263,7 @@ CONFIG_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
 def test_bad_config_is_one_line(done, tmp_path, capsys, no_forward, case):
+    """Item 12: configs that were tracebacks (or, with 10^9 layers, an 8 GB hang in `plan`): prune, then plan."""
     _, model, calib, _ = done
     changes, needle = CONFIG_CASES[case]
     m = edit_config(copy_model(model, tmp_path / "m"), **changes)
@@ -257,6 +274,7 @@ def test_bad_config_is_one_line(done, tmp_path, capsys, no_forward, case):
 
 
 def test_shape_mismatched_tensor(done, tmp_path, capsys, no_forward):
+    """Item 12: a tensor with fewer rows than the config implies was a traceback."""
     _, model, calib, _ = done
     m = edit_tensors(copy_model(model, tmp_path / "m"), in_shard_of(Q0, lambda t: {**t, Q0: t[Q0][:48].clone()}))
     fails(prune_args(m, calib, tmp_path / "new"), capsys, repr(Q0), "has shape [48, 72]", "implies [72, 72]")
@@ -277,14 +295,17 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("flags,needle", FLAG_CASES, ids=[" ".join(f) for f, _ in FLAG_CASES])
 def test_bad_flag_is_one_line_before_any_work(done, untouched, capsys, no_forward, flags, needle):
+    """Item 12: flags that were tracebacks, late failures or silently ignored."""
     _, model, calib, _ = done
     fails(prune_args(model, calib, untouched, *flags), capsys, needle)
 
 
 # ---- item 13: exported directories follow the umask -------------------------------------------------------
 
-@pytest.mark.parametrize("mask", [0o022, 0o002])
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask 022", "umask 002"])
 def test_exports_follow_the_umask(done, tmp_path, mask):
+    """Item 13: prune and adapt exports were mode 0700 (mkdtemp) whatever the umask; now the same mode
+    as a directory made with mkdir."""
     _, model, _, _ = done
     old = os.umask(mask)
     try:
@@ -301,6 +322,8 @@ def test_exports_follow_the_umask(done, tmp_path, mask):
 # ---- item 14: a missing --calib path is never looked up on the hub ----------------------------------------
 
 def test_missing_calib_path_is_not_a_dataset_lookup(done, untouched, capsys, monkeypatch, no_forward):
+    """Item 14: a --calib path without a suffix that is not a file was looked up as a hub dataset;
+    now only an explicit hf: name is (a fake `datasets` records the calls)."""
     _, model, _, _ = done
     calls = []
     fake = types.ModuleType("datasets")

@@ -34,8 +34,10 @@ def engine_nll(model, tokens, plan="layer-major-host"):
     (2, None),
     (0, None),  # every layer windowed
     (3, ["sliding_attention", "full_attention", "sliding_attention"]),  # explicit layer_types win
-])
+], ids=["max_window_layers 1", "max_window_layers 2", "max_window_layers 0", "explicit layer_types"])
 def test_qwen2_sliding_window_layers_match_transformers(tmp_path, tiny_tokens, max_window_layers, layer_types):
+    """Item 9: Qwen2 use_sliding_window with max_window_layers below the layer count: the engine windowed
+    every layer; now the layers transformers windows, equal to its NLL within 1e-4."""
     m = edit_config(make_tiny_model(tmp_path / "q", "qwen2-gqa-bias"), use_sliding_window=True, sliding_window=8,
                     max_window_layers=max_window_layers, layer_types=layer_types)
     ref = hf_nll(m, tiny_tokens)
@@ -47,9 +49,10 @@ def test_qwen2_sliding_window_layers_match_transformers(tmp_path, tiny_tokens, m
         assert torch.allclose(engine_nll(m, tiny_tokens, plan), ref, atol=1e-4, rtol=0), plan
 
 
-@pytest.mark.parametrize("seq_len", [12, 40])
+@pytest.mark.parametrize("seq_len", [12, 40], ids=["12 tokens", "40 tokens"])
 def test_dynamic_rope_scaling_matches_transformers(tmp_path, tiny_tokens, seq_len):
-    """Past max_position_embeddings (16) transformers rescales the frequencies for the sequence length."""
+    """Item 9: dynamic rope scaling: past max_position_embeddings (16) transformers rescales the
+    frequencies for the sequence length; the engine now does too (NLL within 1e-4)."""
     m = edit_config(make_tiny_model(tmp_path / "d", "llama-gqa-tied"), max_position_embeddings=16,
                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     tokens = tiny_tokens[:, :seq_len]
