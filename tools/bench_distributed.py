@@ -58,9 +58,9 @@ def worker(args) -> None:
     pruner = Pruner(cfg, ids=None, state=None)
     calls: list[float] = []
 
-    def local(layers, tokens, masks, *, first):
+    def local(layers, tokens, masks, *, first, extra=None):
         t = time.perf_counter()
-        nll = pruner.evaluate_share(layers, tokens, masks, first=first)
+        nll = pruner.evaluate_share(layers, tokens, masks, first=first, extra=extra)
         calls.append(time.perf_counter() - t)
         return nll
 

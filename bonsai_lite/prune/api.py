@@ -208,6 +208,12 @@ def export_bytes(parent: StreamedModel, sparsity: float) -> int:
 
 def _check_search(cfg: RunConfig, parent: StreamedModel) -> None:
     """Settings that only the model's widths can judge, before the first forward pass."""
+    head_p, mlp_p = parent.spec.unit_params()
+    per_iter = cfg.search.p_iter * parent.spec.non_embedding_params()
+    if per_iter < min(head_p, mlp_p):  # no iteration could remove a unit: the loop would never progress
+        least = min(head_p, mlp_p) / parent.spec.non_embedding_params()
+        raise BonsaiError(f"--p-iter {cfg.search.p_iter} removes {per_iter:.0f} parameters per iteration, less than "
+                          f"one unit of this model ({min(head_p, mlp_p)}); use --p-iter {least:.3g} or more")
     if cfg.search.method not in SAMPLED_METHODS:
         return
     sizes = [n for s in parent.layers for n in (len(s.heads), len(s.mlp))]

@@ -23,7 +23,7 @@ TOOLS = ROOT / "tools"
 def _run(tool: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(TOOLS / tool), "--threads", "1", *args], capture_output=True,
-                         text=True, env=env, timeout=120, cwd=ROOT)
+                         text=True, env=env, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
