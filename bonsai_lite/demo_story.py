@@ -141,11 +141,13 @@ def render(report: dict) -> str:
     out.append(f"(perplexity on the first {base['eval_tokens']:,} tokens of {Path(report['eval_text']).name} at "
                f"seq {s['eval_seq_len']}; {s['method']} at {s['sparsity']:.0%} of non-embedding parameters, pruned in "
                f"{report['prune_seconds']:.0f} s; {s['adapt_steps']} LoRA steps of {s['adapt_batch']} x "
-               f"{s['adapt_seq_len']} tokens{' with distillation' if s['adapt_distill'] else ''} in {report['adapt_seconds']:.0f} s)")
+               f"{s['adapt_seq_len']} tokens{' with distillation' if s['adapt_distill'] else ''} in "
+               f"{report['adapt_seconds']:.0f} s)")
     out.append("")
     out.append(f"Greedy continuations of {s['prompt']!r}:")
     for r in rows:
         out.append(f"  {r['name']}: {' '.join(r['text'].split())}")
     out.append("")
-    out.append(f"plot: {report['plot']}" if report.get("plot") else "plot: not drawn (pip install 'bonsai-lite[plots]')")
+    out.append(f"plot: {report['plot']}" if report.get("plot") else
+               "plot: not drawn (pip install 'bonsai-lite[plots]')")
     return "\n".join(out)
