@@ -186,6 +186,8 @@ def quiet_third_party(*, debug: bool = False) -> None:
     for module in ("transformers", "torch", "peft", "accelerate", "huggingface_hub"):
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # scipy's kendalltau on a cross-validation fold too small to rank: tau is reported as NaN anyway
+    warnings.filterwarnings("ignore", message="One or more sample arguments is too small")
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
 

@@ -153,3 +153,6 @@ def test_json_stdout_is_clean(tiny, tmp_path, capsys, command):
     out, err = capsys.readouterr()
     assert "%|" not in out and "\r" not in out
     assert "evaluate" in err and "%|" in err  # the bars were drawn, on stderr
+    assert cli.main(argv(tmp_path / "c") + ["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "%|" not in out + err  # --quiet: no bars
