@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +87,7 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     from bonsai_lite.prune.api import prune
 
     s, parent, work = settings, Path(parent).resolve(), Path(workdir).resolve()
+    load_start = os.getloadavg()
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{s.method}-{int(round(s.sparsity * 100))}"
     pruned, adapted = work / f"pruned-{tag}", work / f"pruned-{tag}-adapted"
@@ -114,7 +117,8 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     rows = [_model_row(name, path, eval_text=eval_text, s=s, tokenizer=tok)
             for name, path in (("parent", parent), ("pruned", pruned), ("pruned+adapted", adapted))]
     timings["measure_seconds"] = time.perf_counter() - t0
-    report = {"settings": asdict(s), "eval_text": str(eval_text), "calib_text": str(calib) if calib else None,
+    report = {"settings": asdict(s), "hardware": _hardware(),
+              "load_average": {"start": load_start, "end": os.getloadavg()}, "eval_text": str(eval_text), "calib_text": str(calib) if calib else None,
               "adapt_text": str(adapt_text), "models": rows, **timings,
               "prune": {"run_dir": pruned_info["run_dir"], "iterations": pruned_info["iterations"]},
               "adapt": {"steps": adapt_info["steps"], "train_loss": adapt_info["train_loss"]}}
@@ -127,6 +131,17 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
         report["plot"] = str(drawn) if drawn else None
     (work / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def render(report: dict) -> str:
