@@ -32,6 +32,7 @@ from bonsai_lite.adapt.teacher import build_teacher_cache, tokens_sha256
 from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.progress import METRICS_NAME, NullProgress, peak_rss_bytes, reset_peaks
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.planner import detect_machine, fmt_bytes
 from bonsai_lite.structure import read_config
@@ -251,14 +252,16 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
              device, str(dtype).replace("torch.", ""), fmt_bytes(need), fmt_bytes(machine.budget))
 
     teacher = None
+    metrics = NullProgress(run_dir / METRICS_NAME)  # one JSON line per stage, as a prune run writes
     if distill:
         parent = StreamedModel.open(cfg.parent)
         if parent.spec.vocab != pruned.spec.vocab:
             raise CheckpointError(f"parent vocabulary {parent.spec.vocab} != pruned {pruned.spec.vocab}; "
                                   "distillation needs the same tokenizer")
-        teacher = build_teacher_cache(cfg.parent, tokens, cfg.teacher_cache or run_dir / "teacher", k=cfg.top_k,
-                                      values_dtype=cfg.teacher_values_dtype, budget=cfg.budget, device=str(device),
-                                      spill_dir=cfg.spill_dir)
+        with metrics.stage("teacher", tokens=int(tokens.numel())):  # a resumed cache counts only its new part
+            teacher = build_teacher_cache(cfg.parent, tokens, cfg.teacher_cache or run_dir / "teacher", k=cfg.top_k,
+                                          values_dtype=cfg.teacher_values_dtype, budget=cfg.budget,
+                                          device=str(device), spill_dir=cfg.spill_dir)
 
     state_dir = run_dir / "train"
     if restart:
@@ -281,6 +284,7 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
         log.info("adapt: resuming at step %d of %d from %s", start, total, state_dir)
     n_trainable = sum(p.numel() for p in trainer.params)
     tick = time.perf_counter()
+    reset_peaks()
     for step in range(start, total):
         rows = batch_rows(step, windows=n_windows, batch=cfg.batch_size, seed=cfg.seed)
         ids = tokens[torch.from_numpy(rows)].to(device)
@@ -295,6 +299,8 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
                      rate * (total - done))
         if progress:
             progress(done, total, history[-1][0])
+    metrics.record(stage="train", steps=total - start, seconds=round(time.perf_counter() - tick, 3),
+                   tokens=(total - start) * cfg.batch_size * cfg.seq_len, peak_rss_bytes=peak_rss_bytes())
     result = {"out": str(out), "steps": total, "train_loss": _tail_mean(history, 0), "lm_loss": _tail_mean(history, 1),
               "kl": _tail_mean(history, 2) if distill else None, "trainable_params": n_trainable,
               "predicted_peak_bytes": need, "teacher_cache": str(teacher.root) if teacher else None}
@@ -304,8 +310,9 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
             replaced = {n: p for n, p in model.named_parameters()}
         else:
             replaced, merged = {}, lora_deltas(model)
-        export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite,
-                       metadata={"settings": asdict(cfg), "steps": total, "train_loss": result["train_loss"]})
+        with metrics.stage("export"):
+            export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite,
+                           metadata={"settings": asdict(cfg), "steps": total, "train_loss": result["train_loss"]})
     result["seconds"] = time.perf_counter() - t0
     return result
 
