@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +87,7 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     from bonsai_lite.prune.api import prune
 
     s, parent, work = settings, Path(parent).resolve(), Path(workdir).resolve()
+    load_start = os.getloadavg()
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{s.method}-{int(round(s.sparsity * 100))}"
     pruned, adapted = work / f"pruned-{tag}", work / f"pruned-{tag}-adapted"
@@ -114,7 +117,8 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     rows = [_model_row(name, path, eval_text=eval_text, s=s, tokenizer=tok)
             for name, path in (("parent", parent), ("pruned", pruned), ("pruned+adapted", adapted))]
     timings["measure_seconds"] = time.perf_counter() - t0
-    report = {"settings": asdict(s), "eval_text": str(eval_text), "calib_text": str(calib) if calib else None,
+    report = {"settings": asdict(s), "hardware": _hardware(),
+              "load_average": {"start": load_start, "end": os.getloadavg()}, "eval_text": str(eval_text), "calib_text": str(calib) if calib else None,
               "adapt_text": str(adapt_text), "models": rows, **timings,
               "prune": {"run_dir": pruned_info["run_dir"], "iterations": pruned_info["iterations"]},
               "adapt": {"steps": adapt_info["steps"], "train_loss": adapt_info["train_loss"]}}
@@ -129,6 +133,17 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     return report
 
 
+def _hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def render(report: dict) -> str:
     """The closing table, the generated texts and where the plot is."""
     rows, s = report["models"], report["settings"]
@@ -141,11 +156,13 @@ def render(report: dict) -> str:
     out.append(f"(perplexity on the first {base['eval_tokens']:,} tokens of {Path(report['eval_text']).name} at "
                f"seq {s['eval_seq_len']}; {s['method']} at {s['sparsity']:.0%} of non-embedding parameters, pruned in "
                f"{report['prune_seconds']:.0f} s; {s['adapt_steps']} LoRA steps of {s['adapt_batch']} x "
-               f"{s['adapt_seq_len']} tokens{' with distillation' if s['adapt_distill'] else ''} in {report['adapt_seconds']:.0f} s)")
+               f"{s['adapt_seq_len']} tokens{' with distillation' if s['adapt_distill'] else ''} in "
+               f"{report['adapt_seconds']:.0f} s)")
     out.append("")
     out.append(f"Greedy continuations of {s['prompt']!r}:")
     for r in rows:
         out.append(f"  {r['name']}: {' '.join(r['text'].split())}")
     out.append("")
-    out.append(f"plot: {report['plot']}" if report.get("plot") else "plot: not drawn (pip install 'bonsai-lite[plots]')")
+    out.append(f"plot: {report['plot']}" if report.get("plot") else
+               "plot: not drawn (pip install 'bonsai-lite[plots]')")
     return "\n".join(out)

@@ -32,7 +32,7 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def _reset_peaks() -> None:
+def reset_peaks() -> None:
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS, so a stage's peak is its own
@@ -82,9 +82,10 @@ class NullProgress:
     @contextlib.contextmanager
     def stage(self, name: str, *, total: int = 1, predicted: float | None = None, **fields):
         """Time a stage; on success append its metrics line. `fields` go into the line as given."""
-        _reset_peaks()
+        reset_peaks()
         bar = self._bar(name, total, predicted)
         st = _Stage(bar)
+        st.tokens = fields.pop("tokens", 0)  # known up front, or counted by the body
         t0 = time.perf_counter()
         try:
             yield st
@@ -186,6 +187,8 @@ def quiet_third_party(*, debug: bool = False) -> None:
     for module in ("transformers", "torch", "peft", "accelerate", "huggingface_hub"):
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # scipy's kendalltau on a cross-validation fold too small to rank: tau is reported as NaN anyway
+    warnings.filterwarnings("ignore", message="One or more sample arguments is too small")
     with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
 

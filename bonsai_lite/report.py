@@ -23,7 +23,8 @@ def load_run(run_dir: str | Path) -> dict:
     try:
         meta = json.loads((run_dir / STATE).read_text())["meta"]
     except FileNotFoundError:
-        raise BonsaiError(f"{run_dir}: no {STATE} here; pass the run directory of a prune (OUT.run or --run-dir)") from None
+        raise BonsaiError(f"{run_dir}: no {STATE} here; pass the run directory of a prune "
+                          "(OUT.run or --run-dir)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BonsaiError(f"{run_dir}/{STATE} is unreadable ({e.__class__.__name__})") from e
     history = meta.get("history") or []
@@ -79,9 +80,13 @@ def render(run: dict) -> str:
     if a:
         lines += ["", "per layer, heads and MLP units " + ("parent -> pruned" if b else "kept (parent unknown)")]
         lines.append(f"{'layer':>5} {'heads':>9} {'mlp':>13}")
+        per_it = len(hist) > 1 and b is not None
+        if per_it:
+            lines[-1] += "   removed per iteration (heads / mlp)"
         for l in range(len(a["heads"])):
             if b:
-                lines.append(f"{l:>5} {b['heads'][l]:>3} -> {a['heads'][l]:<3} {b['mlp'][l]:>5} -> {a['mlp'][l]:<5}")
+                steps = "   " + "  ".join(f"{h['removed_heads'][l]}/{h['removed_mlp'][l]}" for h in hist) if per_it else ""
+                lines.append(f"{l:>5} {b['heads'][l]:>3} -> {a['heads'][l]:<3} {b['mlp'][l]:>5} -> {a['mlp'][l]:<5}{steps}")
             else:
                 lines.append(f"{l:>5} {a['heads'][l]:>9} {a['mlp'][l]:>13}")
     other = run["stage_seconds"].get("-")

@@ -71,17 +71,18 @@ def save_records(tool: str, records: list[dict]) -> None:
             path.write_text(text)
 
 
-def write_block(tool: str, lines: list[str]) -> None:
+def write_block(tool: str, lines: list[str], page: Path | None = None) -> None:
     """Rewrite only what lies between the tool's markers (appended at the end when absent)."""
     begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
     block = begin + "\n" + "\n".join(lines) + "\n" + end
-    doc = DOCS.read_text() if DOCS.is_file() else BE.INTRO
+    target = page or DOCS
+    doc = target.read_text() if target.is_file() else BE.INTRO
     if begin in doc and end in doc:
         doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(doc)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(doc)
 
 
 def where(hw: dict) -> str:
@@ -298,6 +299,40 @@ def render_engine(records: list[dict]) -> list[str]:
     return lines
 
 
+# ---- the demo (docs/demo.md) ---------------------------------------------------------------------
+DEMO_DOCS = BE.ROOT / "docs" / "demo.md"
+
+
+def add_demo(report_file: str, command: str) -> None:
+    """Record a `bonsai-lite demo` report (WORKDIR/demo.json) as docs/results/demo-000.json."""
+    rec = json.loads(Path(report_file).read_text())
+    rec = {**rec, "commit": BE.commit(), "command": command, "plot": None}
+    rec["models"] = [{k: v for k, v in m.items() if k != "dir"} for m in rec["models"]]
+    save_records("demo", [rec])
+
+
+def render_demo(recs: list[dict]) -> list[str]:
+    lines = []
+    for r in recs:
+        s, hw, base = r["settings"], r["hardware"], r["models"][0]
+        load = r.get("load_average") or {}
+        lines += [f"`{r['command']}` at commit {r['commit']} on {hw['cpu']} ({hw['cores']} cores, "
+                  f"{hw['threads']} torch threads, torch {hw['torch']}); load average "
+                  f"{load.get('start', ['?'])[0]:.1f} at the start and {load.get('end', ['?'])[0]:.1f} at the end "
+                  "(a machine shared with other jobs: times and speeds are slower and noisier than on an idle one).",
+                  "", f"| | perplexity (first {base['eval_tokens']:,} test tokens, seq {s['eval_seq_len']}) | params "
+                  "| size | decode tok/s |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {m['name']} | {m['perplexity']:.2f} | {m['params']:,d} | {m['bytes'] / 1e6:.1f} MB "
+                  f"| {m['decode_tokens_per_s']:.1f} |" for m in r["models"]]
+        lines += ["", f"Search {r['prune_seconds']:.0f} s, adaptation ({s['adapt_steps']} LoRA steps) "
+                  f"{r['adapt_seconds']:.0f} s, measuring the three models {r['measure_seconds']:.0f} s. "
+                  f"Greedy continuations of `{s['prompt']}`:", ""]
+        lines += [f"- **{m['name']}**: {' '.join(m['text'].split())}" for m in r["models"]]
+    if (IMG / "demo.png").is_file():
+        lines += ["", "![perplexity and decode speed against size](img/demo.png)"]
+    return lines
+
+
 # ---- plots and regeneration ----------------------------------------------------------------------
 def draw_plots() -> list[Path]:
     """docs/img/*.png from the records; [] when matplotlib is missing."""
@@ -328,6 +363,10 @@ def draw_plots() -> list[Path]:
     if timing:
         drawn.append(plots.scatter(timing, IMG / "planner-time.png", xlabel="planner's predicted seconds",
                                    ylabel="measured seconds", title="Planner time predictions (y = x dashed)"))
+    for r in read_records("demo")[:1]:
+        drawn.append(plots.size_tradeoff(r["models"], IMG / "demo.png",
+                                         title=f"SmolLM2-135M: {r['settings']['method']} at "
+                                         f"{r['settings']['sparsity']:.0%}, then {r['settings']['adapt_steps']} LoRA steps"))
     return [p for p in drawn if p is not None]
 
 
@@ -341,9 +380,19 @@ def regenerate() -> dict:
         counts[tool] = len(recs)
         if recs:
             write_block(tool, render(recs))
+    if read_records("demo"):
+        write_block("demo", render_demo(read_records("demo")), DEMO_DOCS)
     return {"docs": str(DOCS), "records": counts, "plots": [str(p) for p in plots]}
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="regenerate docs tables and plots from docs/results/*.json")
+    ap.add_argument("--add-demo", metavar="DEMO_JSON", help="record WORKDIR/demo.json of a demo run first")
+    ap.add_argument("--command", default="bonsai-lite demo", help="the command that produced --add-demo's file")
+    args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.add_demo:
+        add_demo(args.add_demo, args.command)
     print(json.dumps(regenerate()))

@@ -32,6 +32,7 @@ from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
+from bonsai_lite.progress import METRICS_NAME, NullProgress, peak_rss_bytes, reset_peaks
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.planner import check_device, detect_machine, fmt_bytes
 from bonsai_lite.structure import read_config
@@ -264,16 +265,18 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
              device, str(dtype).replace("torch.", ""), fmt_bytes(need), fmt_bytes(machine.budget))
     with RunState(run_dir).lock():  # one process per run directory: its state, its teacher cache
         teacher = None
+        metrics = NullProgress(run_dir / METRICS_NAME)  # one JSON line per stage, as a prune run writes
         if distill:
-            teacher = build_teacher_cache(cfg.parent, tokens, teacher_dir, k=cfg.top_k,
-                                          values_dtype=cfg.teacher_values_dtype, budget=cfg.budget,
-                                          device=str(device), spill_dir=cfg.spill_dir)
+            with metrics.stage("teacher", tokens=int(tokens.numel())):  # a resumed cache counts only its new part
+                teacher = build_teacher_cache(cfg.parent, tokens, teacher_dir, k=cfg.top_k,
+                                              values_dtype=cfg.teacher_values_dtype, budget=cfg.budget,
+                                              device=str(device), spill_dir=cfg.spill_dir)
         state = RunState(run_dir / "train")
         if restart:
             state.discard()
         return _train_and_export(cfg, pruned, tokens, total, teacher, state, out, device=device, dtype=dtype,
                                  autocast=autocast, need=need, overwrite=overwrite, progress=progress, export=export,
-                                 t0=t0)
+                                 t0=t0, metrics=metrics)
 
 
 def _check_disk(pruned: StreamedModel, out: Path | None, teacher_dir: Path | None, teacher_bytes: int) -> None:
@@ -296,7 +299,7 @@ def _check_disk(pruned: StreamedModel, out: Path | None, teacher_dir: Path | Non
 
 def _train_and_export(cfg: AdaptConfig, pruned: StreamedModel, tokens, total: int, teacher, state: RunState,
                       out: Path, *, device, dtype, autocast: bool, need: int, overwrite: bool, progress, export: bool,
-                      t0: float) -> dict:
+                      t0: float, metrics) -> dict:
     n_windows, distill, state_dir = tokens.shape[0], teacher is not None, state.dir
     model = load_student(cfg, device=device, dtype=dtype)
     state = RunState(state_dir)
@@ -317,6 +320,7 @@ def _train_and_export(cfg: AdaptConfig, pruned: StreamedModel, tokens, total: in
         log.info("adapt: resuming at step %d of %d from %s", start, total, state_dir)
     n_trainable = sum(p.numel() for p in trainer.params)
     tick = time.perf_counter()
+    reset_peaks()
     for step in range(start, total):
         rows = batch_rows(step, windows=n_windows, batch=cfg.batch_size, seed=cfg.seed)
         ids = tokens[torch.from_numpy(rows)].to(device)
@@ -331,6 +335,8 @@ def _train_and_export(cfg: AdaptConfig, pruned: StreamedModel, tokens, total: in
                      rate * (total - done))
         if progress:
             progress(done, total, history[-1][0])
+    metrics.record(stage="train", steps=total - start, seconds=round(time.perf_counter() - tick, 3),
+                   tokens=(total - start) * cfg.batch_size * cfg.seq_len, peak_rss_bytes=peak_rss_bytes())
     result = {"out": str(out), "steps": total, "train_loss": _tail_mean(history, 0), "lm_loss": _tail_mean(history, 1),
               "kl": _tail_mean(history, 2) if distill else None, "trainable_params": n_trainable,
               "predicted_peak_bytes": need, "teacher_cache": str(teacher.root) if teacher else None}
@@ -340,8 +346,9 @@ def _train_and_export(cfg: AdaptConfig, pruned: StreamedModel, tokens, total: in
             replaced = {n: p for n, p in model.named_parameters()}
         else:
             replaced, merged = {}, lora_deltas(model)
-        export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite, parent_dir=cfg.parent,
-                       metadata={"settings": asdict(cfg), "steps": total, "train_loss": result["train_loss"]})
+        with metrics.stage("export"):
+            export_adapted(cfg.pruned, out, lora=merged, replaced=replaced, overwrite=overwrite, parent_dir=cfg.parent,
+                           metadata={"settings": asdict(cfg), "steps": total, "train_loss": result["train_loss"]})
     result["seconds"] = time.perf_counter() - t0
     return result
 

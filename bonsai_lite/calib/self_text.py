@@ -43,12 +43,19 @@ def _step(w, x, cos, sin, cache: list, *, eps, act):
 class Decoder:
     """Incremental forward pass with a key/value cache: feed new tokens, get the last logits."""
 
-    def __init__(self, model: StreamedModel, *, max_len: int, device=None, budget=None, samples: int = 1):
+    def __init__(self, model: StreamedModel, *, max_len: int, device=None, budget=None, samples: int = 1,
+                 resident: bool | None = None):
         spec = self.spec = model.spec
-        plan = make_plan(spec, model.layers, Work(1, samples, max_len), detect_machine(device=device, budget=budget))
+        machine = detect_machine(device=device, budget=budget)
+        plan = make_plan(spec, model.layers, Work(1, samples, max_len), machine)
         self.device, dtype = torch.device(plan.device), getattr(torch, plan.dtype)
         self.loader = model.loader(device=self.device, dtype=dtype)
-        self.resident = plan.order == "resident"
+        if resident is None:
+            # The plan is for one pass, where streaming costs nothing extra and wins ties on peak
+            # memory; decoding makes a pass per token, so keep the weights whenever they fit.
+            need = model.params() * dtype.itemsize + plan.predicted_peak_bytes
+            resident = plan.order == "resident" or need <= machine.budget
+        self.resident = resident
         self.blocks = [self.loader.block(l) for l in range(spec.n_layers)] if self.resident else None
         self.head = torch.cat([w for _, w in self.loader.head_chunks(spec.vocab)])
         self.norm = self.loader.final_norm()

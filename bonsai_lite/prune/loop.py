@@ -25,8 +25,8 @@ import torch
 from bonsai_lite.calib.data import calibration_tokens
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
-from bonsai_lite.progress import NullProgress
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs

@@ -13,11 +13,13 @@ class _Tok:
     bos_token_id, eos_token_id = 1, 2
 
 
+@pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("case", ["llama-gqa-tied", "qwen2-gqa-bias"])
-def test_cached_decoder_matches_transformers(tiny_models, tiny_tokens, case):
+def test_cached_decoder_matches_transformers(tiny_models, tiny_tokens, case, resident):
     ids = tiny_tokens[:2, :12]
     ref = AutoModelForCausalLM.from_pretrained(tiny_models[case], dtype=torch.float32)(ids).logits
-    dec = Decoder(StreamedModel.open(tiny_models[case]), max_len=12, samples=2)
+    dec = Decoder(StreamedModel.open(tiny_models[case]), max_len=12, samples=2, resident=resident)
+    assert dec.resident is resident
     first = dec.step(ids[:, :5])  # a prefill of several tokens, then one token at a time
     assert torch.allclose(first, ref[:, 4], atol=1e-4)
     for t in range(5, 12):

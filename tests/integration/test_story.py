@@ -121,6 +121,11 @@ def test_metrics_file_lists_every_stage(demo):
         if m["stage"] in ("priors", "evaluate"):
             assert m["seconds"] > 0 and m["tokens"] > 0 and m["predicted_seconds"] > 0
             assert m["peak_rss_bytes"] is None or m["peak_rss_bytes"] > 0
+    adapted = report["models"][2]["dir"]
+    lines = [json.loads(x) for x in open(f"{adapted}.run/metrics.jsonl").read().splitlines()]
+    assert [m["stage"] for m in lines] == ["train", "export"]  # no teacher: the demo adapts without distillation
+    s = SETTINGS
+    assert lines[0]["steps"] == s.adapt_steps and lines[0]["tokens"] == s.adapt_steps * s.adapt_batch * s.adapt_seq_len
 
 
 def test_report_refuses_a_directory_without_a_run(tmp_path, capsys):
@@ -153,3 +158,6 @@ def test_json_stdout_is_clean(tiny, tmp_path, capsys, command):
     out, err = capsys.readouterr()
     assert "%|" not in out and "\r" not in out
     assert "evaluate" in err and "%|" in err  # the bars were drawn, on stderr
+    assert cli.main(argv(tmp_path / "c") + ["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "%|" not in out + err  # --quiet: no bars
