@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import bench_engine as BE
+import scale_docs as SD
 from bonsai_lite.search.planner import fmt_bytes
 
 STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
@@ -380,6 +381,10 @@ def regenerate() -> dict:
         counts[tool] = len(recs)
         if recs:
             write_block(tool, render(recs))
+    scale_cpu = SD.load()  # kind=scale records (bench_scale --records): the 7-8B CPU table
+    counts["scale"] = len(scale_cpu)
+    if scale_cpu:
+        write_block("scale_cpu", SD.render(scale_cpu).splitlines())
     if read_records("demo"):
         write_block("demo", render_demo(read_records("demo")), DEMO_DOCS)
     return {"docs": str(DOCS), "records": counts, "plots": [str(p) for p in plots]}
