@@ -12,7 +12,8 @@ with --method random or magnitude on a few random calibration tokens, then `expo
 per-layer widths and/or --uniform). Speed depends on the widths kept, not on which units went, so
 cheap selection is enough. Variants are deleted after measuring unless --keep (8B ones take 10+ GB).
 
-Per-layer exports ship their own modeling file (`auto_map`); they load only with
+Per-layer exports ship their own modeling file (`auto_map`); bonsai-lite's own (byte-identical to
+the one this version writes) load through bonsai-lite's classes, any other only with
 --trust-remote-code, and only when the auto_map names a file inside the directory.
 
   python tools/bench_infer.py --shape tiny --sparsities 0.5 --batch 2 --prefill-len 64 --new-tokens 16 \\
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_engine as BE  # noqa: E402
 from bench_docs import write_infer_docs  # noqa: E402
 from bench_scale import SHAPES, write_random_model  # noqa: E402
-from bonsai_lite.adapt.train import needs_remote_code  # noqa: E402
+from bonsai_lite.io.hf import load_causal_lm  # noqa: E402
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 
@@ -90,12 +91,9 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 
 
 def load_model(model_dir: Path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    # Raises unless trusted when the directory ships code, and refuses an auto_map pointing outside it.
-    remote = needs_remote_code(model_dir, trusted=trust_remote_code)
+    # bonsai-lite's own per-layer exports load through its own classes; other shipped code needs the flag.
     kw = {"device_map": device} if device.startswith("cuda") else {}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=remote, **kw).eval()
+    return load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=dtype, **kw).eval()
 
 
 @torch.no_grad()
@@ -167,9 +165,6 @@ def run(args) -> dict:
     formats = [f for f in args.formats.split(",") if f]
     if any(f not in FORMATS for f in formats):
         raise SystemExit(f"--formats takes {', '.join(FORMATS)}, got {args.formats!r}")
-    if args.shape and "per-layer" in formats and not args.trust_remote_code:
-        raise SystemExit("per-layer exports ship modeling_bonsai.py and load only with --trust-remote-code "
-                         "(or pass --formats uniform)")
     deadline = time.perf_counter() + (args.deadline or math.inf)
     tmp = tempfile.TemporaryDirectory(prefix="bench-infer-") if args.shape and args.work_dir is None else None
     results = []
