@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--gguf", default=None, metavar="OUT.gguf",
+                   help="also write the export as GGUF for llama.cpp (as `bonsai-lite export-gguf OUT OUT.gguf`)")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16"])
     p.add_argument("--checkpoint-masks", type=int, default=None, metavar="N",
                    help="save the run state after at most N evaluated sub-models (default: after each pass of "
                         "the memory plan, at most ~10 minutes of work); smaller loses less work to a crash but "
@@ -69,8 +72,25 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.checkpoint_masks is not None and args.checkpoint_masks < 1:
         raise BonsaiError(f"--checkpoint-masks must be at least 1, got {args.checkpoint_masks}")
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is not None and (gguf.suffix != ".gguf" or gguf.is_dir() or (gguf.exists() and not args.overwrite)):
+        raise BonsaiError(f"--gguf {gguf}: must be a new file ending in .gguf (or pass --overwrite)")
+    if gguf is not None:
+        from bonsai_lite.export.gguf import check_tokenizer
+
+        try:
+            check_tokenizer(args.model_dir)  # before the search, not after it
+        except ValueError as e:
+            raise BonsaiError(f"--gguf: {e}") from e
     result = prune(cfg, run_dir=args.run_dir, restart=args.restart, overwrite=args.overwrite, show_progress=True,
                    checkpoint_masks=args.checkpoint_masks)
+    if gguf is not None:
+        from bonsai_lite.export.gguf import export_gguf
+
+        try:
+            result["gguf"] = str(export_gguf(result["out"], gguf, dtype=args.gguf_dtype, overwrite=args.overwrite).out)
+        except ValueError as e:
+            raise BonsaiError(str(e)) from e
     result["seconds"] = time.perf_counter() - t0
     log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],
              result["params_before"], result["params_after"],

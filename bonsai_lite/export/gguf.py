@@ -244,6 +244,13 @@ def _tokenizer(model_dir: Path, raw: dict, vocab: int):
     return ("hf", gio.hf_bpe_tokenizer(model_dir, vocab))
 
 
+def check_tokenizer(model_dir) -> None:
+    """Raise ValueError now if `export_gguf(model_dir, tokenizer=True)` would fail on the tokenizer."""
+    model_dir = Path(model_dir)
+    if _parent_gguf(model_dir) is None and ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
+        gio.hf_bpe_tokenizer(model_dir, load_spec(model_dir).vocab)
+
+
 def _parent_gguf(model_dir: Path) -> Path | None:
     """The demo's GGUF when `model_dir` is the converted demo model or an export of it."""
     from bonsai_lite.demo import MANIFEST_NAME, file_sha256, find_demo_gguf

@@ -130,3 +130,37 @@ def test_refuses_to_clobber_and_leaves_nothing_on_failure(tiny_models, tmp_path,
     with pytest.raises(BonsaiError, match="partial file was removed"):
         export_gguf(parent, tmp_path / "y.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_cli_prune_gguf_refuses_unconvertible_tokenizer_before_work(tiny_models, tmp_path, capsys):
+    from conftest import prunable_model
+
+    from bonsai_lite.cli.main import main
+
+    model, calib = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)  # a word-level tokenizer
+    out = tmp_path / "out"
+    rc = main(["prune", str(model), "--sparsity", "0.3", "--out", str(out), "--calib", str(calib), "--preset", "quick",
+               "--method", "magnitude", "--device", "cpu", "--gguf", str(tmp_path / "m.gguf")])
+    assert rc == 2
+    assert "byte-level BPE" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.run").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_export_gguf_token_ids_only(tiny_models, tiny_tokens, tmp_path, capsys):
+    import json
+
+    from conftest import prunable_model
+
+    from bonsai_lite.cli.main import main
+
+    model, calib = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
+    out = tmp_path / "out"
+    assert main(["prune", str(model), "--sparsity", "0.3", "--out", str(out), "--calib", str(calib), "--preset",
+                 "quick", "--method", "magnitude", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["export-gguf", str(out), str(tmp_path / "m.gguf"), "--dtype", "f32", "--no-tokenizer", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["arch"] == "deci"
+    tokens = tokens_for("llama", tiny_tokens)
+    ref, got = hf_logits(out, tokens, trust_remote_code=True), llama_cpp_logits(info["out"], tokens)
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
