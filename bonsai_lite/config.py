@@ -28,6 +28,7 @@ class SearchConfig:
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     uniform: bool = False
     seed: int = 0
+    multiple_of: int = 1  # kept MLP units per layer rounded to a multiple of this (prune/align.py); 1 = off
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -38,6 +39,8 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
+        if self.multiple_of < 1:
+            raise BonsaiError(f"--multiple-of must be at least 1 (1 turns alignment off), got {self.multiple_of}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
 

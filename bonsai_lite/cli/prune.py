@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multiple-of", type=int, default=SearchConfig.multiple_of, metavar="N",
+                   help="keep every layer's MLP width a multiple of N (fast kernels in llama.cpp and on GPUs); "
+                        "1 = off")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -59,7 +62,8 @@ def config_from_args(args) -> RunConfig:
                         samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
-                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed)
+                          penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
+                          multiple_of=args.multiple_of)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)

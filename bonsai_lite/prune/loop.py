@@ -28,6 +28,7 @@ from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
+from bonsai_lite.prune.align import align_drop
 from bonsai_lite.prune.select import apply_drop, greedy_drop, uniform_drop, unit_costs
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.engine import evaluate
@@ -245,6 +246,7 @@ class Pruner:
         drop = greedy_drop(scores, costs, need) if need > 0 else torch.zeros(layout.total, dtype=torch.bool)
         if s.uniform:
             drop = uniform_drop(scores, drop, layout, layers)
+        drop = align_drop(scores, drop, layout, s.multiple_of)
         new_layers = apply_drop(layers, layout, drop)
         if s.method == "flap":  # FLAP's bias compensation for the removed channels' mean output
             for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
