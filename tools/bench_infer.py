@@ -131,6 +131,8 @@ def measure(model, *, device: str, vocab: int, batch: int, prefill_len: int, pro
 
 def bench_model(name: str, model_dir: Path, args, *, device: str, dtype: torch.dtype) -> dict:
     sm = StreamedModel.open(model_dir)
+    if args.runtime == "llama.cpp":
+        return bench_gguf(name, model_dir, sm, args)
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t0
@@ -145,6 +147,20 @@ def bench_model(name: str, model_dir: Path, args, *, device: str, dtype: torch.d
             torch.cuda.empty_cache()
     return {"name": name, "dir": str(model_dir), "params": sm.params(),
             "non_embedding_params": sm.spec.non_embedding_params(sm.layers), "load_seconds": load_s, **res}
+
+
+def bench_gguf(name: str, model_dir: Path, sm, args) -> dict:
+    """The model as GGUF files (f16 and llama.cpp quantisations), each timed in llama.cpp."""
+    import llamacpp_runtime as LR
+
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-", dir=args.work_dir) as tmp:
+        files = LR.make_ggufs(model_dir, Path(tmp), [q for q in args.quants.split(",") if q])
+        runs = {q: LR.measure_gguf(f, vocab=sm.spec.vocab, prefill_len=args.prefill_len, prompt_len=args.prompt_len,
+                                   new_tokens=args.new_tokens, threads=args.threads or 2, warmup=args.warmup,
+                                   repeats=args.repeats, seed=args.seed) for q, f in files.items()}
+    widths = [len(s.mlp) for s in sm.layers]
+    return {"name": name, "dir": str(model_dir), "params": sm.params(),
+            "non_embedding_params": sm.spec.non_embedding_params(sm.layers), "mlp_widths": widths, "gguf": runs}
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -195,6 +211,13 @@ def run(args) -> dict:
                         shutil.rmtree(out, ignore_errors=True)
     ref = results[0]
     for r in results:
+        if args.runtime == "llama.cpp":
+            r["params_fraction"] = r["non_embedding_params"] / ref["non_embedding_params"]
+            for q, m in r["gguf"].items():
+                m["prompt_speedup"] = m["prompt"]["tokens_per_s"] / ref["gguf"][q]["prompt"]["tokens_per_s"]
+                m["generation_speedup"] = m["generation"]["tokens_per_s"] / ref["gguf"][q]["generation"]["tokens_per_s"]
+                m["size_fraction"] = m["bytes"] / ref["gguf"][q]["bytes"]
+            continue
         r["prefill_speedup"] = r["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"]
         r["decode_speedup"] = ref["decode"]["ms_per_token"] / r["decode"]["ms_per_token"] \
             if r["decode"]["ms_per_token"] > 0 else None
@@ -203,7 +226,8 @@ def run(args) -> dict:
         tmp.cleanup()
     return {
         "tool": "bench_infer", "hardware": BE.hardware(), "commit": BE.commit(),
-        "settings": {"model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "settings": {"runtime": args.runtime, "quants": args.quants if args.runtime == "llama.cpp" else None,
+                     "model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
                      "batch": args.batch, "prefill_len": args.prefill_len, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
                      "method": args.method if args.shape else None, "seed": args.seed},
@@ -217,6 +241,9 @@ def parse_args(argv):
     src.add_argument("--models", nargs="+", metavar="NAME=DIR", help="model directories; the first is the reference")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random parent of this shape plus pruned variants")
     src.add_argument("--from-json", nargs="+", metavar="FILE", help="record earlier results (e.g. from a GPU machine)")
+    ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
+                    help="llama.cpp: export each model to GGUF (f16 + --quants) and time it in llama.cpp")
+    ap.add_argument("--quants", default="f16,q8_0", help="--runtime llama.cpp: f16 and llama.cpp quantisations")
     ap.add_argument("--work-dir", default=None, help="where --shape writes the parent and variants (default: temp)")
     ap.add_argument("--sparsities", default="0.2,0.35,0.5")
     ap.add_argument("--formats", default="per-layer,uniform", help="per-layer and/or uniform exports")
@@ -249,14 +276,15 @@ def main(argv: list[str] | None = None):
         results = [json.loads(Path(f).read_text()) for f in args.from_json]
         if args.write_docs:
             for res in results:
-                write_infer_docs(res)
+                if res["settings"].get("runtime", "transformers") == "transformers":
+                    write_infer_docs(res)
         return results
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
     result["command"] = "python tools/bench_infer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1))
-    if args.write_docs:
+    if args.write_docs and args.runtime == "transformers":
         write_infer_docs(result)
     return result
 
