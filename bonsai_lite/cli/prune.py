@@ -36,9 +36,9 @@ def add_parser(sub) -> None:
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--multiple-of", type=int, default=SearchConfig.multiple_of, metavar="N",
+    p.add_argument("--multiple-of", type=int, default=None, metavar="N",
                    help="keep every layer's MLP width a multiple of N (fast kernels in llama.cpp and on GPUs); "
-                        "1 = off")
+                        "1 = off; default 32 when the parent's MLP has at least 1024 units, else 1")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -63,10 +63,19 @@ def config_from_args(args) -> RunConfig:
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
-                          multiple_of=args.multiple_of)
+                          multiple_of=_multiple_of(args))
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
+
+
+def _multiple_of(args) -> int:
+    if args.multiple_of is not None:
+        return args.multiple_of
+    from bonsai_lite.prune.align import auto_multiple_of
+    from bonsai_lite.structure import load_spec
+
+    return auto_multiple_of(load_spec(args.model_dir).intermediate)
 
 
 def run(args) -> int:

@@ -13,6 +13,19 @@ import torch
 from bonsai_lite.structure import UnitLayout
 
 
+# Default alignment (docs/PERFORMANCE.md, "llama.cpp"): a multiple of 32 is the block of llama.cpp's
+# q8_0/q4_0 rows and a multiple of most GPU tiles. Applied only when the parent's MLP is at least
+# AUTO_MIN_UNITS_PER_BLOCK blocks wide, so rounding moves a layer's width by at most ~1.5%; tiny
+# models (tests, 96 units) stay unaligned.
+AUTO_MULTIPLE = 32
+AUTO_MIN_UNITS_PER_BLOCK = 32
+
+
+def auto_multiple_of(intermediate: int) -> int:
+    """The default --multiple-of for a parent with this MLP width."""
+    return AUTO_MULTIPLE if intermediate >= AUTO_MULTIPLE * AUTO_MIN_UNITS_PER_BLOCK else 1
+
+
 def align_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, multiple: int) -> torch.Tensor:
     """`drop` with every layer's kept MLP count a multiple of `multiple` (0 allowed); heads untouched."""
     if multiple <= 1:

@@ -52,3 +52,11 @@ def test_align_matches_reference(seed, multiple):
         n = m.stop - m.start
         assert len(kept) % multiple == 0 or len(kept) == n
         assert not any(out[u] and math.isinf(scores[u].item()) for u in range(m.start, m.stop))
+
+
+def test_auto_multiple_only_for_wide_mlps():
+    from bonsai_lite.prune.align import auto_multiple_of
+
+    assert auto_multiple_of(96) == 1  # tiny test models: rounding would move widths by a third
+    assert auto_multiple_of(1536) == 32  # SmolLM2-135M
+    assert auto_multiple_of(14336) == 32  # Llama-3-8B
