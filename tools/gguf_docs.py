@@ -1,7 +1,7 @@
 """Regenerate docs/PERFORMANCE.md's llama.cpp section from docs/results/ JSON files.
 
-Reads docs/results/bench_infer_llamacpp_*.json (tools/bench_infer.py --runtime llama.cpp) and
-docs/results/gguf_perplexity_*.json (tools/gguf_perplexity.py); rewrites only the block between
+Reads docs/results/bench_infer_llamacpp_*.json (tools/bench_infer.py --runtime llama.cpp),
+docs/results/gguf_perplexity_*.json (tools/gguf_perplexity.py) and align_quality_*.json; rewrites only the block between
 the `<!-- llamacpp:begin -->` and `<!-- llamacpp:end -->` markers (appended when absent).
 
   python tools/gguf_docs.py
@@ -23,14 +23,19 @@ def speed_table(res: dict) -> list[str]:
              f"{s['prompt_len']}-token prompt) in llama.cpp (llama-cpp-python 0.3.36), {hw.get('cpu')}, "
              f"{s.get('threads') or 2} threads, median of {s['repeats']}; commit {res['commit']}. "
              f"Command: `{res.get('command', '')}`", "",
-             "| model | MLP widths (first 6 layers) | GGUF | size | prompt tok/s | x parent | generation tok/s | x parent |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | MLP widths (first 6 layers) | GGUF | size | prompt tok/s | x parent | generation tok/s | x parent "
+             "| prompt tok/CPU-s | x parent |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ref = res["models"][0]["gguf"]
     for m in res["models"]:
         widths = ", ".join(str(w) for w in m["mlp_widths"][:6])
         for q, g in m["gguf"].items():
             lines.append(f"| {m['name']} | {widths} | {q} | {g['bytes'] / 2**20:.0f} MiB | "
                          f"{g['prompt']['tokens_per_s']:.0f} | {g['prompt_speedup']:.2f} | "
-                         f"{g['generation']['tokens_per_s']:.1f} | {g['generation_speedup']:.2f} |")
+                         f"{g['generation']['tokens_per_s']:.1f} | {g['generation_speedup']:.2f} | "
+                         + (f"{g['prompt']['tokens_per_cpu_s']:.0f} | "
+                            f"{g['prompt']['tokens_per_cpu_s'] / ref[q]['prompt']['tokens_per_cpu_s']:.2f} |"
+                            if "tokens_per_cpu_s" in g["prompt"] else "- | - |"))
     return lines
 
 
@@ -45,6 +50,16 @@ def ppl_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def align_table(res: dict) -> list[str]:
+    s = res["settings"]
+    lines = [f"{s['model']}, {s['method']} ({s['preset']}) at {s['sparsity']:.0%}, perplexity on the first "
+             f"{s['max_tokens']} tokens of {s['data']} (seq {s['seq_len']}). Command: `{res['command']}`", "",
+             "| format | --multiple-of | parameters | perplexity |", "| --- | ---: | ---: | ---: |"]
+    for r in res["rows"]:
+        lines.append(f"| {r['format']} | {r['multiple_of']} | {r['params']:,} | {r['perplexity']:.2f} |")
+    return lines
+
+
 def render() -> str:
     res_dir = ROOT / "docs" / "results"
     out = [BEGIN, "## llama.cpp (GGUF export)", "",
@@ -53,6 +68,8 @@ def render() -> str:
     if ppl:
         out += ["### Perplexity: llama.cpp on the GGUF vs `bonsai-lite eval` on the safetensors export", ""]
         out += ppl_table(ppl) + [""]
+    for p in sorted(res_dir.glob("align_quality_*.json")):
+        out += [f"### Quality cost of aligned widths ({p.name})", ""] + align_table(json.loads(p.read_text())) + [""]
     for p in sorted(res_dir.glob("bench_infer_llamacpp_*.json")):
         out += [f"### Speed ({p.name})", ""] + speed_table(json.loads(p.read_text())) + [""]
     out.append(END)

@@ -67,18 +67,24 @@ def measure_gguf(path: Path, *, vocab: int, prefill_len: int, prompt_len: int, n
     llm = llama_cpp.Llama(str(path), n_ctx=max(prefill_len, prompt_len + new_tokens) + 8, n_batch=prefill_len,
                           n_ubatch=prefill_len, n_threads=threads, n_threads_batch=threads, verbose=False)
 
+    # CPU seconds of the process (all threads) beside wall seconds: on a shared machine wall time
+    # swings with other jobs, CPU time much less (it still counts cache misses caused by them).
+    cpu: dict[str, list[float]] = {"pp": [], "tg": []}
+
     def pp() -> float:
         llm.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(prefill)
+        cpu["pp"].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     def tg() -> float:
         llm.reset()
         llm.eval(prompt)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for tok in gen:
             llm.eval([tok])
+        cpu["tg"].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     try:
@@ -89,6 +95,9 @@ def measure_gguf(path: Path, *, vocab: int, prefill_len: int, prompt_len: int, n
     finally:
         llm.close()
     p, t = statistics.median(pps), statistics.median(tgs)
+    pc, tc = statistics.median(cpu["pp"][-repeats:]), statistics.median(cpu["tg"][-repeats:])
     return {"bytes": path.stat().st_size,
-            "prompt": {"seconds": p, "tokens_per_s": prefill_len / p, "times": pps},
-            "generation": {"seconds": t, "tokens_per_s": new_tokens / t, "times": tgs}}
+            "prompt": {"seconds": p, "tokens_per_s": prefill_len / p, "times": pps,
+                       "cpu_seconds": pc, "tokens_per_cpu_s": prefill_len / pc},
+            "generation": {"seconds": t, "tokens_per_s": new_tokens / t, "times": tgs,
+                           "cpu_seconds": tc, "tokens_per_cpu_s": new_tokens / tc}}
