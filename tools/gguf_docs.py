@@ -21,7 +21,7 @@ def speed_table(res: dict) -> list[str]:
     hw = res["hardware"]
     lines = [f"Prompt processing ({s['prefill_len']} tokens) and generation ({s['new_tokens']} tokens after a "
              f"{s['prompt_len']}-token prompt) in llama.cpp (llama-cpp-python 0.3.36), {hw.get('cpu')}, "
-             f"{s.get('threads') or 2} threads, median of {s['repeats']}; commit {res['commit']}. "
+             f"{hw.get('threads')} threads, median of {s['repeats']}; commit {res['commit']}. "
              f"Command: `{res.get('command', '')}`", "",
              "| model | MLP widths (first 6 layers) | GGUF | size | prompt tok/s | x parent | generation tok/s | x parent "
              "| prompt tok/CPU-s | x parent |",
