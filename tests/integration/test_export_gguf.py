@@ -164,3 +164,27 @@ def test_cli_export_gguf_token_ids_only(tiny_models, tiny_tokens, tmp_path, caps
     tokens = tokens_for("llama", tiny_tokens)
     ref, got = hf_logits(out, tokens, trust_remote_code=True), llama_cpp_logits(info["out"], tokens)
     assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_bench_infer_llama_cpp_runtime(tmp_path, capsys):
+    """tools/bench_infer.py --runtime llama.cpp end to end on a tiny random model (f16 only: the Q8_0
+    kernels of some llama-cpp-python builds die with SIGILL on CPUs they were not built for)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import bench_infer
+
+    bench_infer.main(["--shape", "tiny", "--runtime", "llama.cpp", "--quants", "f16", "--sparsities", "0.5",
+                      "--formats", "per-layer", "--prefill-len", "16", "--prompt-len", "4", "--new-tokens", "4",
+                      "--repeats", "1", "--warmup", "0", "--threads", "1", "--work-dir", str(tmp_path)])
+    import json
+
+    res = json.loads(capsys.readouterr().out)
+    assert res["settings"]["runtime"] == "llama.cpp"
+    parent, pruned = res["models"]
+    for m in (parent, pruned):
+        g = m["gguf"]["f16"]
+        assert g["bytes"] > 0 and g["prompt"]["tokens_per_s"] > 0 and g["generation"]["tokens_per_cpu_s"] > 0
+    assert pruned["gguf"]["f16"]["bytes"] < parent["gguf"]["f16"]["bytes"]
+    assert parent["gguf"]["f16"]["prompt_speedup"] == 1.0
