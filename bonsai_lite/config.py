@@ -62,6 +62,7 @@ class SearchConfig:
         if self.compensate == "auto":
             return self.method in COMPENSATE_AUTO
         return self.compensate == "on"
+    multiple_of: int = 1  # kept MLP units per layer rounded to a multiple of this (prune/align.py); 1 = off
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,6 +83,8 @@ class SearchConfig:
             raise BonsaiError(f"--regression must be unit or allocation, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
+        if self.multiple_of < 1:
+            raise BonsaiError(f"--multiple-of must be at least 1 (1 turns alignment off), got {self.multiple_of}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
 

@@ -12,7 +12,8 @@ with --method random or magnitude on a few random calibration tokens, then `expo
 per-layer widths and/or --uniform). Speed depends on the widths kept, not on which units went, so
 cheap selection is enough. Variants are deleted after measuring unless --keep (8B ones take 10+ GB).
 
-Per-layer exports ship their own modeling file (`auto_map`); they load only with
+Per-layer exports ship their own modeling file (`auto_map`); bonsai-lite's own (byte-identical to
+the one this version writes) load through bonsai-lite's classes, any other only with
 --trust-remote-code, and only when the auto_map names a file inside the directory.
 
   python tools/bench_infer.py --shape tiny --sparsities 0.5 --batch 2 --prefill-len 64 --new-tokens 16 \\
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_engine as BE  # noqa: E402
 from bench_docs import write_infer_docs  # noqa: E402
 from bench_scale import SHAPES, write_random_model  # noqa: E402
-from bonsai_lite.adapt.train import needs_remote_code  # noqa: E402
+from bonsai_lite.io.hf import load_causal_lm  # noqa: E402
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 
@@ -90,12 +91,9 @@ def _timed(fn, device: str, repeats: int) -> list[float]:
 
 
 def load_model(model_dir: Path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    # Raises unless trusted when the directory ships code, and refuses an auto_map pointing outside it.
-    remote = needs_remote_code(model_dir, trusted=trust_remote_code)
+    # bonsai-lite's own per-layer exports load through its own classes; other shipped code needs the flag.
     kw = {"device_map": device} if device.startswith("cuda") else {}
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=remote, **kw).eval()
+    return load_causal_lm(model_dir, trust_remote_code=trust_remote_code, dtype=dtype, **kw).eval()
 
 
 @torch.no_grad()
@@ -133,6 +131,8 @@ def measure(model, *, device: str, vocab: int, batch: int, prefill_len: int, pro
 
 def bench_model(name: str, model_dir: Path, args, *, device: str, dtype: torch.dtype) -> dict:
     sm = StreamedModel.open(model_dir)
+    if args.runtime == "llama.cpp":
+        return bench_gguf(name, model_dir, sm, args)
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
     load_s = time.perf_counter() - t0
@@ -147,6 +147,20 @@ def bench_model(name: str, model_dir: Path, args, *, device: str, dtype: torch.d
             torch.cuda.empty_cache()
     return {"name": name, "dir": str(model_dir), "params": sm.params(),
             "non_embedding_params": sm.spec.non_embedding_params(sm.layers), "load_seconds": load_s, **res}
+
+
+def bench_gguf(name: str, model_dir: Path, sm, args) -> dict:
+    """The model as GGUF files (f16 and llama.cpp quantisations), each timed in llama.cpp."""
+    import llamacpp_runtime as LR
+
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-", dir=args.work_dir) as tmp:
+        files = LR.make_ggufs(model_dir, Path(tmp), [q for q in args.quants.split(",") if q])
+        runs = {q: LR.measure_gguf(f, vocab=sm.spec.vocab, prefill_len=args.prefill_len, prompt_len=args.prompt_len,
+                                   new_tokens=args.new_tokens, threads=args.threads or 2, warmup=args.warmup,
+                                   repeats=args.repeats, seed=args.seed) for q, f in files.items()}
+    widths = [len(s.mlp) for s in sm.layers]
+    return {"name": name, "dir": str(model_dir), "params": sm.params(),
+            "non_embedding_params": sm.spec.non_embedding_params(sm.layers), "mlp_widths": widths, "gguf": runs}
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -167,9 +181,6 @@ def run(args) -> dict:
     formats = [f for f in args.formats.split(",") if f]
     if any(f not in FORMATS for f in formats):
         raise SystemExit(f"--formats takes {', '.join(FORMATS)}, got {args.formats!r}")
-    if args.shape and "per-layer" in formats and not args.trust_remote_code:
-        raise SystemExit("per-layer exports ship modeling_bonsai.py and load only with --trust-remote-code "
-                         "(or pass --formats uniform)")
     deadline = time.perf_counter() + (args.deadline or math.inf)
     tmp = tempfile.TemporaryDirectory(prefix="bench-infer-") if args.shape and args.work_dir is None else None
     results = []
@@ -200,6 +211,13 @@ def run(args) -> dict:
                         shutil.rmtree(out, ignore_errors=True)
     ref = results[0]
     for r in results:
+        if args.runtime == "llama.cpp":
+            r["params_fraction"] = r["non_embedding_params"] / ref["non_embedding_params"]
+            for q, m in r["gguf"].items():
+                m["prompt_speedup"] = m["prompt"]["tokens_per_s"] / ref["gguf"][q]["prompt"]["tokens_per_s"]
+                m["generation_speedup"] = m["generation"]["tokens_per_s"] / ref["gguf"][q]["generation"]["tokens_per_s"]
+                m["size_fraction"] = m["bytes"] / ref["gguf"][q]["bytes"]
+            continue
         r["prefill_speedup"] = r["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"]
         r["decode_speedup"] = ref["decode"]["ms_per_token"] / r["decode"]["ms_per_token"] \
             if r["decode"]["ms_per_token"] > 0 else None
@@ -208,7 +226,8 @@ def run(args) -> dict:
         tmp.cleanup()
     return {
         "tool": "bench_infer", "hardware": BE.hardware(), "commit": BE.commit(),
-        "settings": {"model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "settings": {"runtime": args.runtime, "quants": args.quants if args.runtime == "llama.cpp" else None,
+                     "model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
                      "batch": args.batch, "prefill_len": args.prefill_len, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
                      "method": args.method if args.shape else None, "seed": args.seed},
@@ -222,6 +241,9 @@ def parse_args(argv):
     src.add_argument("--models", nargs="+", metavar="NAME=DIR", help="model directories; the first is the reference")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random parent of this shape plus pruned variants")
     src.add_argument("--from-json", nargs="+", metavar="FILE", help="record earlier results (e.g. from a GPU machine)")
+    ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
+                    help="llama.cpp: export each model to GGUF (f16 + --quants) and time it in llama.cpp")
+    ap.add_argument("--quants", default="f16,q8_0", help="--runtime llama.cpp: f16 and llama.cpp quantisations")
     ap.add_argument("--work-dir", default=None, help="where --shape writes the parent and variants (default: temp)")
     ap.add_argument("--sparsities", default="0.2,0.35,0.5")
     ap.add_argument("--formats", default="per-layer,uniform", help="per-layer and/or uniform exports")
@@ -254,14 +276,15 @@ def main(argv: list[str] | None = None):
         results = [json.loads(Path(f).read_text()) for f in args.from_json]
         if args.write_docs:
             for res in results:
-                write_infer_docs(res)
+                if res["settings"].get("runtime", "transformers") == "transformers":
+                    write_infer_docs(res)
         return results
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
     result["command"] = "python tools/bench_infer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1))
-    if args.write_docs:
+    if args.write_docs and args.runtime == "transformers":
         write_infer_docs(result)
     return result
 

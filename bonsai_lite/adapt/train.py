@@ -30,12 +30,12 @@ from bonsai_lite.adapt.merge import export_adapted, lora_deltas
 from bonsai_lite.adapt.teacher import build_teacher_cache, cache_bytes, tokens_sha256
 from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.errors import BonsaiError, CheckpointError
+from bonsai_lite.io.hf import load_causal_lm, needs_remote_code, own_model_class  # noqa: F401 (needs_remote_code: tools)
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.progress import METRICS_NAME, NullProgress, peak_rss_bytes, reset_peaks
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.planner import check_device, detect_machine, fmt_bytes
-from bonsai_lite.structure import read_config
 
 log = logging.getLogger(__name__)
 
@@ -102,30 +102,6 @@ class AdaptConfig:
                 "tokens_sha256": tokens_hash, "model_fingerprint": model_fingerprint}
 
 
-def needs_remote_code(model_dir: str | Path, *, trusted: bool) -> bool:
-    """True when the directory ships its own modeling file (per-layer-width exports) and the user allowed it.
-
-    Only files inside the directory are ever run: an `auto_map` naming another repository is refused.
-    """
-    root = Path(model_dir).resolve()
-    auto = read_config(root).get("auto_map")
-    if not auto:
-        return False
-    refs = [r for v in auto.values() for r in (v if isinstance(v, (list, tuple)) else [v]) if r]
-    files = set()
-    for ref in refs:
-        if "--" in ref:
-            raise CheckpointError(f"{root}: config.json auto_map points at another repository ({ref!r}); refusing")
-        path = (root / (ref.rsplit(".", 1)[0].replace(".", "/") + ".py")).resolve()
-        if root not in path.parents or not path.is_file():
-            raise CheckpointError(f"{root}: config.json auto_map names {ref!r}, which is not a file in the directory")
-        files.add(path.name)
-    if not trusted:
-        raise CheckpointError(f"{root} ships its own modeling code ({', '.join(sorted(files))}: a per-layer-width "
-                              "pruned export); read it, then pass --trust-remote-code to load it")
-    return True
-
-
 def batch_rows(step: int, *, windows: int, batch: int, seed: int) -> np.ndarray:
     """Window indices of step `step`: consecutive slices of per-epoch seeded permutations."""
     rows = []
@@ -148,10 +124,7 @@ def _resolve_device(cfg: AdaptConfig) -> tuple[torch.device, torch.dtype, bool]:
 
 
 def load_student(cfg: AdaptConfig, *, device, dtype):
-    from transformers import AutoModelForCausalLM
-
-    remote = needs_remote_code(cfg.pruned, trusted=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(cfg.pruned, dtype=dtype, trust_remote_code=remote).to(device)
+    model = load_causal_lm(cfg.pruned, trust_remote_code=cfg.trust_remote_code, dtype=dtype).to(device)
     model.config.use_cache = False
     if torch.device(device).type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -243,7 +216,8 @@ def adapt(cfg: AdaptConfig, *, run_dir: str | Path | None = None, restart: bool 
                 raise BonsaiError(f"{flag} {inner} is inside --out {out}, which the export replaces; "
                                   f"choose a {flag} outside it")
     pruned = StreamedModel.open(cfg.pruned)  # fails fast on missing / unsupported / corrupt checkpoints
-    needs_remote_code(cfg.pruned, trusted=cfg.trust_remote_code)
+    if own_model_class(cfg.pruned) is None:  # fail fast, before the teacher pass, on foreign code
+        needs_remote_code(cfg.pruned, trusted=cfg.trust_remote_code)
     tokens = windows(tokenize(load_tokenizer(cfg.pruned), read_text(cfg.data)), cfg.seq_len, max_tokens=cfg.max_tokens)
     n_windows = tokens.shape[0]
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil(n_windows / cfg.batch_size)

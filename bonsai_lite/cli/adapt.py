@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=100, help="commit the resumable run state every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow loading the modeling file a per-layer-width pruned export ships in its directory")
+                   help="allow loading a modeling file shipped in the directory that is not the one this version of "
+                        "bonsai-lite writes (its own per-layer exports load without this flag)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory (default: OUT.run/teacher)")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing training state and start over")

@@ -51,9 +51,15 @@ def add_parser(sub) -> None:
     p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                   help="keep every layer's MLP width a multiple of N (fast kernels in llama.cpp and on GPUs); "
+                        "1 = off; default 32 when the parent's MLP has at least 1024 units, else 1")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--gguf", default=None, metavar="OUT.gguf",
+                   help="also write the export as GGUF for llama.cpp (as `bonsai-lite export-gguf OUT OUT.gguf`)")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16"])
     p.add_argument("--checkpoint-masks", type=int, default=None, metavar="N",
                    help="save the run state after at most N evaluated sub-models (default: after each pass of "
                         "the memory plan, at most ~10 minutes of work); smaller loses less work to a crash but "
@@ -79,7 +85,7 @@ def config_from_args(args) -> RunConfig:
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
-                          compensate=args.compensate, regression=args.regression)
+                          compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args))
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
@@ -102,6 +108,15 @@ def _fit_time_budget(args) -> dict:
     return e.settings
 
 
+def _multiple_of(args) -> int:
+    if args.multiple_of is not None:
+        return args.multiple_of
+    from bonsai_lite.prune.align import auto_multiple_of
+    from bonsai_lite.structure import load_spec
+
+    return auto_multiple_of(load_spec(args.model_dir).intermediate)
+
+
 def run(args) -> int:
     from bonsai_lite.prune.api import prune
 
@@ -109,6 +124,16 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.checkpoint_masks is not None and args.checkpoint_masks < 1:
         raise BonsaiError(f"--checkpoint-masks must be at least 1, got {args.checkpoint_masks}")
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is not None and (gguf.suffix != ".gguf" or gguf.is_dir() or (gguf.exists() and not args.overwrite)):
+        raise BonsaiError(f"--gguf {gguf}: must be a new file ending in .gguf (or pass --overwrite)")
+    if gguf is not None:
+        from bonsai_lite.export.gguf import check_tokenizer
+
+        try:
+            check_tokenizer(args.model_dir)  # before the search, not after it
+        except ValueError as e:
+            raise BonsaiError(f"--gguf: {e}") from e
     rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
     if rank is not None:  # torchrun: say which rank speaks; only rank 0 draws progress bars
         for h in logging.getLogger().handlers:
@@ -119,6 +144,13 @@ def run(args) -> int:
     if "rank" in result:  # a worker of a distributed run: rank 0 reports the outcome
         log.info("evaluated %d sub-models for rank 0", result["sub_models_evaluated"])
         return 0
+    if gguf is not None:
+        from bonsai_lite.export.gguf import export_gguf
+
+        try:
+            result["gguf"] = str(export_gguf(result["out"], gguf, dtype=args.gguf_dtype, overwrite=args.overwrite).out)
+        except ValueError as e:
+            raise BonsaiError(str(e)) from e
     result["seconds"] = time.perf_counter() - t0
     log.info("pruned %s -> %s: %d -> %d parameters (%.1f%% of prunable removed) in %.0f s", cfg.model, result["out"],
              result["params_before"], result["params_after"],

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # llama.cpp architectures whose rotary embedding rotates halves of each head, as transformers does.
 NEOX_ROPE_ARCHS = frozenset({"qwen2"})
+# llama.cpp architectures that size q and o as hidden x hidden, whatever the head count says.
+FULL_WIDTH_ARCHS = frozenset({"qwen2"})
 _TORCH = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -132,6 +134,9 @@ def export_gguf(model_dir, out_path, *, dtype: str = "f16", tokenizer: bool = Tr
     a, hd = spec.adapter, spec.head_dim
     per_layer = bool(raw.get(PER_LAYER_KEY))
     arch = "deci" if per_layer else a.gguf_arch
+    if arch in FULL_WIDTH_ARCHS and len(spec.layers[0].heads) * hd != spec.hidden:
+        log.info("llama.cpp's %s needs heads x head size = hidden size; writing the pruned model as llama", arch)
+        arch = "llama"  # same blocks (q/k/v biases included), widths read from the metadata
     pairs = arch not in NEOX_ROPE_ARCHS
     base = _rope_base(spec)
     if spec.sliding_window is not None and spec.sliding_window < raw.get("max_position_embeddings", 0):
@@ -237,6 +242,13 @@ def _tokenizer(model_dir: Path, raw: dict, vocab: int):
         return None
     log.info("tokenizer: converted from %s/tokenizer.json (byte-level BPE)", model_dir)
     return ("hf", gio.hf_bpe_tokenizer(model_dir, vocab))
+
+
+def check_tokenizer(model_dir) -> None:
+    """Raise ValueError now if `export_gguf(model_dir, tokenizer=True)` would fail on the tokenizer."""
+    model_dir = Path(model_dir)
+    if _parent_gguf(model_dir) is None and ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
+        gio.hf_bpe_tokenizer(model_dir, load_spec(model_dir).vocab)
 
 
 def _parent_gguf(model_dir: Path) -> Path | None:

@@ -110,15 +110,6 @@ def test_bench_infer_fields(results):
         assert not (work / f"tiny-{m['name']}").exists()  # variants deleted without --keep
 
 
-def test_per_layer_needs_trust(results):
-    sys.path.insert(0, str(TOOLS))
-    import bench_infer
-
-    args = bench_infer.parse_args(["--shape", "tiny", "--formats", "per-layer"])
-    with pytest.raises(SystemExit, match="trust-remote-code"):
-        bench_infer.run(args)
-
-
 def test_docs_rewrite_only_own_block(results, tmp_path, monkeypatch):
     _, scale, infer = results
     sys.path.insert(0, str(TOOLS))
