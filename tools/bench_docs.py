@@ -372,7 +372,7 @@ def draw_plots() -> list[Path]:
 
 
 def regenerate() -> dict:
-    """Every block and plot of docs/PERFORMANCE.md from docs/results/*.json."""
+    """Every block and plot of docs/PERFORMANCE.md (and docs/demo.md's table) from docs/results/*.json."""
     plots = draw_plots()
     counts = {}
     for tool, render in (("bench_engine", render_engine), ("bench_scale", render_scale),
@@ -385,6 +385,11 @@ def regenerate() -> dict:
     counts["scale"] = len(scale_cpu)
     if scale_cpu:
         write_block("scale_cpu", SD.render(scale_cpu).splitlines())
+    import bench_distributed  # noqa: PLC0415 - their blocks come from their own records in docs/results
+    import gguf_docs  # noqa: PLC0415
+
+    bench_distributed.write_docs()
+    gguf_docs.main()
     if read_records("demo"):
         write_block("demo", render_demo(read_records("demo")), DEMO_DOCS)
     return {"docs": str(DOCS), "records": counts, "plots": [str(p) for p in plots]}
