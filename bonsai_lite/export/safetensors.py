@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import struct
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,9 +37,8 @@ from bonsai_lite import __version__
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.export.plan import ShardJob, biases_per_layer, check_structure, check_uniform, materialise, plan_shards
 from bonsai_lite.io.checkpoint import DTYPES, INDEX_NAME, Checkpoint
-from bonsai_lite.io.outdir import staging_dir
+from bonsai_lite.io.outdir import publish, staging_dir
 from bonsai_lite.prune.faults import checkpoint
-from bonsai_lite.prune.state import fsync_dir
 from bonsai_lite.structure import PER_LAYER_KEY, LayerStructure, ModelSpec, load_spec, read_config
 
 log = logging.getLogger(__name__)
@@ -122,7 +120,7 @@ def export_pruned(parent_dir, layers: tuple[LayerStructure, ...], out_dir, *, un
             _write_text(tmp / MODELING_FILE, asset.read_text(encoding="utf-8"))
         _write_text(tmp / EXPORT_INFO, info)
         _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _publish(tmp, out, overwrite=overwrite)
+        publish(tmp, out, overwrite=overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -228,27 +226,6 @@ def _check_destination(parent: Path, out: Path, *, overwrite: bool) -> None:
         if not overwrite:
             raise BonsaiError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it, "
                               "or choose another output directory")
-
-
-def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the finished export into place; an existing output is swapped out only at this point."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise BonsaiError(f"{out} appeared while exporting; not replacing it (pass overwrite=True)")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    fsync_dir(out.parent)
 
 
 def _write_text(path: Path, text: str) -> None:

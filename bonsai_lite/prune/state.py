@@ -21,22 +21,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
 from bonsai_lite.errors import BonsaiError
+from bonsai_lite.io.outdir import fsync_dir
 
 STATE = "state.json"
 LOCK = "lock"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save_error(folder: Path, e: OSError) -> BonsaiError:
