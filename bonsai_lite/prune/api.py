@@ -87,6 +87,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     if out.exists() and not overwrite:
         raise BonsaiError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     parent = StreamedModel.open(cfg.model)  # fails fast on missing/unsupported/corrupt checkpoints
+    cfg = _check_compensation(cfg, parent.spec)
     if cfg.spill_dir:
         try:
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,28 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         "iterations": len(outcome.history),
         "history": outcome.history,
     }
+
+
+def _check_compensation(cfg: RunConfig, spec) -> RunConfig:
+    """A --uniform export writes a stock config: compensation biases on o_proj / down_proj need a
+    config switch for them (Llama's attention_bias / mlp_bias). Refused up front when asked for,
+    switched off (with a log line) when it was only the default."""
+    from dataclasses import replace
+
+    from bonsai_lite.export import STOCK_BIASES
+
+    s = cfg.search
+    if not (s.uniform and s.compensates):
+        return cfg
+    always, flags = STOCK_BIASES.get(spec.adapter.name, ((), {}))
+    covered = set(always).union(*flags.values()) if flags else set(always)
+    if {"o", "down"} <= covered:
+        return cfg
+    if s.compensate == "on":
+        raise BonsaiError(f"--compensate on with --uniform: a stock {spec.adapter.name} config has no bias on "
+                          "o_proj/down_proj to hold the compensation; drop --uniform or use --compensate off")
+    log.info("--uniform on %s: compensation switched off (a stock config cannot hold its biases)", spec.adapter.name)
+    return replace(cfg, search=replace(s, compensate="off"))
 
 
 def _remove_stale_exports(out: Path) -> None:
