@@ -32,6 +32,7 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     results = tmp_path / "results"
     common = ["--model", str(model), "--model-name", "tiny", "--calib", str(calib), "--eval", str(calib),
               "--methods", "bonsai,flap", "--sparsities", "0.2", "--seeds", "0,1", "--variants", "compensate=off",
+              "--variant-seeds", "0,1",
               "--preset", "quick", "--seq-len", "32", "--eval-tokens", "256", "--work", str(tmp_path / "work"),
               "--results-dir", str(results), "--threads", "1"]
     _bench(*common)
