@@ -22,6 +22,7 @@ IMG = ROOT / "docs" / "img"
 RESULTS_DIR = ROOT / "docs" / "results"
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
+SAME_COMPUTE = {"compensate", "regression", "rank", "spread"}  # variants that leave the compute unchanged
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -162,8 +163,15 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.2 * max(1, len(sparsities)), 3.8), squeeze=False)
     for ax, sp in zip(axes[0], sparsities):
         for method in sorted({k[2] for k in agg if k[3] == sp}):
-            pts = sorted((v["forward_tokens"], v["mean"]) for k, v in agg.items() if k[2] == method and k[3] == sp)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            # the frontier: rows that differ in compute (presets, masks, tokens, p_iter) joined by a
+            # line; same-compute variants (compensation, regression model, ranking) as hollow markers
+            rows = [(k, v) for k, v in agg.items() if k[2] == method and k[3] == sp]
+            pts = sorted((v["forward_tokens"], v["mean"]) for k, v in rows if k[4].split("=")[0] not in SAME_COMPUTE)
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)[0]
+            for k, v in rows:
+                if k[4].split("=")[0] in SAME_COMPUTE:
+                    ax.plot([v["forward_tokens"]], [v["mean"]], marker="o", mfc="none", color=line.get_color())
+                    ax.annotate(k[4], (v["forward_tokens"], v["mean"]), fontsize=6)
         ax.set(title=f"sparsity {sp:.2f}", xlabel="forward tokens spent pruning", ylabel="perplexity",
                xscale="log", yscale="log")
         ax.legend(fontsize=7)
