@@ -119,6 +119,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "prune_seconds": prune_s, "prune_resumed": resumed,
         "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)),
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
+        "regression": [h["regression"] for h in hist if "regression" in h],
         "params": res["params_after"], "prunable_params": res["prunable_params_after"],
         "prunable_params_before": res["prunable_params_before"],
         **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
