@@ -172,6 +172,9 @@ def jobs(args) -> list[tuple[str, float, int, str]]:
             for v in variants if sp in v_sp and seed in v_seeds else ():
                 for m in methods:
                     name = v.split("=", 1)[0]
+                    if name == "compensate" and SearchConfig(method=m, compensate=v.split("=", 1)[1]).compensates == \
+                            SearchConfig(method=m).compensates:
+                        continue  # the default row already runs it
                     if m in SEARCH_METHODS or name in ONE_PASS_VARIANTS:
                         if m != "flap" or name != "p_iter":  # FLAP is one shot
                             out.append((m, sp, seed, v))

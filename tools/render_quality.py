@@ -34,14 +34,26 @@ def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
     return out
 
 
+def label(r: dict) -> str:
+    """Method as shown: with "+comp" when the run compensated (the default changed between commits,
+    so the flag in each record, not the variant name, says what ran)."""
+    return r["method"] + (" +comp" if r.get("compensate") else "")
+
+
+def _variant(r: dict) -> str:
+    v = r.get("variant", "")
+    return "" if v.startswith("compensate=") else v
+
+
 def aggregate(records: list[dict]) -> dict[tuple, dict]:
     """(model, preset, method, sparsity, variant) -> mean/spread over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["method"] != "parent":
-            groups[(r["model"], r["preset"], r["method"], r["sparsity"], r.get("variant", ""))].append(r)
+            groups[(r["model"], r["preset"], label(r), r["sparsity"], _variant(r))].append(r)
     out = {}
     for key, rs in groups.items():
+        rs = list({r["seed"]: r for r in reversed(rs)}.values())  # one run per seed (a variant may equal the default)
         ppl = [r["perplexity"] for r in rs]
         out[key] = {
             "n": len(rs), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.fmean(ppl),
@@ -103,8 +115,8 @@ def render(records: list[dict]) -> str:
                       "| sparsity | method | variant | seeds | mean ppl (variant) | mean ppl (default, same seeds) | prune s |",
                       "| --- | --- | --- | --- | ---: | ---: | ---: |"]
             for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
-                base = [r["perplexity"] for r in records if (r["model"], r["preset"], r["method"], r["sparsity"]) ==
-                        k[:4] and not r.get("variant") and r["seed"] in v["seeds"]]
+                base = [r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"]) ==
+                        k[:4] and not _variant(r) and r["seed"] in v["seeds"]]
                 lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} | {_f(v['mean'])} | "
                              f"{_f(statistics.fmean(base)) if base else '-'} | {v['prune_seconds']:.0f} |")
             lines.append("")
