@@ -133,7 +133,7 @@ def test_uniform_export_and_compensation_checked_up_front(tiny_models, tmp_path)
 
     for case, holds in (("llama-gqa-tied", True), ("mistral-gqa", False), ("qwen2-gqa-bias", False)):
         spec = StreamedModel.open(tiny_models[case]).spec
-        base = _cfg(tiny_models[case], tmp_path / "o", "bonsai")
+        base = _cfg(tiny_models[case], tmp_path / "o", "flap")  # compensates by default
         auto = replace(base, search=replace(base.search, uniform=True, compensate="auto"))
         assert _check_compensation(auto, spec).search.compensates is holds
         on = replace(base, search=replace(base.search, uniform=True, compensate="on"))
