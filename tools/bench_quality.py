@@ -119,6 +119,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "prune_seconds": prune_s, "prune_resumed": resumed,
         "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)),
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
+        "regression": [h["regression"] for h in hist if "regression" in h],
         "params": res["params_after"], "prunable_params": res["prunable_params_after"],
         "prunable_params_before": res["prunable_params_before"],
         **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -171,6 +172,9 @@ def jobs(args) -> list[tuple[str, float, int, str]]:
             for v in variants if sp in v_sp and seed in v_seeds else ():
                 for m in methods:
                     name = v.split("=", 1)[0]
+                    if name == "compensate" and SearchConfig(method=m, compensate=v.split("=", 1)[1]).compensates == \
+                            SearchConfig(method=m).compensates:
+                        continue  # the default row already runs it
                     if m in SEARCH_METHODS or name in ONE_PASS_VARIANTS:
                         if m != "flap" or name != "p_iter":  # FLAP is one shot
                             out.append((m, sp, seed, v))

@@ -22,6 +22,7 @@ IMG = ROOT / "docs" / "img"
 RESULTS_DIR = ROOT / "docs" / "results"
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
+SAME_COMPUTE = {"compensate", "regression", "rank", "spread"}  # variants that leave the compute unchanged
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -33,14 +34,26 @@ def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
     return out
 
 
+def label(r: dict) -> str:
+    """Method as shown: with "+comp" when the run compensated (the default changed between commits,
+    so the flag in each record, not the variant name, says what ran)."""
+    return r["method"] + (" +comp" if r.get("compensate") else "")
+
+
+def _variant(r: dict) -> str:
+    v = r.get("variant", "")
+    return "" if v.startswith("compensate=") else v
+
+
 def aggregate(records: list[dict]) -> dict[tuple, dict]:
     """(model, preset, method, sparsity, variant) -> mean/spread over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["method"] != "parent":
-            groups[(r["model"], r["preset"], r["method"], r["sparsity"], r.get("variant", ""))].append(r)
+            groups[(r["model"], r["preset"], label(r), r["sparsity"], _variant(r))].append(r)
     out = {}
     for key, rs in groups.items():
+        rs = list({r["seed"]: r for r in reversed(rs)}.values())  # one run per seed (a variant may equal the default)
         ppl = [r["perplexity"] for r in rs]
         out[key] = {
             "n": len(rs), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.fmean(ppl),
@@ -102,8 +115,8 @@ def render(records: list[dict]) -> str:
                       "| sparsity | method | variant | seeds | mean ppl (variant) | mean ppl (default, same seeds) | prune s |",
                       "| --- | --- | --- | --- | ---: | ---: | ---: |"]
             for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
-                base = [r["perplexity"] for r in records if (r["model"], r["preset"], r["method"], r["sparsity"]) ==
-                        k[:4] and not r.get("variant") and r["seed"] in v["seeds"]]
+                base = [r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"]) ==
+                        k[:4] and not _variant(r) and r["seed"] in v["seeds"]]
                 lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} | {_f(v['mean'])} | "
                              f"{_f(statistics.fmean(base)) if base else '-'} | {v['prune_seconds']:.0f} |")
             lines.append("")
@@ -162,8 +175,15 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.2 * max(1, len(sparsities)), 3.8), squeeze=False)
     for ax, sp in zip(axes[0], sparsities):
         for method in sorted({k[2] for k in agg if k[3] == sp}):
-            pts = sorted((v["forward_tokens"], v["mean"]) for k, v in agg.items() if k[2] == method and k[3] == sp)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            # the frontier: rows that differ in compute (presets, masks, tokens, p_iter) joined by a
+            # line; same-compute variants (compensation, regression model, ranking) as hollow markers
+            rows = [(k, v) for k, v in agg.items() if k[2] == method and k[3] == sp]
+            pts = sorted((v["forward_tokens"], v["mean"]) for k, v in rows if k[4].split("=")[0] not in SAME_COMPUTE)
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)[0]
+            for k, v in rows:
+                if k[4].split("=")[0] in SAME_COMPUTE:
+                    ax.plot([v["forward_tokens"]], [v["mean"]], marker="o", mfc="none", color=line.get_color())
+                    ax.annotate(k[4], (v["forward_tokens"], v["mean"]), fontsize=6)
         ax.set(title=f"sparsity {sp:.2f}", xlabel="forward tokens spent pruning", ylabel="perplexity",
                xscale="log", yscale="log")
         ax.legend(fontsize=7)

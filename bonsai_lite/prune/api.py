@@ -92,7 +92,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     """
     ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
     if ranks is None:
-        parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite)
+        cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite)
         return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
                                   show_progress=show_progress, checkpoint_masks=checkpoint_masks)
     with ranks:
@@ -102,7 +102,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
             cfg = replace(cfg, budget=host_budget_share(ranks, device=cfg.device, budget=cfg.budget,
                                                         default_budget=single))
-            parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root)
+            cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)
         except BonsaiError as e:
@@ -125,8 +125,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
 def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool = True):
     """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
 
-    Returns the parent model and the calibration ids (None when they are to be sampled from the
-    model). Ranks other than 0 check only what they use: the model, the spill dir and their budget.
+    Returns the config (compensation possibly switched off), the parent model and the calibration
+    ids (None when they are to be sampled from the model). Ranks other than 0 check only what they use: the model, the spill dir and their budget.
     """
     out = Path(cfg.out)
     if root:  # only rank 0 writes the run state and the export
@@ -136,6 +136,7 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
             raise BonsaiError(f"--run-dir {state_dir} is inside --out {out}, which the export replaces; choose a "
                               "--run-dir outside it")
     parent = StreamedModel.open(cfg.model)  # fails fast on missing/unsupported/corrupt checkpoints
+    cfg = _check_compensation(cfg, parent.spec)
     _check_search(cfg, parent)
     if root:
         check_free_space(out.parent, export_bytes(parent, cfg.search.sparsity), what=f"the pruned model {out}")
@@ -151,7 +152,7 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
         _check_length(cfg, ids)
-    return parent, ids
+    return cfg, parent, ids
 
 
 def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, overwrite: bool,
@@ -223,6 +224,28 @@ def _check_search(cfg: RunConfig, parent: StreamedModel) -> None:
         raise BonsaiError(f"--p-iter {cfg.search.p_iter} perturbs {perturbed} unit(s) of this model (layers of "
                           f"{max(sizes)} units at most), so its sub-models would not differ; use --p-iter {least:.3g} "
                           "or more")
+
+
+def _check_compensation(cfg: RunConfig, spec) -> RunConfig:
+    """A --uniform export writes a stock config: compensation biases on o_proj / down_proj need a
+    config switch for them (Llama's attention_bias / mlp_bias). Refused up front when asked for,
+    switched off (with a log line) when it was only the default."""
+    from dataclasses import replace
+
+    from bonsai_lite.export.plan import STOCK_BIASES
+
+    s = cfg.search
+    if not (s.uniform and s.compensates):
+        return cfg
+    always, flags = STOCK_BIASES.get(spec.adapter.name, ((), {}))
+    covered = set(always).union(*flags.values()) if flags else set(always)
+    if {"o", "down"} <= covered:
+        return cfg
+    if s.compensate == "on":
+        raise BonsaiError(f"--compensate on with --uniform: a stock {spec.adapter.name} config has no bias on "
+                          "o_proj/down_proj to hold the compensation; drop --uniform or use --compensate off")
+    log.info("--uniform on %s: compensation switched off (a stock config cannot hold its biases)", spec.adapter.name)
+    return replace(cfg, search=replace(s, compensate="off"))
 
 
 def _remove_stale_exports(out: Path) -> None:

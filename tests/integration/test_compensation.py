@@ -123,3 +123,22 @@ def test_allocation_regression_runs_in_the_loop(tiny_models, tmp_path):
     removed = cfg.search.sparsity * StreamedModel.open(model_dir).spec.non_embedding_params()
     left = StreamedModel.open(model_dir).with_layers(outcome.layers).spec.non_embedding_params(outcome.layers)
     assert StreamedModel.open(model_dir).spec.non_embedding_params() - left >= removed
+
+
+def test_uniform_export_and_compensation_checked_up_front(tiny_models, tmp_path):
+    from dataclasses import replace
+
+    from bonsai_lite.errors import BonsaiError
+    from bonsai_lite.prune.api import _check_compensation
+
+    for case, holds in (("llama-gqa-tied", True), ("mistral-gqa", False), ("qwen2-gqa-bias", False)):
+        spec = StreamedModel.open(tiny_models[case]).spec
+        base = _cfg(tiny_models[case], tmp_path / "o", "flap")  # compensates by default
+        auto = replace(base, search=replace(base.search, uniform=True, compensate="auto"))
+        assert _check_compensation(auto, spec).search.compensates is holds
+        on = replace(base, search=replace(base.search, uniform=True, compensate="on"))
+        if holds:
+            assert _check_compensation(on, spec) is on
+        else:
+            with pytest.raises(BonsaiError, match="--compensate on with --uniform"):
+                _check_compensation(on, spec)
