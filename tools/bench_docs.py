@@ -372,7 +372,8 @@ def draw_plots() -> list[Path]:
 
 
 def regenerate() -> dict:
-    """Every block and plot of docs/PERFORMANCE.md (and docs/demo.md's table) from docs/results/*.json."""
+    """Every generated table and plot from docs/results/*.json: docs/PERFORMANCE.md, docs/RESULTS.md
+    (tools/render_quality.py), docs/demo.md's table and docs/img/."""
     plots = draw_plots()
     counts = {}
     for tool, render in (("bench_engine", render_engine), ("bench_scale", render_scale),
@@ -388,8 +389,11 @@ def regenerate() -> dict:
     import bench_distributed  # noqa: PLC0415 - their blocks come from their own records in docs/results
     import gguf_docs  # noqa: PLC0415
 
+    import render_quality  # noqa: PLC0415 - docs/RESULTS.md's tables and plots, from the quality records
+
     bench_distributed.write_docs()
     gguf_docs.main()
+    render_quality.render_docs(render_quality.load_records())
     if read_records("demo"):
         write_block("demo", render_demo(read_records("demo")), DEMO_DOCS)
     return {"docs": str(DOCS), "records": counts, "plots": [str(p) for p in plots]}
