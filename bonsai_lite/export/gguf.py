@@ -35,6 +35,7 @@ from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.export.plan import biases_per_layer, materialise, plan_shards
 from bonsai_lite.io import gguf as gio
 from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.io.outdir import file_mode
 from bonsai_lite.structure import PER_LAYER_KEY, load_spec, read_config
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def export_gguf(model_dir, out_path, *, dtype: str = "f16", tokenizer: bool = Tr
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
         os.close(fd)
+        os.chmod(tmp_name, file_mode())  # like any file the user creates, not mkstemp's 0600
     except OSError as e:
         raise BonsaiError(f"cannot write to {out.parent}: {e.strerror or e}") from e
     tmp = Path(tmp_name)

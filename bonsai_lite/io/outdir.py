@@ -40,6 +40,11 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp's files are 0600)."""
+    return 0o666 & ~_umask()
+
+
 def check_destination(out: Path, inputs: dict[str, Path | None], *, overwrite: bool, flag: str = "--out") -> None:
     """Refuse an output that is, or contains, an input; that is a file; or that exists without overwrite."""
     o = Path(out).resolve()

@@ -109,6 +109,22 @@ def test_half_precision_gguf_stays_close(tiny_models, tiny_tokens, tmp_path, dty
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask 022", "umask 002"])
+def test_gguf_file_follows_the_umask(tiny_models, tmp_path, mask):
+    """Issue 11 item 13 for the GGUF writer: mkstemp's 0600 was the file's mode whatever the umask."""
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        out = export_gguf(tiny_models["llama-gqa-tied"], tmp_path / "m.gguf", dtype="f32").out
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+
+
 def test_refuses_to_clobber_and_leaves_nothing_on_failure(tiny_models, tmp_path, monkeypatch):
     parent = tiny_models["llama-gqa-tied"]
     target = tmp_path / "m.gguf"
