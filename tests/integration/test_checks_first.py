@@ -171,7 +171,9 @@ def test_text_that_is_not_text_warns(done, tmp_path, caplog, kind):
         data.write_bytes(torch.randint(0, 256, (6000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
                          .numpy().tobytes())
     elif kind == "latin-1":
-        data.write_bytes(calib.read_text()[:6000].replace(" the ", " café ").encode("latin-1", errors="replace"))
+        # "café" appended too: the fixture's calibration text need not contain " the " (no shared/ data)
+        text = calib.read_text()[:6000].replace(" the ", " café ") + " un café noir "
+        data.write_bytes(text.encode("latin-1", errors="replace"))
     else:
         data.write_text(" ".join(f"zq{i}x" for i in range(2000)))
     with caplog.at_level("WARNING"):
