@@ -89,13 +89,7 @@ def lines(series: dict[str, list[tuple[float, float]]], path: str | Path, *, xla
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return _save(fig, plt, path)
+    return _finish(fig, ax, plt, path, xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 def scatter(series: dict[str, list[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str,
@@ -113,6 +107,10 @@ def scatter(series: dict[str, list[tuple[float, float]]], path: str | Path, *, x
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    return _finish(fig, ax, plt, path, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def _finish(fig, ax, plt, path, *, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

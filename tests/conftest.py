@@ -47,6 +47,16 @@ def make_tiny_model(out: Path, case: str, *, seed: int = 0, dtype=torch.float32,
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Solvers run thousands of tiny matmuls; on a shared 2-core box BLAS threads spinning against
+    other jobs make them ~10x slower. Restored so other test modules are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

@@ -18,22 +18,11 @@ import torch
 import bonsai_lite.io.outdir as outdir_mod
 from bonsai_lite.cli.main import main
 from bonsai_lite.prune.state import RunState
-from conftest import make_tiny_model, observe
-from test_adapt import TEXT, add_char_tokenizer
+from conftest import observe
+from test_adapt import pair  # noqa: F401 (the same parent/pruned/text fixture)
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapt-safety")
-    parent = add_char_tokenizer(make_tiny_model(root / "parent", "llama-gqa-tied", seed=0))
-    pruned = add_char_tokenizer(make_tiny_model(root / "pruned", "llama-gqa-tied", seed=1,
-                                                shapes=dict(intermediate_size=40)))
-    text = root / "text.txt"
-    text.write_text(TEXT)
-    return parent, pruned, text
 
 
 def digest(*paths: Path) -> dict[str, str]:

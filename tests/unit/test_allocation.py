@@ -7,16 +7,7 @@ from bonsai_lite.search.allocation import fit_allocation, normalised
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import sample_masks
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 def _planted(n_masks, *, seed=0, n_groups=30, size=40, noise=0.05, spread=0.5):
     """Truth: relevance = a_g * prior~_u with group scales a_g spanning 30x (what the prior cannot

@@ -7,17 +7,7 @@ from scipy.stats import kendalltau
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import sample_masks
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The solvers run thousands of tiny matmuls; on a shared 2-core box BLAS threads spinning
-    # against other jobs make them ~10x slower. Restored so other test modules are unaffected.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _planted(*, n_groups=20, group_size=100, n_masks=400, noise=0.05, seed=0):
