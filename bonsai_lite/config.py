@@ -47,6 +47,8 @@ class SearchConfig:
     # "unit": eq. 3, one beta per unit (the paper). "allocation": the prior orders units inside each
     # (layer, kind) group and the masks learn each group's scale (search/allocation.py); it ranks
     # per parameter removed and needs masks that vary each group's kept count (keep_spread 0.5 if 0).
+    # "none": the ablation without sub-models: the same frame (candidates, iterations), ranked by
+    # the group-normalised prior alone, so what the sub-model losses add can be measured.
     regression: str = "unit"
     uniform: bool = False
     seed: int = 0
@@ -81,8 +83,8 @@ class SearchConfig:
         if self.sparsity > MAX_SPARSITY:
             raise BonsaiError(f"--sparsity must be at most {MAX_SPARSITY} (beyond it a model keeps too little of each "
                               f"layer to be useful, and the iterative search stops short of the target), got {self.sparsity}")
-        if self.regression not in ("unit", "allocation"):
-            raise BonsaiError(f"--regression must be unit or allocation, got {self.regression!r}")
+        if self.regression not in ("unit", "allocation", "none"):
+            raise BonsaiError(f"--regression must be unit, allocation or none, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.multiple_of < 1:

@@ -14,7 +14,7 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
-prior_seq=N, rank=R, spread=X, regression=unit|allocation.
+prior_seq=N, rank=R, spread=X, regression=unit|allocation|none (none: the prior alone, no sub-models).
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def jobs(args) -> list[tuple[str, float, int, str]]:
     out = []
     for sp in sparsities:
         for seed in seeds:
-            for m in methods:
+            for m in methods if not args.variants_only else ():
                 out.append((m, sp, seed, ""))
             for v in variants if sp in v_sp and seed in v_seeds else ():
                 for m in methods:
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="", help="comma list of name=value (see the module docstring)")
     ap.add_argument("--variant-sparsities", default="", help="sparsities the variants run at (default: the first)")
     ap.add_argument("--variant-seeds", default="0", help="seeds the variants run at")
+    ap.add_argument("--variants-only", action="store_true", help="skip the default rows (another process runs them)")
     ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-tokens", type=int, default=32768)

@@ -39,9 +39,10 @@ def add_parser(sub) -> None:
                         "per parameter removed")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
-    p.add_argument("--regression", default="unit", choices=["unit", "allocation"],
+    p.add_argument("--regression", default="unit", choices=["unit", "allocation", "none"],
                    help="unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, "
-                        "kind), learned scale per group, ranked per parameter (docs/search-maths.md)")
+                        "kind), learned scale per group, ranked per parameter (docs/search-maths.md); none: no "
+                        "sub-models, the group-normalised prior alone (an ablation)")
     p.add_argument("--compensate", default="auto", choices=["auto", "on", "off"],
                    help="masked units read as their calibration mean during the search and removed units' mean "
                         "output folded into the output biases (auto: where it measured better, docs/RESULTS.md)")

@@ -249,7 +249,10 @@ class Pruner:
         if s.method in ("bonsai", "bonsai-noregress"):
             info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
             search_model = model.with_fills(_fills(means, layers, model.spec.head_dim)) if s.compensates else model
-            if s.method == "bonsai":
+            if s.method == "bonsai" and s.regression == "none":  # ablation: the prior alone, no sub-models
+                scores = torch.where(candidates, normalised_prior(prior, layout.groups()),
+                                     torch.full_like(prior, math.inf))
+            elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
                 if ok.sum() < 4:
@@ -313,7 +316,7 @@ class Pruner:
             new_biases.update(self._compensation(model, layout, drop, means))
         info["compensated_biases"] = len(new_biases)
         # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
-        n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") else 0
+        n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") and s.regression != "none" else 0
         info["forward_tokens"] = self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
                     removed_heads=[int(drop[h].sum()) for h in layout.heads],

@@ -57,6 +57,11 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     assert json.loads(_bench(*common, "--dry-run"))["todo"] == []
     _bench(*common)
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == stamps
+    # --variants-only lists only the variant rows (another process runs the defaults), for the methods
+    # the variant applies to (FLAP and the other one-pass methods have no regression)
+    todo = json.loads(_bench(*common, "--variants", "regression=none", "--variants-only",
+                             "--dry-run"))["todo"]
+    assert todo == [f"quality-tiny-quick-bonsai-20-s{s}-regression_none" for s in (0, 1)]
     # render on a copy of a page: only the block between the markers changes; means come from the records
     sys.path.insert(0, str(ROOT / "tools"))
     from render_quality import BEGIN, END, load_records, render_docs
