@@ -44,6 +44,9 @@ def read_text(source: str | Path) -> str:
             bad = text.count("\ufffd")
             log.warning("%s is not valid UTF-8 (first bad byte at offset %d; %d characters replaced): is it the right "
                         "file, or another encoding (convert it with iconv -t UTF-8)?", path, e.start, bad)
+        # Newlines as Python's text mode reads them (CRLF and CR become LF): the perplexity convention
+        # of docs/RESULTS.md. The WikiText-2 test file has CRLF line ends; the parent's 21.97 is on LF.
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
         if not text.strip():
             raise DataError(f"{path}: the text file is empty")
         return text
