@@ -326,7 +326,7 @@ def _add_tokenizer(w, tok) -> None:
             w.add_key_value(key, value, vtype, sub_type=sub)
         return
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(data["pre"])
     w.add_token_list(data["tokens"])
     w.add_token_types(data["types"])
     data["special"].add_to_gguf(w, quiet=True)
