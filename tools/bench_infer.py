@@ -157,7 +157,8 @@ def bench_gguf(name: str, model_dir: Path, sm, args) -> dict:
         files = LR.make_ggufs(model_dir, Path(tmp), [q for q in args.quants.split(",") if q])
         runs = {q: LR.measure_gguf(f, vocab=sm.spec.vocab, prefill_len=args.prefill_len, prompt_len=args.prompt_len,
                                    new_tokens=args.new_tokens, threads=args.threads or 2, warmup=args.warmup,
-                                   repeats=args.repeats, seed=args.seed) for q, f in files.items()}
+                                   repeats=args.repeats, seed=args.seed, extra_bufts=not args.no_extra_bufts)
+                for q, f in files.items()}
     widths = [len(s.mlp) for s in sm.layers]
     return {"name": name, "dir": str(model_dir), "params": sm.params(),
             "non_embedding_params": sm.spec.non_embedding_params(sm.layers), "mlp_widths": widths, "gguf": runs}
@@ -227,6 +228,7 @@ def run(args) -> dict:
     return {
         "tool": "bench_infer", "hardware": BE.hardware(), "commit": BE.commit(),
         "settings": {"runtime": args.runtime, "quants": args.quants if args.runtime == "llama.cpp" else None,
+                     "extra_bufts": not args.no_extra_bufts if args.runtime == "llama.cpp" else None,
                      "model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
                      "batch": args.batch, "prefill_len": args.prefill_len, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
@@ -244,6 +246,9 @@ def parse_args(argv):
     ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama.cpp"],
                     help="llama.cpp: export each model to GGUF (f16 + --quants) and time it in llama.cpp")
     ap.add_argument("--quants", default="f16,q8_0", help="--runtime llama.cpp: f16 and llama.cpp quantisations")
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="--runtime llama.cpp: load without llama.cpp's extra CPU buffer types (AMX, repacked "
+                         "weights); for CPUs whose AMX kernels die with SIGILL (llamacpp_runtime.model_params)")
     ap.add_argument("--work-dir", default=None, help="where --shape writes the parent and variants (default: temp)")
     ap.add_argument("--sparsities", default="0.2,0.35,0.5")
     ap.add_argument("--formats", default="per-layer,uniform", help="per-layer and/or uniform exports")

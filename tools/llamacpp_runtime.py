@@ -56,16 +56,40 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def model_params(*, extra_bufts: bool = True):
+    """Llama() objects built inside take llama.cpp's model defaults, with `use_extra_bufts` set as
+    given. False keeps weights in plain CPU buffers: no AMX or repacked copies. llama-cpp-python's
+    Llama() has no argument for it. On this VM the AMX kernel dies with SIGILL on `tileloadd`
+    inside the Q8_0 matmul (gdb backtrace: ggml_backend_amx_mul_mat), though the CPU advertises
+    amx_int8 and the kernel grants the tile permission."""
+    import llama_cpp.llama as LL
+
+    real = LL.llama_cpp.llama_model_default_params
+
+    def params():
+        p = real()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    LL.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        LL.llama_cpp.llama_model_default_params = real
+
+
 def measure_gguf(path: Path, *, vocab: int, prefill_len: int, prompt_len: int, new_tokens: int, threads: int,
-                 warmup: int, repeats: int, seed: int) -> dict:
+                 warmup: int, repeats: int, seed: int, extra_bufts: bool = True) -> dict:
     import llama_cpp
 
     rng = np.random.default_rng(seed)
     prefill = rng.integers(0, vocab, prefill_len).tolist()
     prompt = rng.integers(0, vocab, prompt_len).tolist()
     gen = rng.integers(0, vocab, new_tokens).tolist()
-    llm = llama_cpp.Llama(str(path), n_ctx=max(prefill_len, prompt_len + new_tokens) + 8, n_batch=prefill_len,
-                          n_ubatch=prefill_len, n_threads=threads, n_threads_batch=threads, verbose=False)
+    with model_params(extra_bufts=extra_bufts):
+        llm = llama_cpp.Llama(str(path), n_ctx=max(prefill_len, prompt_len + new_tokens) + 8, n_batch=prefill_len,
+                              n_ubatch=prefill_len, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     # CPU seconds of the process (all threads) beside wall seconds: on a shared machine wall time
     # swings with other jobs, CPU time much less (it still counts cache misses caused by them).
