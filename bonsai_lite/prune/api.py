@@ -20,7 +20,7 @@ from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.progress import METRICS_NAME, make_progress
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.planner import Work, detect_machine, make_plan, search_dtype
 from bonsai_lite.search.sampling import _n_fixed
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,11 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         except OSError as e:
             raise BonsaiError(f"cannot use --spill-dir {cfg.spill_dir} ({e.strerror or e})") from e
     machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir)
+    auto = search_dtype(machine, parent.spec) if cfg.dtype is None else None
+    if auto:  # resolved here, so the resume key holds it and a resumed run computes as this one did
+        log.info("searching in %s: this CPU's bf16 GEMMs run %.1fx its fp32 rate (--dtype float32 keeps fp32)",
+                 auto, machine.bf16_factor)
+        cfg = replace(cfg, dtype=auto)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
     # A text file is checked before the run directory is touched; sampled text is kept in it.

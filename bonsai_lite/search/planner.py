@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,14 @@ HALF_EFFICIENCY_TOKENS = {"cpu": 32, "cuda": 1024}
 CALL_SECONDS = {"cpu": 5e-4, "cuda": 4e-4}
 # CPU bf16/fp16 GEMMs without AMX run at about half the fp32 rate; LLM.int8 matmuls (quantise the
 # activations, int8 GEMM, dequantise, outlier columns in fp16) reach about 60% of a bf16 GEMM.
+# A probed CPU measures its own bf16 factor (`cpu_bf16_factor`): with AMX (Sapphire Rapids) one
+# thread ran a 512x2048x2048 bf16 GEMM at 628 GFLOP/s against 106 in fp32, a factor of ~6.
 LOW_PRECISION_CPU_FACTOR = 0.5
+# A CPU search runs in bfloat16 when the caller gives no --dtype, the machine's bf16 GEMMs are at
+# least this much faster than fp32, and the model is large enough for its GEMMs to dominate
+# (`search_dtype`). Evaluation (reported perplexity) stays float32 on a CPU unless asked.
+BF16_SEARCH_MIN_FACTOR = 2.0
+BF16_SEARCH_MIN_PARAMS = 1e9
 INT8_FACTOR = 0.6
 # Device bytes beside an int8 block while the next projection is quantised: a 16 MiB slab of rows
 # in the compute dtype, its fp16 copy and its int8 result (int8.QUANT_CHUNK_BYTES).
@@ -153,6 +161,7 @@ class Machine:
     cores: int = 1
     gpu_name: str = ""
     page_cache: int = 0  # host RAM the OS can use to cache the checkpoint between passes
+    bf16_factor: float = LOW_PRECISION_CPU_FACTOR  # CPU bf16 GEMM rate / fp32 GEMM rate
 
     @property
     def is_cuda(self) -> bool:
@@ -187,7 +196,40 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) ->
     threads = torch.get_num_threads()
     budget = budget or free_ram
     return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * threads, cores,
-                   page_cache=max(0, free_ram - budget))
+                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_factor() -> float:
+    """bf16 / fp32 rate of a 256x1024x1024 GEMM on one core of this CPU, best of 8 after 3 warm-up
+    calls (oneDNN builds its kernels on the first calls); about 0.1 s, once per process."""
+    import time
+
+    def seconds(dtype) -> float:
+        a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        best = math.inf
+        for _ in range(8):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a property of the core: other jobs on the machine blur a multi-thread probe
+    try:
+        return seconds(torch.float32) / seconds(torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def search_dtype(machine: Machine, spec: ModelSpec) -> str | None:
+    """The compute dtype a search uses when none is given: bfloat16 on a CPU whose bf16 GEMMs are
+    much faster than fp32 (AMX), for models large enough to gain; None leaves it to the planner."""
+    if machine.is_cuda or machine.bf16_factor < BF16_SEARCH_MIN_FACTOR:
+        return None
+    return "bfloat16" if spec.non_embedding_params() >= BF16_SEARCH_MIN_PARAMS else None
 
 
 def nominal_machine(*, device: str, budget: int, gpu_name: str = "", host_ram: int = 64 * 2**30, disk: int = 500 * 2**30) -> Machine:
@@ -373,7 +415,7 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     if weights_8bit:
         rate *= INT8_FACTOR
     elif not cuda and dtype != "float32":
-        rate *= LOW_PRECISION_CPU_FACTOR
+        rate *= machine.bf16_factor if dtype == "bfloat16" else LOW_PRECISION_CPU_FACTOR
     compute = rows * t * flops_per_token / rate
     compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
     # Weights: read each pass (once when resident); the first read is cold, later ones come from

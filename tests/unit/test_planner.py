@@ -7,7 +7,7 @@ import pytest
 
 from bonsai_lite.errors import BudgetError
 from bonsai_lite.search.planner import (
-    Plan, Work, detect_machine, fmt_bytes, make_plan, nominal_machine, parse_bytes,
+    Plan, Work, cpu_bf16_factor, detect_machine, fmt_bytes, make_plan, nominal_machine, parse_bytes, search_dtype,
 )
 from bonsai_lite.structure import load_spec
 
@@ -129,6 +129,25 @@ def test_cpu_machine_picks_float32_and_ignores_8bit(specs):
     assert make_plan(spec, spec.layers, w, h100(8 * GB)).dtype == "bfloat16"
     v100 = nominal_machine(device="cuda", budget=16 * GB, gpu_name="Tesla V100-SXM2-16GB")
     assert make_plan(spec, spec.layers, w, v100).dtype == "float16"
+
+
+def test_cpu_bf16_factor_drives_the_time_model_and_the_search_dtype(specs):
+    # The time model uses the machine's own bf16/fp32 GEMM ratio; auto picks bf16 for a CPU search
+    # only where it is much faster (AMX) and the model is large (7-8B), never on a GPU (the planner's).
+    from dataclasses import replace
+
+    w = Work(8, 1, 128)
+    cpu = nominal_machine(device="cpu", budget=8 * GB)
+    big, small = specs["llama3-8b"], specs["smollm2-135m"]
+    slow = make_plan(big, big.layers, w, replace(cpu, bf16_factor=0.5), dtype="bfloat16").predicted_seconds
+    fast = make_plan(big, big.layers, w, replace(cpu, bf16_factor=5.0), dtype="bfloat16").predicted_seconds
+    fp32 = make_plan(big, big.layers, w, cpu, dtype="float32").predicted_seconds
+    assert fast < fp32 < slow
+    assert search_dtype(replace(cpu, bf16_factor=5.0), big) == "bfloat16"
+    assert search_dtype(replace(cpu, bf16_factor=5.0), small) is None  # 135M: float32, as benchmarked
+    assert search_dtype(replace(cpu, bf16_factor=1.2), big) is None
+    assert search_dtype(h100(8 * GB), big) is None
+    assert cpu_bf16_factor() > 0 and detect_machine(device="cpu", budget=2 * GB).bf16_factor == cpu_bf16_factor()
 
 
 def test_describe_states_peak_and_time(specs):
