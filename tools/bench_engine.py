@@ -71,6 +71,15 @@ SHAPES = {
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
     "llama3-8b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    # the other two 7-8B families of issue 12, from their config.json alone
+    "mistral-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu", rms_norm_eps=1e-5,
+                       max_position_embeddings=32768, torch_dtype="bfloat16", hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                       tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, torch_dtype="bfloat16", hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False),
 }
 
 
@@ -101,7 +110,10 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
         if peak is not None and dtype in ("bfloat16", "float16"):
             return peak, f"{name} dense {dtype} datasheet"
     n = 2048  # a GEMM large enough to reach the machine's best rate with the current threads
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    # fp32 unless a CPU computes in bf16 (AMX makes that several times faster there)
+    gemm_dtype = torch.bfloat16 if dtype == "bfloat16" and not device.startswith("cuda") else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=gemm_dtype), torch.randn(n, n, device=device, dtype=gemm_dtype)
+    a @ b  # warm-up: oneDNN builds its kernels on the first calls
     best = float("inf")
     for _ in range(4):
         if device.startswith("cuda"):
@@ -111,7 +123,8 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best, f"measured fp32 {n}^3 GEMM, {torch.get_num_threads()} threads"
+    kind = "bf16" if gemm_dtype == torch.bfloat16 else "fp32"
+    return 2 * n**3 / best, f"measured {kind} {n}^3 GEMM, {torch.get_num_threads()} threads"
 
 
 # ---- random model on disk ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune import loop  # noqa: E402
 from bonsai_lite.search.planner import (  # noqa: E402
-    Work, detect_machine, flops_per_token, fmt_bytes, make_plan, parse_bytes,
+    Work, detect_machine, flops_per_token, fmt_bytes, make_plan, parse_bytes, search_dtype,
 )
 from bonsai_lite.search.regression import fit_relevance  # noqa: E402
 from bonsai_lite.search.sampling import sample_masks  # noqa: E402
@@ -231,18 +231,18 @@ def _slim(plan) -> dict:
 
 # ---- one budgeted iteration --------------------------------------------------------------------
 def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, device: str, work: Work, seed: int,
-                    run_dir: Path, peak: float) -> dict:
+                    run_dir: Path, peak: float, dtype: str | None = None) -> dict:
     cfg = RunConfig(model=str(model_dir), out=str(run_dir / "out"),
                     calib=CalibConfig(text=None, samples=work.samples, seq_len=work.tokens),
                     search=SearchConfig(method="bonsai", sparsity=PAPER["p_iter"], p_iter=PAPER["p_iter"],
                                         masks_per_iter=work.masks, seed=seed),
-                    budget=budget, device=device)
+                    budget=budget, device=device, dtype=dtype)
     parent = StreamedModel.open(model_dir)
     machine = detect_machine(device=device, budget=budget)
     # The plans the loop makes (and logs) for all masks and for the priors pass; the masks are
     # evaluated in chunks of one pass of the plan each, with the run state committed in between.
-    plan = make_plan(parent.spec, parent.layers, work, machine)
-    priors_plan = make_plan(parent.spec, parent.layers, Work(1, work.samples, work.tokens), machine)
+    plan = make_plan(parent.spec, parent.layers, work, machine, dtype=dtype)
+    priors_plan = make_plan(parent.spec, parent.layers, Work(1, work.samples, work.tokens), machine, dtype=dtype)
     meter = StageMeter(device)
     BE._reset_peak(device)  # empties the CUDA cache: each budget starts from nothing reserved
     rss0 = BE._status_bytes("VmRSS") or 0
@@ -455,8 +455,11 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     ids = torch.randint(0, model.spec.vocab, (2 * args.samples * args.seq_len,), generator=g)
     budgets = [parse_bytes(b) for b in args.budgets.split(",")] if args.budgets else [None]
     unbounded = detect_machine(device=device, budget=None)
-    dtype = make_plan(model.spec, model.layers, work, unbounded).dtype
-    peak, peak_src = BE.peak_flops(device, dtype)
+    # --dtype auto: what `bonsai-lite prune` computes in here (bf16 on an AMX CPU for a 7-8B model)
+    dtype = (search_dtype(unbounded, model.spec) if args.dtype == "auto" else args.dtype) or \
+        make_plan(model.spec, model.layers, work, unbounded).dtype
+    peak, peak_src = BE.peak_flops(device, "float32")  # the yardstick: the measured fp32 GEMM rate
+    compute_peak = BE.peak_flops(device, dtype) if dtype != "float32" else (peak, peak_src)
     masks, wids = BE._inputs(model, 1, 1, min(args.seq_len, 32), args.seed)  # warm-up: kernels, page cache
     loop.evaluate(model, wids, masks, make_plan(model.spec, model.layers, Work(1, 1, wids.shape[1]), unbounded))
     reg_s = paper_regression_seconds(model, args.seed) if args.paper_regression else None
@@ -468,7 +471,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
         print(f"[budget] {fmt_bytes(budget) if budget else 'none'}", file=sys.stderr)
         try:
             r = prune_iteration(model_dir, ids, budget=budget, device=device, work=work, seed=args.seed,
-                                run_dir=work_dir / f"run-{args.shape}", peak=peak)
+                                run_dir=work_dir / f"run-{args.shape}", peak=peak, dtype=dtype)
         except BudgetError as e:  # the budget is below the planner's minimum: a result, not a crash
             runs.append({"budget": budget, "error": str(e)})
             continue
@@ -516,7 +519,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
                      "device": device, "dtype": dtype, "seed": args.seed, "params": model.params(),
                      "weights_bytes": model.ckpt.nbytes(), "generate_seconds": gen_s,
                      "paper_regression_seconds": reg_s},
-        "peak": {"flops": peak, "source": peak_src}, "runs": runs, "reference": reference,
+        "peak": {"flops": peak, "source": peak_src},
+        "compute_peak": {"flops": compute_peak[0], "source": compute_peak[1]}, "runs": runs, "reference": reference,
         "load_average": os.getloadavg(),
     }
 
@@ -526,6 +530,8 @@ def parse_args(argv):
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--work-dir", default=None, help="where the random checkpoint is written and kept (default: temp)")
     ap.add_argument("--budgets", default="8GB,12GB,24GB", help="comma-separated memory budgets ('' = none)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="compute dtype of the search; auto: what bonsai-lite prune picks here (planner.search_dtype)")
     ap.add_argument("--masks", type=int, default=32)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)

@@ -154,6 +154,7 @@ def records(result: dict) -> list[dict]:
             "predicted_over_measured": predicted / measured if measured else None,
             "tokens_per_s": r["mask_tokens_per_s"], "eval_flops_per_s": r["flops_per_s"],
             "gemm_flops_per_s": result["peak"]["flops"], "gemm_fraction": r["mfu"],
+            "compute_gemm_flops_per_s": (result.get("compute_peak") or result["peak"])["flops"],
             "accelerate_tokens_per_s": acc.get("tokens_per_s"),
             "accelerate_peak_rss_growth_bytes": acc.get("peak_rss_growth_bytes"),
             "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
@@ -174,7 +175,8 @@ def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
     paths = []
     for r in recs:
         budget = fmt_bytes(r["budget_bytes"]).replace(" ", "") if r["budget_bytes"] else "unbudgeted"
-        p = directory / f"scale-{r['shape']}-{r['device']}-{budget}.json"
+        tag = "" if r.get("dtype") in (None, "float32") else f"-{r['dtype']}"
+        p = directory / f"scale-{r['shape']}-{r['device']}-{budget}{tag}.json"
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1, default=str) + "\n")
         tmp.rename(p)
