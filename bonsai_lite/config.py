@@ -14,6 +14,7 @@ METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "rando
 # seed 0: flap 250 vs 4,470, wanda-sp 1,219 vs 29,185; bonsai 142 on vs 126 off, so not bonsai).
 # Methods not measured keep the behaviour they had before (off).
 COMPENSATE_AUTO = frozenset({"flap", "wanda-sp"})
+MIN_REGRESSION_MASKS = 4  # two (mask, complement) pairs: the fewest the pair-aware cross-validation can split
 ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 
 
@@ -91,6 +92,9 @@ class SearchConfig:
             raise BonsaiError(f"--multiple-of must be at least 1 (1 turns alignment off), got {self.multiple_of}")
         if self.masks_per_iter < 2:
             raise BonsaiError("--masks-per-iter must be at least 2 (a mask and its complement)")
+        if self.method == "bonsai" and self.regression != "none" and self.masks_per_iter < MIN_REGRESSION_MASKS:
+            raise BonsaiError(f"--masks-per-iter must be at least {MIN_REGRESSION_MASKS} for bonsai's regression (it "
+                              f"cross-validates on held-out mask pairs), got {self.masks_per_iter}")
 
     @property
     def iterations(self) -> int:

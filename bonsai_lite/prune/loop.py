@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bonsai_lite.calib.data import calibration_tokens
-from bonsai_lite.config import RunConfig
+from bonsai_lite.config import MIN_REGRESSION_MASKS, RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.progress import NullProgress
@@ -255,9 +255,9 @@ class Pruner:
             elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
-                if ok.sum() < 4:
+                if ok.sum() < MIN_REGRESSION_MASKS:  # the config guarantees enough masks: these losses overflowed
                     raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
-                                      "4 are needed); use --dtype float32 or more --masks-per-iter")
+                                      f"{MIN_REGRESSION_MASKS} are needed); use --dtype float32")
                 checkpoint("regression")
                 pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
                 with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):

@@ -290,6 +290,8 @@ FLAG_CASES = [
     (["--memory-budget", "0"], "memory budget '0' is zero"),
     (["--sparsity", "0.999"], "--sparsity must be at most 0.9"),
     (["--keep-spread", "5"], "--keep-spread must be in [0, 1]"),
+    # was "only 2 of 2 sub-models have a finite loss (at least 4 are needed)" after the first pass
+    (["--method", "bonsai", "--masks-per-iter", "2"], "--masks-per-iter must be at least 4 for bonsai's regression"),
 ]
 if not torch.cuda.is_available():
     FLAG_CASES.append((["--device", "cuda"], "CUDA is not available here"))
