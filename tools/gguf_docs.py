@@ -22,6 +22,9 @@ def speed_table(res: dict) -> list[str]:
     lines = [f"Prompt processing ({s['prefill_len']} tokens) and generation ({s['new_tokens']} tokens after a "
              f"{s['prompt_len']}-token prompt) in llama.cpp (llama-cpp-python 0.3.36), {hw.get('cpu')}, "
              f"{hw.get('threads')} threads, median of {s['repeats']}; commit {res['commit']}. "
+             + ("Loaded without llama.cpp's extra CPU buffer types (`--no-extra-bufts`: this VM's AMX kernels die "
+                "with SIGILL), so Q8_0 runs llama.cpp's AVX-512 kernels. " if s.get("extra_bufts") is False else "")
+             + 
              f"Command: `{res.get('command', '')}`", "",
              "| model | MLP widths (first 6 layers) | GGUF | size | prompt tok/s | x parent | generation tok/s | x parent "
              "| prompt tok/CPU-s | x parent |",
