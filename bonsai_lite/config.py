@@ -68,6 +68,9 @@ class SearchConfig:
             return self.method in COMPENSATE_AUTO
         return self.compensate == "on"
     multiple_of: int = 1  # kept MLP units per layer rounded to a multiple of this (prune/align.py); 1 = off
+    # "equal": every layer keeps the same number of query heads per key/value head (prune/align.py),
+    # so GGUF/stock GQA kernels need no repeated K/V heads; "any": heads are chosen freely.
+    gqa: str = "any"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,6 +91,8 @@ class SearchConfig:
             raise BonsaiError(f"--regression must be unit, allocation or none, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
+        if self.gqa not in ("any", "equal"):
+            raise BonsaiError(f"--gqa must be any or equal, got {self.gqa!r}")
         if self.multiple_of < 1:
             raise BonsaiError(f"--multiple-of must be at least 1 (1 turns alignment off), got {self.multiple_of}")
         if self.masks_per_iter < 2:

@@ -14,7 +14,8 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
-prior_seq=N, rank=R, spread=X, regression=unit|allocation|none (none: the prior alone, no sub-models).
+prior_seq=N, rank=R, spread=X, regression=unit|allocation|none (none: the prior alone, no sub-models),
+gqa=any|equal, multiple_of=N.
 """
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ VARIANTS = {
     "p_iter": ("p_iter", float, "preset"), "samples": ("samples", int, "preset"), "seq": ("seq_len", int, "preset"),
     "prior_samples": ("prior_samples", int, "preset"), "prior_seq": ("prior_seq_len", int, "preset"),
     "rank": ("rank", str, "search"), "spread": ("keep_spread", float, "search"),
-    "regression": ("regression", str, "search"),
+    "regression": ("regression", str, "search"), "gqa": ("gqa", str, "search"),
+    "multiple_of": ("multiple_of", int, "search"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
-ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter"}
+ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of"}
 
 
 def hardware() -> dict:

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--multiple-of", type=int, default=None, metavar="N",
                    help="keep every layer's MLP width a multiple of N (fast kernels in llama.cpp and on GPUs); "
                         "1 = off; default 32 when the parent's MLP has at least 1024 units, else 1")
+    p.add_argument("--gqa", default="any", choices=["any", "equal"],
+                   help="equal: every layer keeps the same number of query heads per key/value head, so the "
+                        "GGUF needs no repeated K/V heads (a smaller KV cache in llama.cpp); any: free choice")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -86,7 +89,8 @@ def config_from_args(args) -> RunConfig:
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
-                          compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args))
+                          compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),
+                          gqa=args.gqa)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)

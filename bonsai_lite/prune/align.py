@@ -1,4 +1,5 @@
-"""Pure width alignment: round each layer's kept MLP units to a multiple of N, by score.
+"""Pure width alignment: round each layer's kept MLP units to a multiple of N, by score; and,
+optionally, keep every layer's GQA groups equal (`equal_groups_drop`).
 
 Kernels work in blocks: llama.cpp's quantised row types pack 32 or 256 values, GPU matmuls tile by
 16-128. A width of 701 runs slower than 704 (measured in llama.cpp, docs/PERFORMANCE.md), so after
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bonsai_lite.structure import UnitLayout
+from bonsai_lite.structure import LayerStructure, UnitLayout
 
 
 # Default alignment (docs/PERFORMANCE.md, "llama.cpp"): a multiple of 32 is the block of llama.cpp's
@@ -48,4 +49,35 @@ def align_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout, mul
             cand = idx[~drop[m] & finite]
             order = torch.sort(scores[cand].double(), stable=True).indices
             out[cand[order[: kept - want]]] = True
+    return out
+
+
+def equal_groups_drop(scores: torch.Tensor, drop: torch.Tensor, layout: UnitLayout,
+                      layers: tuple[LayerStructure, ...], tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """`drop` with every layer's query heads split equally over its key/value heads (GQA groups of
+    one size), so llama.cpp and stock GQA kernels need no repeated K/V heads (docs/PERFORMANCE.md).
+
+    Per layer, the kept count per group is the nearest to the selection's kept heads / groups, and
+    each group keeps its best heads by (score, tiebreak). A head Bonsai fixed (+inf: not perturbed,
+    high prior) goes only after every scored head of its group: fixed heads must be droppable here,
+    or a layer whose fixed heads fill one group (SmolLM2 at p_iter 0.1: 7 of 9 heads fixed) could
+    never lose a head. A group kept at 0 drops its K/V head; all at 0 drop the layer's attention.
+    MLP units are untouched.
+    """
+    out = drop.clone()
+    for s, h in zip(layers, layout.heads):
+        kv = torch.tensor(s.kv_of_head, dtype=torch.long)
+        slots = s.kv
+        if len(slots) < 2 or h.stop == h.start:
+            continue
+        idx = torch.arange(h.start, h.stop)
+        members = [idx[kv == g] for g in slots]
+        size = min(len(m) for m in members)
+        per_group = min(size, round(int((~drop[h]).sum()) / len(slots)))
+        for m in members:
+            # best first: larger score, then larger tiebreak (the prior), then lower index
+            tb = torch.zeros(len(m), dtype=torch.float64) if tiebreak is None else tiebreak[m].double()
+            order = sorted(range(len(m)), key=lambda i: (-scores[m[i]].double().item(), -tb[i].item(), i))
+            out[m] = True
+            out[m[order[:per_group]]] = False
     return out

@@ -29,7 +29,7 @@ from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
-from bonsai_lite.prune.align import align_drop
+from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.allocation import fit_allocation
@@ -309,6 +309,8 @@ class Pruner:
                 else torch.zeros(layout.total, dtype=torch.bool))
         if s.uniform:
             drop = uniform_drop(scores, drop, layout, layers, tiebreak=tiebreak)
+        if s.gqa == "equal" and not s.uniform:  # uniform_drop already keeps groups equal
+            drop = equal_groups_drop(scores, drop, layout, layers, tiebreak)
         drop = align_drop(scores, drop, layout, s.multiple_of)
         new_layers = apply_drop(layers, layout, drop)
         new_biases = dict(biases or {})
