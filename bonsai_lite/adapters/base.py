@@ -38,6 +38,11 @@ class Adapter:
     sliding_window_flag: str | None = None
     # llama.cpp architecture of a uniform (stock-config) export, as its own converter names it.
     gguf_arch: str = "llama"
+    # Projection biases a stock transformers config can express: roles whose modules always carry a
+    # bias, and config flags that switch a bias on for several roles at once (roles a flag covers but
+    # the model lacks are written as zeros). Read by the uniform export and the compensation check.
+    stock_biases: tuple[str, ...] = ()
+    stock_bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def block_prefix(self, layer: int) -> str:
         return self.layer.format(layer)

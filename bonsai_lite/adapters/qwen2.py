@@ -7,4 +7,5 @@ QWEN2 = Adapter(
     sliding_window_key="sliding_window",
     sliding_window_flag="use_sliding_window",
     gguf_arch="qwen2",
+    stock_biases=("q", "k", "v"),
 )

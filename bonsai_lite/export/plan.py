@@ -19,15 +19,6 @@ from bonsai_lite.structure import LayerStructure, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# Projection biases a stock transformers config can express, per adapter: roles whose modules always
-# carry a bias, and config flags that switch a bias on for several roles at once (the ones the flag
-# covers but the model lacks are written as zeros). Architecture knowledge: it belongs with the
-# adapters, and stays here until `Adapter` has a field for it.
-STOCK_BIASES: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
-    "llama": ((), {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")}),
-    "mistral": ((), {}),
-    "qwen2": (("q", "k", "v"), {}),
-}
 
 
 @dataclass(frozen=True)
@@ -186,7 +177,7 @@ def biases_per_layer(spec: ModelSpec, ckpt: Checkpoint, extra: dict, *, uniform:
         per_layer[l].add(role)
     if not uniform:
         return [frozenset(s) for s in per_layer], {}
-    always, flags = STOCK_BIASES.get(a.name, ((), {}))
+    always, flags = a.stock_biases, dict(a.stock_bias_flags)
     wanted = set().union(*per_layer)
     on = {flag: bool(wanted & set(roles)) for flag, roles in flags.items()}
     covered = set(always).union(*(flags[f] for f, v in on.items() if v))

@@ -120,8 +120,13 @@ def hf_bpe_tokenizer(model_dir: str | os.PathLike, vocab_size: int) -> dict:
     model_dir = Path(model_dir)
     hint = "; pass tokenizer=False (--no-tokenizer) to write a GGUF with token ids only"
     tj = model_dir / "tokenizer.json"
+    data = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else {}
+    kind = (data.get("model") or {}).get("type", "BPE")
+    if kind != "BPE":
+        raise ValueError(f"{model_dir}: tokenizer.json is a {kind} tokenizer, not a byte-level BPE one (the kind "
+                         f"this converter gives llama.cpp){hint}")
     try:
-        pre = llama_cpp_pre(json.loads(tj.read_text(encoding="utf-8"))) if tj.is_file() else "gpt-2"
+        pre = llama_cpp_pre(data) if data else "gpt-2"
     except ValueError as e:
         raise ValueError(f"{model_dir}: {e}{hint}") from None
     try:

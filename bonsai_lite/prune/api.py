@@ -237,12 +237,10 @@ def _check_compensation(cfg: RunConfig, spec) -> RunConfig:
     switched off (with a log line) when it was only the default."""
     from dataclasses import replace
 
-    from bonsai_lite.export.plan import STOCK_BIASES
-
     s = cfg.search
     if not (s.uniform and s.compensates):
         return cfg
-    always, flags = STOCK_BIASES.get(spec.adapter.name, ((), {}))
+    always, flags = spec.adapter.stock_biases, dict(spec.adapter.stock_bias_flags)
     covered = set(always).union(*flags.values()) if flags else set(always)
     if {"o", "down"} <= covered:
         return cfg
