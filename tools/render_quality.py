@@ -112,13 +112,17 @@ def render(records: list[dict]) -> str:
         ab = {k: v for k, v in agg.items() if k[1] == preset and k[4]}
         if ab:
             lines += [f"Ablations, preset `{preset}` (same seeds as the default row where both exist):", "",
-                      "| sparsity | method | variant | seeds | mean ppl (variant) | mean ppl (default, same seeds) | prune s |",
-                      "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+                      "| sparsity | method | variant | seeds | mean ppl (variant) | std (min-max) | "
+                      "mean ppl (default, same seeds) | prune s | forward tokens |",
+                      "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
             for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
-                base = [r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"]) ==
-                        k[:4] and not _variant(r) and r["seed"] in v["seeds"]]
-                lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} | {_f(v['mean'])} | "
-                             f"{_f(statistics.fmean(base)) if base else '-'} | {v['prune_seconds']:.0f} |")
+                base = {r["seed"]: r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"])
+                        == k[:4] and not _variant(r) and r["seed"] in v["seeds"]}
+                seen = "" if len(base) == v["n"] else f" ({len(base)} of {v['n']} seeds)"
+                lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} ({','.join(map(str, v['seeds']))}) | "
+                             f"{_f(v['mean'])} | {_spread(v)} | "
+                             f"{_f(statistics.fmean(base.values())) + seen if base else '-'} | "
+                             f"{v['prune_seconds']:.0f} | {v['forward_tokens']:,.0f} |")
             lines.append("")
         short = [f"{k[2]} @ {k[3]:.2f}{' ' + k[4] if k[4] else ''} ({v['n']}/{TARGET_SEEDS})"
                  for k, v in sorted(agg.items()) if k[1] == preset and v["n"] < TARGET_SEEDS]
