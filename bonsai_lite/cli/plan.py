@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.search.planner import Work, detect_machine, make_plan, nominal_machine, parse_bytes
+from bonsai_lite.search.planner import Work, detect_machine, make_plan, nominal_machine, parse_bytes, search_dtype
 from bonsai_lite.structure import load_spec
 
 log = logging.getLogger("bonsai_lite.plan")
@@ -33,7 +33,8 @@ def run(args) -> int:
     else:
         machine = detect_machine(device=None, budget=budget)
     work = Work(args.masks, args.calib_samples, args.seq_len)
-    plan = make_plan(spec, spec.layers, work, machine, dtype=args.dtype, allow_8bit=args.allow_8bit)
+    dtype = args.dtype or search_dtype(machine, spec)  # what `prune` would compute in here
+    plan = make_plan(spec, spec.layers, work, machine, dtype=dtype, allow_8bit=args.allow_8bit)
     log.info(plan.describe())
     if args.json:
         emit_json(plan.to_json())
