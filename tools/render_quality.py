@@ -156,6 +156,7 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     parent = next((r["perplexity"] for r in records if r["method"] == "parent"), None)
     written = []
+    colors = {m: f"C{i % 10}" for i, m in enumerate(sorted({k[2] for k in agg}))}  # one colour per method, every panel
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({k[2] for k in agg}):
         for preset in sorted({k[1] for k in agg if k[2] == method}):
@@ -165,7 +166,8 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
             xs = [p[0] for p in pts]
             ys = [p[1]["mean"] for p in pts]
             err = [[y - p[1]["min"] for y, p in zip(ys, pts)], [p[1]["max"] - y for y, p in zip(ys, pts)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{method} ({preset})")
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{method} ({preset})", color=colors[method],
+                        ls="-" if preset == "quick" else "--")
     if parent:
         ax.axhline(parent, color="grey", ls=":", label="parent")
     ax.set(xlabel="sparsity (non-embedding parameters removed)", ylabel="perplexity (WikiText-2 test)", yscale="log")
@@ -183,7 +185,7 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
             # line; same-compute variants (compensation, regression model, ranking) as hollow markers
             rows = [(k, v) for k, v in agg.items() if k[2] == method and k[3] == sp]
             pts = sorted((v["forward_tokens"], v["mean"]) for k, v in rows if k[4].split("=")[0] not in SAME_COMPUTE)
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)[0]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])[0]
             for k, v in rows:
                 if k[4].split("=")[0] in SAME_COMPUTE:
                     ax.plot([v["forward_tokens"]], [v["mean"]], marker="o", mfc="none", color=line.get_color())
