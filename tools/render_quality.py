@@ -99,13 +99,15 @@ def render(records: list[dict]) -> str:
                   "| --- | --- | --- | ---: | --- | --- | ---: | ---: |"]
         for sp in sorted({k[3] for k in main}):
             rows = sorted(((k, v) for k, v in main.items() if k[3] == sp), key=lambda kv: kv[1]["mean"])
+            # bold: the lowest mean among rows with the full seed count (a lucky single seed is no winner)
+            best = next((k for k, v in rows if v["n"] >= TARGET_SEEDS), None)
             for i, (k, v) in enumerate(rows):
                 gap = "-"
                 if i + 1 < len(rows):
                     nxt = rows[i + 1][1]
                     spread = max((x for x in (v["std"], nxt["std"]) if not math.isnan(x)), default=float("nan"))
                     gap = f"{_f(nxt['mean'] - v['mean'])} / {_f(spread)}"
-                name = f"**{k[2]}**" if i == 0 else k[2]
+                name = f"**{k[2]}**" if k == best else k[2]
                 lines.append(f"| {sp:.2f} | {name} | {v['n']} ({','.join(map(str, v['seeds']))}) | {_f(v['mean'])} | "
                              f"{_spread(v)} | {gap} | {v['prune_seconds']:.0f} | {v['forward_tokens']:,.0f} |")
         lines.append("")
