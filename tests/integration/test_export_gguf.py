@@ -183,15 +183,16 @@ def test_cli_export_gguf_token_ids_only(tiny_models, tiny_tokens, tmp_path, caps
 
 
 def test_bench_infer_llama_cpp_runtime(tmp_path, capsys):
-    """tools/bench_infer.py --runtime llama.cpp end to end on a tiny random model (f16 only: the Q8_0
-    kernels of some llama-cpp-python builds die with SIGILL on CPUs they were not built for)."""
+    """tools/bench_infer.py --runtime llama.cpp end to end on a tiny random model, f16 and llama.cpp's
+    Q8_0 (loaded without the extra buffer types: their AMX Q8_0 kernel dies with SIGILL on this VM)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import bench_infer
 
-    bench_infer.main(["--shape", "tiny", "--runtime", "llama.cpp", "--quants", "f16", "--sparsities", "0.5",
+    bench_infer.main(["--shape", "tiny", "--runtime", "llama.cpp", "--quants", "f16,q8_0", "--no-extra-bufts",
+                      "--sparsities", "0.5",
                       "--formats", "per-layer", "--prefill-len", "16", "--prompt-len", "4", "--new-tokens", "4",
                       "--repeats", "1", "--warmup", "0", "--threads", "1", "--work-dir", str(tmp_path)])
     import json
@@ -199,8 +200,11 @@ def test_bench_infer_llama_cpp_runtime(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["settings"]["runtime"] == "llama.cpp"
     parent, pruned = res["models"]
+    assert res["settings"]["extra_bufts"] is False
     for m in (parent, pruned):
-        g = m["gguf"]["f16"]
-        assert g["bytes"] > 0 and g["prompt"]["tokens_per_s"] > 0 and g["generation"]["tokens_per_cpu_s"] > 0
+        for q in ("f16", "q8_0"):
+            g = m["gguf"][q]
+            assert g["bytes"] > 0 and g["prompt"]["tokens_per_s"] > 0 and g["generation"]["tokens_per_cpu_s"] > 0
+        assert m["gguf"]["q8_0"]["bytes"] < m["gguf"]["f16"]["bytes"]
     assert pruned["gguf"]["f16"]["bytes"] < parent["gguf"]["f16"]["bytes"]
     assert parent["gguf"]["f16"]["prompt_speedup"] == 1.0
