@@ -25,7 +25,7 @@ def _num(x, fmt="{:.1f}") -> str:
 
 
 def table(recs: list[dict]) -> str:
-    head = ("| shape | device | dtype | budget GiB | RSS growth GiB | iteration s | engine s (predicted) | mask-tok/s | "
+    head = ("| shape | device | dtype | masks x samples x tokens | budget GiB | RSS growth GiB | iteration s | engine s (predicted) | mask-tok/s | "
             "GFLOP/s (% fp32 GEMM) | accelerate tok/s (RSS GiB) | vs accelerate | export GiB, s | pruned eval RSS GiB | "
             "quick 50% here / 8-core laptop | standard 50% here / laptop | load avg | commit |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -37,7 +37,8 @@ def table(recs: list[dict]) -> str:
         exp = r.get("export") or {}
         frac = r.get("gemm_fraction")
         lines.append("| " + " | ".join([
-            r["shape"], r["device"], r.get("dtype") or "float32", _gib(r["budget_bytes"]), _gib(r.get("peak_rss_growth_bytes")),
+            r["shape"], r["device"], r.get("dtype") or "float32", f"{r.get('masks')} x {r.get('samples')} x {r.get('seq_len')}",
+            _gib(r["budget_bytes"]), _gib(r.get("peak_rss_growth_bytes")),
             _num(r["seconds"], "{:.0f}"),
             f"{r['engine_seconds']:.0f} ({r['predicted_seconds']:.0f})",
             _num(r["tokens_per_s"], "{:.2f}"),

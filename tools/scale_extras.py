@@ -176,6 +176,8 @@ def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
     for r in recs:
         budget = fmt_bytes(r["budget_bytes"]).replace(" ", "") if r["budget_bytes"] else "unbudgeted"
         tag = "" if r.get("dtype") in (None, "float32") else f"-{r['dtype']}"
+        if (r.get("masks"), r.get("samples")) not in ((8, 1), (None, None)):  # not the example work
+            tag += f"-{r['masks']}x{r['samples']}x{r['seq_len']}"
         p = directory / f"scale-{r['shape']}-{r['device']}-{budget}{tag}.json"
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1, default=str) + "\n")
