@@ -28,6 +28,11 @@ LADDER: tuple[tuple[str, dict], ...] = (
 )
 # Methods that evaluate sub-models; the others only pay the dense pass of each iteration.
 SEARCH_METHODS = ("bonsai", "bonsai-noregress")
+# Rungs `--time-budget` does not pick for Bonsai: at `standard` (p_iter 0.05, 32 sub-models) the
+# cross-validation chose gamma = 0 on 16 held-out pairs and the unregularised betas wrecked the
+# model (SmolLM2 35%: 817.6 against 140.2 at `quick`, docs/RESULTS.md). Asked for by name they
+# still run; the time budget keeps to measured-safe rungs until the regression is guarded.
+UNSAFE_FOR_BONSAI = frozenset({"standard", "standard-64", "standard-100"})
 
 
 def parse_seconds(text: str) -> float:
@@ -75,6 +80,8 @@ def fit_time_budget(spec: ModelSpec, budget_seconds: float, *, method: str, spar
     best = None
     cheapest = None
     for name, settings in LADDER:
+        if method == "bonsai" and name in UNSAFE_FOR_BONSAI:
+            continue
         e = estimate(spec, settings, method=method, sparsity=sparsity, machine=machine, dtype=dtype)
         e = Estimate(name, e.settings, e.seconds, e.forward_tokens)
         cheapest = cheapest or e
