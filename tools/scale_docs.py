@@ -43,7 +43,8 @@ def table(recs: list[dict]) -> str:
             f"{r['engine_seconds']:.0f} ({r['predicted_seconds']:.0f})",
             _num(r["tokens_per_s"], "{:.2f}"),
             f"{r['eval_flops_per_s'] / 1e9:.1f} ({100 * frac:.0f}%)" if frac is not None else "-",
-            f"{_num(r.get('accelerate_tokens_per_s'), '{:.2f}')} ({_gib(r.get('accelerate_peak_rss_growth_bytes'))})",
+            (f"{_num(r.get('accelerate_tokens_per_s'), '{:.2f}')} ({_gib(r.get('accelerate_peak_rss_growth_bytes'))})"
+             if not r.get("accelerate_error") else f"failed: {r['accelerate_error'][:60]}"),
             _num(r.get("speedup_vs_accelerate"), "{:.2f}x"),
             f"{_gib(exp.get('bytes'))}, {_num(exp.get('seconds'), '{:.0f}')}" if exp.get("bytes") else "-",
             _gib(exp.get("eval_peak_rss_growth_bytes")),

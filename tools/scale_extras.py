@@ -157,6 +157,7 @@ def records(result: dict) -> list[dict]:
             "compute_gemm_flops_per_s": (result.get("compute_peak") or result["peak"])["flops"],
             "accelerate_tokens_per_s": acc.get("tokens_per_s"),
             "accelerate_peak_rss_growth_bytes": acc.get("peak_rss_growth_bytes"),
+            "accelerate_error": acc.get("error"),
             "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
             "bytes_read": r["bytes_read"], "stages": {k: {kk: v[kk] for kk in ("seconds", "predicted_seconds",
                                                                               "mask_tokens", "flops_per_s",
