@@ -30,7 +30,7 @@ LADDER: tuple[tuple[str, dict], ...] = (
 SEARCH_METHODS = ("bonsai", "bonsai-noregress")
 # Rungs `--time-budget` does not pick for Bonsai: at `standard` (p_iter 0.05, 32 sub-models) the
 # cross-validation chose gamma = 0 on 16 held-out pairs and the unregularised betas wrecked the
-# model (SmolLM2 35%: 817.6 against 140.2 at `quick`, docs/RESULTS.md). Asked for by name they
+# model (SmolLM2 35%: 521.7 over 3 seeds against 140.2 at `quick`, docs/RESULTS.md). Asked for by name they
 # still run; the time budget keeps to measured-safe rungs until the regression is guarded.
 UNSAFE_FOR_BONSAI = frozenset({"standard", "standard-64", "standard-100"})
 
