@@ -133,11 +133,8 @@ def hf_bpe_tokenizer(model_dir: str | os.PathLike, vocab_size: int) -> dict:
         vocab = BpeVocab(model_dir)
     except FileNotFoundError as e:
         raise ValueError(f"{model_dir}: no GPT-2-style byte-level BPE tokenizer (tokenizer.json) to convert for "
-                         "llama.cpp; pass tokenizer=False to write a GGUF without one (token ids only)") from e
-    special = set()
-    if tj.is_file():
-        special = {t["content"] for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", [])
-                   if t.get("special")}
+                         f"llama.cpp{hint}") from e
+    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
     tokens, types = [], []
     for text, _score, kind in vocab.all_tokens():
         s = text.decode("utf-8") if isinstance(text, bytes) else text
