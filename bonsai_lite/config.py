@@ -41,7 +41,9 @@ class SearchConfig:
     sparsity: float = 0.5
     p_iter: float = 0.05  # paper appendix A.2
     masks_per_iter: int = 200  # paper appendix A.2
-    prior: str = "wanda"  # "wanda" | "activation"
+    # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
+    # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
+    prior: str = "wanda"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     rank: str = "relevance"  # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
@@ -51,6 +53,9 @@ class SearchConfig:
     # "none": the ablation without sub-models: the same frame (candidates, iterations), ranked by
     # the group-normalised prior alone, so what the sub-model losses add can be measured.
     regression: str = "unit"
+    # Guard: the regression's betas rank the candidates only when their held-out pair tau beats the
+    # prior's tau on the same pairs (the prior is fixed, nothing is fitted); else the prior ranks them.
+    guard: bool = True
     uniform: bool = False
     seed: int = 0
     # Compensation: masked units read as their calibration mean during the search, and removed
@@ -65,7 +70,7 @@ class SearchConfig:
     @property
     def compensates(self) -> bool:
         if self.compensate == "auto":
-            return self.method in COMPENSATE_AUTO
+            return self.method in COMPENSATE_AUTO or (self.method.startswith("bonsai") and self.prior == "flap")
         return self.compensate == "on"
     multiple_of: int = 1  # kept MLP units per layer rounded to a multiple of this (prune/align.py); 1 = off
     # "equal": every layer keeps the same number of query heads per key/value head (prune/align.py),
@@ -91,6 +96,8 @@ class SearchConfig:
             raise BonsaiError(f"--regression must be unit, allocation or none, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
+        if self.prior not in ("wanda", "activation", "flap"):
+            raise BonsaiError(f"--prior must be wanda, activation or flap, got {self.prior!r}")
         if self.gqa not in ("any", "equal"):
             raise BonsaiError(f"--gqa must be any or equal, got {self.gqa!r}")
         if self.multiple_of < 1:

@@ -32,7 +32,12 @@ def add_parser(sub) -> None:
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
-    p.add_argument("--prior", default="wanda", choices=["wanda", "activation"])
+    p.add_argument("--prior", default="wanda", choices=["wanda", "activation", "flap"],
+                   help="unit prior: module-level Wanda (paper), activation magnitude, or FLAP's standardised "
+                        "fluctuation (turns compensation on under --compensate auto)")
+    p.add_argument("--no-guard", dest="guard", action="store_false",
+                   help="rank by the regression's betas even when the prior predicts the held-out sub-model "
+                        "pairs better (the paper's behaviour)")
     p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
     p.add_argument("--rank", default="relevance", choices=["relevance", "per-param"],
                    help="global ranking of Bonsai's relevances: raw (default, measured better on SmolLM2) or "
@@ -87,7 +92,7 @@ def config_from_args(args) -> RunConfig:
                         prior_samples=pick(args.prior_samples, "prior_samples"),
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
-                          masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior,
+                          masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
                           compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),
                           gqa=args.gqa)

@@ -30,14 +30,15 @@ from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
-from bonsai_lite.prune.select import apply_drop, greedy_drop, normalised_prior, uniform_drop, unit_costs
+from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
+                                      unit_costs)
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 from bonsai_lite.search.priors import bias_compensation
-from bonsai_lite.search.regression import fit_relevance
+from bonsai_lite.search.regression import fit_relevance, pair_tau
 from bonsai_lite.search.sampling import sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
 
@@ -191,7 +192,7 @@ class Pruner:
     def _priors(self, model, tokens):
         """Dense pass with activation statistics; repeated in float32 if the compute dtype overflowed."""
         layout = UnitLayout.of(model.layers)
-        kind = "wanda" if self.cfg.search.prior == "wanda" else "activation"
+        kind = self.cfg.search.prior
         seq = tokens.shape[1]
         plan = self._plan(model, 1, len(tokens), seq)
         log.debug(plan.describe())
@@ -249,9 +250,10 @@ class Pruner:
         if s.method in ("bonsai", "bonsai-noregress"):
             info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
             search_model = model.with_fills(_fills(means, layers, model.spec.head_dim)) if s.compensates else model
+            ranked_prior = torch.where(candidates, comparable_prior(prior, layout.groups(), s.prior),
+                                       torch.full_like(prior, math.inf))
             if s.method == "bonsai" and s.regression == "none":  # ablation: the prior alone, no sub-models
-                scores = torch.where(candidates, normalised_prior(prior, layout.groups()),
-                                     torch.full_like(prior, math.inf))
+                scores = ranked_prior
             elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
@@ -273,6 +275,14 @@ class Pruner:
                     head_p, mlp_p = model.spec.unit_params()
                     beta = beta / unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
                 scores = torch.where(reg.estimated, beta, torch.full_like(beta, math.inf))
+                # The guard: the prior predicts the same held-out pairs with nothing fitted; the betas
+                # replace it only where they predict better (issue 10: at 16 pairs they often do not).
+                prior_tau = pair_tau(torch.where(candidates, ranked_prior, torch.zeros_like(prior)), masks[ok],
+                                     losses[ok], pairs)
+                ranked_by = "regression" if not s.guard or reg.cv_kendall_tau > prior_tau else "prior"
+                if ranked_by == "prior":
+                    scores = ranked_prior
+                info.update(prior_pair_tau=prior_tau, ranked_by=ranked_by)
                 info.update(cv_kendall_tau=reg.cv_kendall_tau, regression=reg.best_params, masks_used=int(ok.sum()),
                             masks_dropped=int((~ok).sum()), loss_mean=float(losses[ok].mean()),
                             loss_std=float(losses[ok].std()))

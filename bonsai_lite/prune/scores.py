@@ -6,7 +6,7 @@ import torch
 from bonsai_lite.search import priors as P
 from bonsai_lite.structure import UnitLayout
 
-PRIOR_METHODS = {"wanda", "activation"}
+PRIOR_METHODS = {"wanda", "activation", "flap"}
 
 
 def output_projections(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +21,10 @@ def output_projections(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.Tensor:
-    """Module-level Wanda (appendix F.2), activation magnitude (F.1), or weight magnitude."""
+    """Module-level Wanda (appendix F.2), activation magnitude (F.1), weight magnitude, or FLAP's
+    standardised fluctuation (already on one scale across groups, see `comparable_prior`)."""
+    if kind == "flap":
+        return flap_unit_scores(model, stats, layout)[0]
     out = torch.zeros(layout.total, dtype=torch.float64)
     hd = model.spec.head_dim
     for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):

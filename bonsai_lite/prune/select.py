@@ -30,6 +30,12 @@ def normalised_prior(prior: torch.Tensor, groups) -> torch.Tensor:
     return out
 
 
+def comparable_prior(prior: torch.Tensor, groups, kind: str) -> torch.Tensor:
+    """A prior on one global scale: FLAP's z-scores already are (standardised per group, the scale
+    FLAP ranks on), the others are divided by their group mean (`normalised_prior`)."""
+    return prior.to(torch.float64).clone() if kind == "flap" else normalised_prior(prior, groups)
+
+
 def _ascending(scores: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
     """Indices by ascending score; equal scores by ascending ``tiebreak`` (the prior), then index.
 

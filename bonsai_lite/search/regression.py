@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from scipy.stats import kendalltau
 
-__all__ = ["RegressionResult", "fit_relevance", "TABLE8_GRID", "AUTO_SOLVER"]
+__all__ = ["RegressionResult", "fit_relevance", "pair_tau", "TABLE8_GRID", "AUTO_SOLVER"]
 
 TABLE8_GRID: dict[str, tuple] = {
     "gamma": (100.0, 0.0, 1e-4),
@@ -115,6 +115,18 @@ def _pair_differences(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         first.append(int(rows[0]))
         second.append(int(rows[1]))
     return v[..., first] - v[..., second]
+
+
+def pair_tau(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, pairs: torch.Tensor) -> float:
+    """Kendall's tau of a fixed per-unit score as a predictor of (mask, complement) pairs: the
+    predicted utility difference ``scores . (mask - complement)`` against the observed
+    ``loss(complement) - loss(mask)`` over every complete pair. Nothing is fitted, so it compares
+    with fit_relevance's held-out ``cv_kendall_tau`` on the same pairs (a prior versus the betas)."""
+    x = torch.as_tensor(masks).to(torch.float64).cpu()
+    pred = x @ torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+    utility = -torch.as_tensor(losses, dtype=torch.float64).flatten().cpu()
+    pairs = torch.as_tensor(pairs, dtype=torch.int64).flatten()
+    return _tau(_pair_differences(pred, pairs), _pair_differences(utility, pairs))
 
 
 def _tau(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -13,10 +13,10 @@ from bonsai_lite.search.regression import fit_relevance
 pytestmark = pytest.mark.integration
 
 
-def _run(model_dir, tmp_path, name, regression):
+def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda"):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
-                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8, seed=4,
-                                        regression=regression),
+                    search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.2, masks_per_iter=8, seed=seed,
+                                        regression=regression, guard=guard, prior=prior),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
@@ -42,5 +42,26 @@ def test_prior_only_equals_bonsai_with_zero_beta(tiny_models, tmp_path, monkeypa
     assert prior_only.layers == reference.layers
     # and the prior is not a no-op here: a different regression outcome selects differently
     monkeypatch.undo()
-    learned = _run(model_dir, tmp_path, "learned", "unit")
+    learned = _run(model_dir, tmp_path, "learned", "unit", guard=False)
     assert learned.layers != prior_only.layers
+
+
+@pytest.mark.parametrize("prior", ["wanda", "flap"])
+def test_guard_ranks_by_whichever_predicts_held_out_pairs_better(tiny_models, tmp_path, prior):
+    """One iteration: the guarded run must select what the unguarded run selects when its betas'
+    held-out pair tau beats the prior's, and what the prior alone selects otherwise."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    choices = set()
+    for seed in range(10):
+        kw = dict(sparsity=0.2, seed=seed, prior=prior)
+        guarded = _run(model_dir, tmp_path, f"g{seed}", "unit", **kw)
+        betas = _run(model_dir, tmp_path, f"b{seed}", "unit", guard=False, **kw)
+        alone = _run(model_dir, tmp_path, f"p{seed}", "none", **kw)
+        (h,) = guarded.history
+        expect = "regression" if h["cv_kendall_tau"] > h["prior_pair_tau"] else "prior"
+        assert h["ranked_by"] == expect
+        assert betas.history[0]["ranked_by"] == "regression"  # --no-guard always ranks by the betas
+        if betas.layers != alone.layers:  # otherwise this seed cannot tell the two apart
+            choices.add(expect)
+            assert guarded.layers == (betas.layers if expect == "regression" else alone.layers)
+    assert choices  # at least one seed discriminates

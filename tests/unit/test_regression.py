@@ -168,3 +168,20 @@ def test_regression_beats_prior_only_ranking_on_planted_beta():
     fit_tau = _within_group_tau(res.beta, truth, s.candidates, groups)
     assert fit_tau > prior_tau + 0.2, (fit_tau, prior_tau)
     assert res.cv_kendall_tau > 0.35
+
+
+def test_pair_tau_ranks_a_fixed_score_as_the_guard_needs():
+    # pair_tau is the guard's yardstick for the prior: the planted truth predicts the pairs almost
+    # perfectly, its negation perfectly wrongly, a random score not at all; and on an
+    # under-determined problem (24 masks) a decent prior beats the betas' held-out tau.
+    from bonsai_lite.search.regression import pair_tau
+
+    s, groups, beta, losses = _planted(n_groups=20, group_size=100, n_masks=24, noise=0.05)
+    pairs = torch.arange(24) // 2
+    assert pair_tau(beta, s.masks, losses, pairs) > 0.8
+    assert pair_tau(-beta, s.masks, losses, pairs) < -0.8
+    noise = torch.randn(beta.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(pair_tau(noise, s.masks, losses, pairs)) < 0.5
+    prior = beta + 0.5 * noise
+    res = fit_relevance(s.masks, losses, penalty="l1")
+    assert pair_tau(prior, s.masks, losses, pairs) > res.cv_kendall_tau
