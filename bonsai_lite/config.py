@@ -45,7 +45,10 @@ class SearchConfig:
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
     prior: str = "wanda"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
-    rank: str = "relevance"  # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md
+    # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md.
+    # "within": beta orders units inside each (layer, kind) group, where it is identified, and the
+    # prior's values decide how many each group loses (select.within_group_order).
+    rank: str = "relevance"
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     # "unit": eq. 3, one beta per unit (the paper). "allocation": the prior orders units inside each
     # (layer, kind) group and the masks learn each group's scale (search/allocation.py); it ranks
@@ -96,6 +99,8 @@ class SearchConfig:
             raise BonsaiError(f"--regression must be unit, allocation or none, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
+        if self.rank not in ("relevance", "per-param", "within"):
+            raise BonsaiError(f"--rank must be relevance, per-param or within, got {self.rank!r}")
         if self.prior not in ("wanda", "activation", "flap"):
             raise BonsaiError(f"--prior must be wanda, activation or flap, got {self.prior!r}")
         if self.gqa not in ("any", "equal"):

@@ -124,6 +124,9 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)),
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
         "regression": [h["regression"] for h in hist if "regression" in h],
+        # the guard's choice per iteration, and the prior's own pair tau it was compared with
+        "ranked_by": [h["ranked_by"] for h in hist if "ranked_by" in h],
+        "prior_pair_tau": [h["prior_pair_tau"] for h in hist if "prior_pair_tau" in h],
         "params": res["params_after"], "prunable_params": res["prunable_params_after"],
         "prunable_params_before": res["prunable_params_before"],
         **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

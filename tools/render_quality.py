@@ -35,14 +35,18 @@ def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    """Method as shown: with "+comp" when the run compensated (the default changed between commits,
-    so the flag in each record, not the variant name, says what ran)."""
-    return r["method"] + (" +comp" if r.get("compensate") else "")
+    """Method as shown: with the prior when a search method ran on a non-default one, and "+comp"
+    when the run compensated (defaults changed between commits, so the settings in each record, not
+    the variant name, say what ran)."""
+    prior = r.get("settings", {}).get("prior", "wanda")
+    shown = f" [{prior} prior]" if r["method"].startswith("bonsai") and prior != "wanda" else ""
+    return r["method"] + shown + (" +comp" if r.get("compensate") else "")
 
 
 def _variant(r: dict) -> str:
-    v = r.get("variant", "")
-    return "" if v.startswith("compensate=") else v
+    """The variant beyond what `label` shows (compensation and prior are part of the label)."""
+    parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(("compensate=", "prior="))]
+    return "+".join(parts)
 
 
 def aggregate(records: list[dict]) -> dict[tuple, dict]:

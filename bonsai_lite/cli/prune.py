@@ -39,9 +39,10 @@ def add_parser(sub) -> None:
                    help="rank by the regression's betas even when the prior predicts the held-out sub-model "
                         "pairs better (the paper's behaviour)")
     p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
-    p.add_argument("--rank", default="relevance", choices=["relevance", "per-param"],
-                   help="global ranking of Bonsai's relevances: raw (default, measured better on SmolLM2) or "
-                        "per parameter removed")
+    p.add_argument("--rank", default="relevance", choices=["relevance", "per-param", "within"],
+                   help="global ranking of Bonsai's relevances: raw (default, measured better on SmolLM2), "
+                        "per parameter removed, or within: relevances order each (layer, kind) group, the "
+                        "prior decides how many units each group loses")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
     p.add_argument("--regression", default="unit", choices=["unit", "allocation", "none"],

@@ -31,7 +31,7 @@ from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
-                                      unit_costs)
+                                      unit_costs, within_group_order)
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
@@ -275,6 +275,10 @@ class Pruner:
                     head_p, mlp_p = model.spec.unit_params()
                     beta = beta / unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
                 scores = torch.where(reg.estimated, beta, torch.full_like(beta, math.inf))
+                if s.rank == "within" and s.regression == "unit":
+                    scores = torch.where(reg.estimated, within_group_order(beta, ranked_prior.where(candidates, 0.0),
+                                                                           layout.groups(), reg.estimated),
+                                         torch.full_like(beta, math.inf))
                 # The guard: the prior predicts the same held-out pairs with nothing fitted; the betas
                 # replace it only where they predict better (issue 10: at 16 pairs they often do not).
                 prior_tau = pair_tau(torch.where(candidates, ranked_prior, torch.zeros_like(prior)), masks[ok],

@@ -36,6 +36,26 @@ def comparable_prior(prior: torch.Tensor, groups, kind: str) -> torch.Tensor:
     return prior.to(torch.float64).clone() if kind == "flap" else normalised_prior(prior, groups)
 
 
+def within_group_order(beta: torch.Tensor, prior: torch.Tensor, groups, candidates: torch.Tensor) -> torch.Tensor:
+    """Scores that take each group's candidate *order* from ``beta`` and its *values* from ``prior``.
+
+    Beta is identified only within a (layer, kind) group (every mask keeps the same count per group,
+    docs/search-maths.md), so a global ranking of raw betas allocates removals across groups by
+    the penalty's arbitrary offsets. Here the candidates of a group receive the group's sorted prior
+    values in beta's order: how many units each group loses is what the prior would decide, which
+    ones is what the sub-model losses say. Non-candidates keep their prior value (callers fix them).
+    Ties in beta go by the prior."""
+    out = prior.to(torch.float64).clone()
+    for g in groups:
+        idx = torch.arange(prior.numel())[g]
+        c = idx[candidates[idx]]
+        if c.numel() < 2:
+            continue
+        values = torch.sort(out[c]).values
+        out[c[_ascending(beta[c], prior[c])]] = values
+    return out
+
+
 def _ascending(scores: torch.Tensor, tiebreak: torch.Tensor | None) -> torch.Tensor:
     """Indices by ascending score; equal scores by ascending ``tiebreak`` (the prior), then index.
 

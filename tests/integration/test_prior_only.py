@@ -13,10 +13,10 @@ from bonsai_lite.search.regression import fit_relevance
 pytestmark = pytest.mark.integration
 
 
-def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda"):
+def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda", rank="relevance"):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.2, masks_per_iter=8, seed=seed,
-                                        regression=regression, guard=guard, prior=prior),
+                                        regression=regression, guard=guard, prior=prior, rank=rank),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
@@ -65,3 +65,18 @@ def test_guard_ranks_by_whichever_predicts_held_out_pairs_better(tiny_models, tm
             choices.add(expect)
             assert guarded.layers == (betas.layers if expect == "regression" else alone.layers)
     assert choices  # at least one seed discriminates
+
+
+def test_rank_within_keeps_the_prior_allocation(tiny_models, tmp_path):
+    """--rank within: each layer loses as many heads and MLP units as the prior-only run's first
+    iteration removes (the prior allocates), while which units go follows the betas."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    differs = False
+    for seed in range(4):
+        kw = dict(sparsity=0.2, seed=seed, prior="flap")
+        within = _run(model_dir, tmp_path, f"w{seed}", "unit", guard=False, rank="within", **kw)
+        alone = _run(model_dir, tmp_path, f"a{seed}", "none", **kw)
+        widths = lambda res: [(len(s.heads), len(s.mlp)) for s in res.layers]  # noqa: E731
+        assert widths(within) == widths(alone)
+        differs |= within.layers != alone.layers
+    assert differs  # the betas did choose other units somewhere
