@@ -22,7 +22,7 @@ IMG = ROOT / "docs" / "img"
 RESULTS_DIR = ROOT / "docs" / "results"
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
-SAME_COMPUTE = {"compensate", "regression", "rank", "spread"}  # variants that leave the compute unchanged
+SAME_COMPUTE = {"compensate", "regression", "rank", "spread", "guard"}  # variants that leave the compute unchanged
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -38,14 +38,23 @@ def label(r: dict) -> str:
     """Method as shown: with the prior when a search method ran on a non-default one, and "+comp"
     when the run compensated (defaults changed between commits, so the settings in each record, not
     the variant name, say what ran)."""
-    prior = r.get("settings", {}).get("prior", "wanda")
-    shown = f" [{prior} prior]" if r["method"].startswith("bonsai") and prior != "wanda" else ""
+    settings = r.get("settings", {})
+    parts = []
+    if r["method"].startswith("bonsai"):
+        if settings.get("prior", "wanda") != "wanda":
+            parts.append(f"{settings['prior']} prior")
+        if settings.get("regression", "unit") != "unit":
+            parts.append(f"regression {settings['regression']}")
+        elif settings.get("rank", "relevance") != "relevance":
+            parts.append(f"rank {settings['rank']}")
+    shown = f" [{', '.join(parts)}]" if parts else ""
     return r["method"] + shown + (" +comp" if r.get("compensate") else "")
 
 
 def _variant(r: dict) -> str:
-    """The variant beyond what `label` shows (compensation and prior are part of the label)."""
-    parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(("compensate=", "prior="))]
+    """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label)."""
+    shown = ("compensate=", "prior=", "rank=", "regression=")
+    parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown)]
     return "+".join(parts)
 
 
