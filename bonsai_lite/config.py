@@ -59,6 +59,10 @@ class SearchConfig:
     # Guard: the regression's betas rank the candidates only when their held-out pair tau beats the
     # prior's tau on the same pairs (the prior is fixed, nothing is fitted); else the prior ranks them.
     guard: bool = True
+    # Which units an iteration perturbs and may remove: "layer" (the paper): the bottom 2 p_iter of
+    # every (layer, kind) group by prior; "global": the units lowest on the prior's global scale
+    # worth 2 p_iter of the parameters (sampling.global_candidates), so one group can lose more.
+    candidates: str = "layer"
     uniform: bool = False
     seed: int = 0
     # Compensation: masked units read as their calibration mean during the search, and removed
@@ -101,6 +105,8 @@ class SearchConfig:
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.rank not in ("relevance", "per-param", "within"):
             raise BonsaiError(f"--rank must be relevance, per-param or within, got {self.rank!r}")
+        if self.candidates not in ("layer", "global"):
+            raise BonsaiError(f"--candidates must be layer or global, got {self.candidates!r}")
         if self.prior not in ("wanda", "activation", "flap"):
             raise BonsaiError(f"--prior must be wanda, activation or flap, got {self.prior!r}")
         if self.gqa not in ("any", "equal"):

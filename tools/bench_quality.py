@@ -15,7 +15,8 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
 prior_seq=N, rank=R, spread=X, regression=unit|allocation|none (none: the prior alone, no sub-models),
-gqa=any|equal, multiple_of=N, prior=wanda|activation|flap, guard=on|off; joined by '+' they apply together
+gqa=any|equal, multiple_of=N, prior=wanda|activation|flap, guard=on|off,
+candidates=layer|global; joined by '+' they apply together
 (prior=flap+regression=none).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ VARIANTS = {
     "rank": ("rank", str, "search"), "spread": ("keep_spread", float, "search"),
     "regression": ("regression", str, "search"), "gqa": ("gqa", str, "search"),
     "multiple_of": ("multiple_of", int, "search"), "prior": ("prior", str, "search"),
-    "guard": ("guard", lambda v: v == "on", "search"),
+    "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
 ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of"}

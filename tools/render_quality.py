@@ -43,6 +43,8 @@ def label(r: dict) -> str:
     if r["method"].startswith("bonsai"):
         if settings.get("prior", "wanda") != "wanda":
             parts.append(f"{settings['prior']} prior")
+        if settings.get("candidates", "layer") != "layer":
+            parts.append(f"{settings['candidates']} candidates")
         if settings.get("regression", "unit") != "unit":
             parts.append(f"regression {settings['regression']}")
         elif settings.get("rank", "relevance") != "relevance":
@@ -53,7 +55,7 @@ def label(r: dict) -> str:
 
 def _variant(r: dict) -> str:
     """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label)."""
-    shown = ("compensate=", "prior=", "rank=", "regression=")
+    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=")
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown)]
     return "+".join(parts)
 

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prior", default="wanda", choices=["wanda", "activation", "flap"],
                    help="unit prior: module-level Wanda (paper), activation magnitude, or FLAP's standardised "
                         "fluctuation (turns compensation on under --compensate auto)")
+    p.add_argument("--candidates", default="layer", choices=["layer", "global"],
+                   help="units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior "
+                        "(the paper), or the lowest on the prior's global scale worth 2 x p_iter of the parameters")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="rank by the regression's betas even when the prior predicts the held-out sub-model "
                         "pairs better (the paper's behaviour)")
@@ -94,6 +97,7 @@ def config_from_args(args) -> RunConfig:
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
+                          candidates=args.candidates,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
                           compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),
                           gqa=args.gqa)

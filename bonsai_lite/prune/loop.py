@@ -39,7 +39,7 @@ from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 from bonsai_lite.search.priors import bias_compensation
 from bonsai_lite.search.regression import fit_relevance, pair_tau
-from bonsai_lite.search.sampling import sample_masks
+from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
 
 log = logging.getLogger(__name__)
@@ -226,8 +226,14 @@ class Pruner:
         dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
         means = _means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
+        chosen = None
+        if s.candidates == "global":
+            head_p, mlp_p = model.spec.unit_params()
+            chosen = global_candidates(comparable_prior(prior, layout.groups(), s.prior),
+                                       unit_costs(layout, head_params=head_p, mlp_params=mlp_p),
+                                       2 * s.p_iter * self.dense_params, layout.groups())
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
-                                  keep_spread=s.sampling_spread)
+                              keep_spread=s.sampling_spread, candidates=chosen)
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
         st.tensors.update(prior=prior, masks=sample.masks, candidates=sample.candidates)

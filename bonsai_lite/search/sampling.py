@@ -50,6 +50,25 @@ def group_indices(group: torch.Tensor | slice, n_units: int) -> torch.Tensor:
     return group.to(torch.int64).flatten()
 
 
+def global_candidates(scores: torch.Tensor, costs: torch.Tensor, budget: float, groups) -> torch.Tensor:
+    """Bool [U]: the units with the lowest ``scores`` (one global scale) until their ``costs`` reach
+    ``budget``, the units an iteration will choose among when the prior ranks across groups.
+    A group with exactly one such unit gets its next-lowest unit too: a lone candidate's column
+    would equal the mask-vs-complement indicator (the identical-columns defect of ``_n_fixed``)."""
+    scores = scores.to(torch.float64).flatten()
+    order = torch.sort(scores, stable=True).indices
+    cum = torch.cumsum(costs.to(torch.float64)[order], 0)
+    n = int(torch.searchsorted(cum, torch.tensor(float(budget), dtype=cum.dtype)).item()) + 1
+    out = torch.zeros(scores.numel(), dtype=torch.bool)
+    out[order[: min(n, scores.numel())]] = True
+    for group in groups:
+        idx = group_indices(group, scores.numel())
+        if idx.numel() >= MIN_CANDIDATES and int(out[idx].sum()) == 1:
+            rest = idx[~out[idx]]
+            out[rest[torch.argmin(scores[rest])]] = True
+    return out
+
+
 def _n_fixed(n: int, p_iter: float) -> int:
     if n < 2:
         return n  # a lone unit (e.g. a layer's last head) is never perturbed
@@ -75,6 +94,7 @@ def sample_masks(
     n_masks: int,
     generator: torch.Generator,
     keep_spread: float = 0.0,
+    candidates: torch.Tensor | None = None,
 ) -> MaskSample:
     """Draw ``n_masks`` masks in (mask, complement) pairs; an odd ``n_masks`` is rounded up.
 
@@ -82,7 +102,8 @@ def sample_masks(
     (ties go to the lower index); of the c >= 2 remaining candidates a mask keeps ``c // 2`` (odd c:
     ``c // 2`` or ``c - c // 2``, a coin flip per pair) drawn without replacement with probability
     proportional to the (floored) prior, and its complement keeps the others. Groups of one unit
-    are never perturbed; units in no group are fixed.
+    are never perturbed; units in no group are fixed. ``candidates`` (bool [U]), when given, replaces
+    the per-group rule: those units are perturbed (``global_candidates`` picks them on one scale).
     ``generator`` is a CPU ``torch.Generator``; the same state gives the same output.
     """
     prior = prior.detach().to(torch.float64).flatten().cpu()
@@ -94,6 +115,9 @@ def sample_masks(
     if n_masks < 1:
         raise ValueError(f"n_masks must be positive, got {n_masks}")
     n_pairs = (n_masks + 1) // 2
+    given = None if candidates is None else torch.as_tensor(candidates, dtype=torch.bool).flatten().cpu()
+    if given is not None and given.numel() != n_units:
+        raise ValueError(f"candidates has {given.numel()} entries for {n_units} units")
 
     candidates = torch.zeros(n_units, dtype=torch.bool)
     seen = torch.zeros(n_units, dtype=torch.bool)
@@ -105,9 +129,13 @@ def sample_masks(
         if seen[idx].any() or idx.unique().numel() != idx.numel():
             raise ValueError("groups must not overlap")
         seen[idx] = True
-        n_fix = _n_fixed(idx.numel(), p_iter)
         order = torch.sort(prior[idx], descending=True, stable=True).indices
-        cand = idx[order[n_fix:]]
+        if given is None:
+            cand = idx[order[_n_fixed(idx.numel(), p_iter):]]
+        elif idx.numel() >= MIN_CANDIDATES:  # the caller chose them (global_candidates)
+            cand = idx[order][given[idx[order]]]
+        else:
+            cand = idx[:0]
         if cand.numel() == 0:
             continue
         candidates[cand] = True

@@ -13,10 +13,12 @@ from bonsai_lite.search.regression import fit_relevance
 pytestmark = pytest.mark.integration
 
 
-def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda", rank="relevance"):
+def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda", rank="relevance",
+         candidates="layer"):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.2, masks_per_iter=8, seed=seed,
-                                        regression=regression, guard=guard, prior=prior, rank=rank),
+                                        regression=regression, guard=guard, prior=prior, rank=rank,
+                                        candidates=candidates),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
@@ -80,3 +82,24 @@ def test_rank_within_keeps_the_prior_allocation(tiny_models, tmp_path):
         assert widths(within) == widths(alone)
         differs |= within.layers != alone.layers
     assert differs  # the betas did choose other units somewhere
+
+
+def test_global_candidates_prior_only_is_iterative_global_ranking(tiny_models, tmp_path, monkeypatch):
+    """--candidates global with --regression none: each iteration removes what a global greedy on the
+    prior over *all* units would (the candidates hold that whole removal), unlike the per-layer rule."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    seen, priors = [], []
+    real, real_prior = L.greedy_drop, L.comparable_prior
+
+    def spy(scores, costs, need, *, tiebreak=None):
+        drop = real(scores, costs, need, tiebreak=tiebreak)
+        seen.append((drop, real(priors[-1], costs, need, tiebreak=tiebreak)))  # over every unit
+        return drop
+
+    monkeypatch.setattr(L, "greedy_drop", spy)
+    monkeypatch.setattr(L, "comparable_prior", lambda *a: priors.append(real_prior(*a)) or priors[-1])
+    _run(model_dir, tmp_path, "glob", "none", prior="flap", candidates="global", sparsity=0.4)
+    assert seen and all(torch.equal(d, ref) for d, ref in seen)
+    seen.clear()
+    _run(model_dir, tmp_path, "layer", "none", prior="flap", candidates="layer", sparsity=0.4)
+    assert any(not torch.equal(d, ref) for d, ref in seen)  # the per-layer rule does restrict

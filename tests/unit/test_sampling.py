@@ -129,3 +129,24 @@ def test_keep_spread_varies_counts_and_keeps_pairs():
     g2 = torch.Generator().manual_seed(0)
     again = sample_masks(prior, groups=groups, p_iter=0.25, n_masks=40, generator=g2, keep_spread=1.0)
     assert torch.equal(again.masks, s.masks)
+
+
+def test_global_candidates_cover_the_lowest_units_and_never_leave_one_alone():
+    from bonsai_lite.prune.select import greedy_drop
+    from bonsai_lite.search.sampling import global_candidates
+
+    g = torch.Generator().manual_seed(3)
+    groups = [slice(0, 40), slice(40, 80), slice(80, 84)]
+    scores = torch.randn(84, generator=g, dtype=torch.float64)
+    scores[40:80] -= 1.5  # one group is much less useful: a per-group rule would cap its losses
+    costs = torch.ones(84, dtype=torch.float64)
+    costs[80:84] = 10.0
+    cand = global_candidates(scores, costs, 30.0, groups)
+    assert greedy_drop(scores, costs, 15.0)[~cand].sum() == 0  # they hold an iteration's whole removal
+    assert int(cand[40:80].sum()) > int(cand[0:40].sum())  # the weak group contributes more
+    for sl in groups:
+        assert int(cand[sl].sum()) != 1
+    # sample_masks perturbs exactly those units
+    s = sample_masks(scores.float(), groups=groups, p_iter=0.1, n_masks=8, generator=g, candidates=cand)
+    assert torch.equal(s.candidates, cand)
+    assert torch.all(s.masks[:, ~cand])
