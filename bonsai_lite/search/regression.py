@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from scipy.stats import kendalltau
 
-__all__ = ["RegressionResult", "fit_relevance", "pair_tau", "TABLE8_GRID", "AUTO_SOLVER"]
+__all__ = ["RegressionResult", "fit_relevance", "pair_tau", "tau_null_sd", "TABLE8_GRID", "AUTO_SOLVER"]
 
 TABLE8_GRID: dict[str, tuple] = {
     "gamma": (100.0, 0.0, 1e-4),
@@ -115,6 +115,18 @@ def _pair_differences(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         first.append(int(rows[0]))
         second.append(int(rows[1]))
     return v[..., first] - v[..., second]
+
+
+def tau_null_sd(n: int) -> float:
+    """Standard deviation of Kendall's tau between n independent rankings (no ties):
+    sqrt(2 (2n + 5) / (9 n (n - 1))). With 16 pairs it is 0.19: a held-out tau of 0.2 is noise."""
+    return math.sqrt(2.0 * (2 * n + 5) / (9.0 * n * (n - 1))) if n > 1 else math.inf
+
+
+def complete_pairs(pairs: torch.Tensor) -> int:
+    """How many pair ids occur exactly twice (the pairs a pair tau is computed over)."""
+    _, counts = torch.unique(torch.as_tensor(pairs), return_counts=True)
+    return int((counts == 2).sum())
 
 
 def pair_tau(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, pairs: torch.Tensor) -> float:

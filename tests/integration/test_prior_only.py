@@ -8,7 +8,7 @@ import torch
 
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.prune import loop as L
-from bonsai_lite.search.regression import fit_relevance
+from bonsai_lite.search.regression import fit_relevance, tau_null_sd
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,8 @@ def test_guard_ranks_by_whichever_predicts_held_out_pairs_better(tiny_models, tm
         betas = _run(model_dir, tmp_path, f"b{seed}", "unit", guard=False, **kw)
         alone = _run(model_dir, tmp_path, f"p{seed}", "none", **kw)
         (h,) = guarded.history
-        expect = "regression" if h["cv_kendall_tau"] > h["prior_pair_tau"] else "prior"
+        assert h["guard_margin"] == pytest.approx(2.0 * tau_null_sd(4))  # 8 masks: 4 pairs
+        expect = "regression" if h["cv_kendall_tau"] > h["prior_pair_tau"] + h["guard_margin"] else "prior"
         assert h["ranked_by"] == expect
         assert betas.history[0]["ranked_by"] == "regression"  # --no-guard always ranks by the betas
         if betas.layers != alone.layers:  # otherwise this seed cannot tell the two apart

@@ -185,3 +185,11 @@ def test_pair_tau_ranks_a_fixed_score_as_the_guard_needs():
     prior = beta + 0.5 * noise
     res = fit_relevance(s.masks, losses, penalty="l1")
     assert pair_tau(prior, s.masks, losses, pairs) > res.cv_kendall_tau
+
+
+def test_tau_null_sd_matches_simulated_independent_rankings():
+    from bonsai_lite.search.regression import tau_null_sd
+
+    g = torch.Generator().manual_seed(0)
+    taus = [kendalltau(torch.randn(16, generator=g), torch.randn(16, generator=g)).statistic for _ in range(800)]
+    assert torch.tensor(taus).std().item() == pytest.approx(tau_null_sd(16), rel=0.1)
