@@ -43,12 +43,15 @@ class SearchConfig:
     masks_per_iter: int = 200  # paper appendix A.2
     # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
-    prior: str = "wanda"
+    # "auto" (resolved at construction): flap for bonsai, where it measured better (docs/RESULTS.md),
+    # wanda for the others (wanda-sp is defined by it).
+    prior: str = "auto"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md.
     # "within": beta orders units inside each (layer, kind) group, where it is identified, and the
     # prior's values decide how many each group loses (select.within_group_order).
-    rank: str = "relevance"
+    # "auto": within for bonsai's unit regression, relevance otherwise.
+    rank: str = "auto"
     keep_spread: float = 0.0  # 0 = paper (each mask keeps half the candidates); >0 varies the count
     # "unit": eq. 3, one beta per unit (the paper). "allocation": the prior orders units inside each
     # (layer, kind) group and the masks learn each group's scale (search/allocation.py); it ranks
@@ -62,7 +65,8 @@ class SearchConfig:
     # Which units an iteration perturbs and may remove: "layer" (the paper): the bottom 2 p_iter of
     # every (layer, kind) group by prior; "global": the units lowest on the prior's global scale
     # worth 2 p_iter of the parameters (sampling.global_candidates), so one group can lose more.
-    candidates: str = "layer"
+    # "auto": global for bonsai, layer otherwise.
+    candidates: str = "auto"
     uniform: bool = False
     seed: int = 0
     # Compensation: masked units read as their calibration mean during the search, and removed
@@ -87,6 +91,14 @@ class SearchConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise BonsaiError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        # "auto" settings become concrete here, so the resume key and the records say what ran.
+        # Bonsai's defaults (flap prior, global candidates, within-group ranking, guard) are issue 10's
+        # measured configuration; --prior wanda --candidates layer --rank relevance --no-guard is the paper's.
+        bonsai = self.method == "bonsai"
+        for name, value in (("prior", "flap" if bonsai else "wanda"), ("candidates", "global" if bonsai else "layer"),
+                            ("rank", "within" if bonsai and self.regression == "unit" else "relevance")):
+            if getattr(self, name) == "auto":
+                object.__setattr__(self, name, value)
         if not 0.0 < self.sparsity < 1.0:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if not 0.0 < self.p_iter <= self.sparsity:

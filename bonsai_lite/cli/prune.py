@@ -32,20 +32,22 @@ def add_parser(sub) -> None:
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
-    p.add_argument("--prior", default="wanda", choices=["wanda", "activation", "flap"],
-                   help="unit prior: module-level Wanda (paper), activation magnitude, or FLAP's standardised "
-                        "fluctuation (turns compensation on under --compensate auto)")
-    p.add_argument("--candidates", default="layer", choices=["layer", "global"],
+    p.add_argument("--prior", default="auto", choices=["auto", "wanda", "activation", "flap"],
+                   help="unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised "
+                        "fluctuation (turns compensation on under --compensate auto); auto: flap for bonsai, "
+                        "wanda otherwise")
+    p.add_argument("--candidates", default="auto", choices=["auto", "layer", "global"],
                    help="units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior "
-                        "(the paper), or the lowest on the prior's global scale worth 2 x p_iter of the parameters")
+                        "(the paper's), or the lowest on the prior's global scale worth 2 x p_iter of the "
+                        "parameters; auto: global for bonsai")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="rank by the regression's betas even when the prior predicts the held-out sub-model "
                         "pairs better (the paper's behaviour)")
     p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
-    p.add_argument("--rank", default="relevance", choices=["relevance", "per-param", "within"],
-                   help="global ranking of Bonsai's relevances: raw (default, measured better on SmolLM2), "
-                        "per parameter removed, or within: relevances order each (layer, kind) group, the "
-                        "prior decides how many units each group loses")
+    p.add_argument("--rank", default="auto", choices=["auto", "relevance", "per-param", "within"],
+                   help="how Bonsai's relevances rank units: globally as they are (the paper's), per parameter "
+                        "removed, or within: they order each (layer, kind) group and the prior decides how many "
+                        "units each group loses (auto: within)")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
     p.add_argument("--regression", default="unit", choices=["unit", "allocation", "none"],

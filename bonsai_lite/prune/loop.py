@@ -1,9 +1,12 @@
 """Algorithm 1 (Bonsai) and its baselines, iterated to the target sparsity, resumable.
 
 Per iteration: fresh calibration windows; priors from a streamed dense pass of the current model;
-for `bonsai`: sample (mask, complement) pairs around the fixed top (1 - 2 p_iter) of each layer,
-evaluate every sub-model's loss, regress loss on the masks; drop the lowest-scoring units worth
-p_iter of the parent's non-embedding parameters (eq. 2); physically remove them.
+for `bonsai`: choose the candidates (the bottom 2 p_iter of each layer by prior, the paper's, or of
+the whole model on the prior's global scale), sample (mask, complement) pairs over them, evaluate
+every sub-model's loss, regress loss on the masks; rank the candidates by the betas (globally, or
+inside each group with the prior's allocation) unless the guard finds the prior predicts the pairs
+as well; drop the lowest-scoring units worth p_iter of the parent's non-embedding parameters
+(eq. 2); physically remove them.
 
 Resumable (docs/RELIABILITY.md): the run state (prune/state.py) is committed after the priors and
 sampled masks of an iteration, after every evaluated chunk of sub-models, and after every
