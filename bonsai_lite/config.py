@@ -62,6 +62,10 @@ class SearchConfig:
     # Guard: the regression's betas rank the candidates only when their held-out pair tau beats the
     # prior's tau on the same pairs (the prior is fixed, nothing is fitted); else the prior ranks them.
     guard: bool = True
+    # What the cross-validation and the guard score: "all": the whole pair difference (the paper's
+    # CV); "within": only the order inside each group (group-centred betas and prior), which is all
+    # --rank within uses. "auto": within with --rank within, all otherwise.
+    cv_scope: str = "auto"
     # Which units an iteration perturbs and may remove: "layer" (the paper): the bottom 2 p_iter of
     # every (layer, kind) group by prior; "global": the units lowest on the prior's global scale
     # worth 2 p_iter of the parameters (sampling.global_candidates), so one group can lose more.
@@ -99,6 +103,8 @@ class SearchConfig:
                             ("rank", "within" if bonsai and self.regression == "unit" else "relevance")):
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, value)
+        if self.cv_scope == "auto":
+            object.__setattr__(self, "cv_scope", "within" if self.rank == "within" else "all")
         if not 0.0 < self.sparsity < 1.0:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if not 0.0 < self.p_iter <= self.sparsity:
@@ -117,6 +123,8 @@ class SearchConfig:
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.rank not in ("relevance", "per-param", "within"):
             raise BonsaiError(f"--rank must be relevance, per-param or within, got {self.rank!r}")
+        if self.cv_scope not in ("all", "within"):
+            raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):
             raise BonsaiError(f"--candidates must be layer or global, got {self.candidates!r}")
         if self.prior not in ("wanda", "activation", "flap"):

@@ -16,7 +16,7 @@ Variants (`name=value`, comma separated, each run for every method it applies to
 the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
 prior_seq=N, rank=R, spread=X, regression=unit|allocation|none (none: the prior alone, no sub-models),
 gqa=any|equal, multiple_of=N, prior=wanda|activation|flap, guard=on|off,
-candidates=layer|global; joined by '+' they apply together
+candidates=layer|global, cv_scope=all|within; joined by '+' they apply together
 (prior=flap+regression=none).
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ VARIANTS = {
     "regression": ("regression", str, "search"), "gqa": ("gqa", str, "search"),
     "multiple_of": ("multiple_of", int, "search"), "prior": ("prior", str, "search"),
     "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
+    "cv_scope": ("cv_scope", str, "search"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
 ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of"}

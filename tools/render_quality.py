@@ -49,13 +49,15 @@ def label(r: dict) -> str:
             parts.append(f"regression {settings['regression']}")
         elif settings.get("rank", "relevance") != "relevance":
             parts.append(f"rank {settings['rank']}")
+            if settings.get("cv_scope", "all") != "all":
+                parts.append(f"cv {settings['cv_scope']}")
     shown = f" [{', '.join(parts)}]" if parts else ""
     return r["method"] + shown + (" +comp" if r.get("compensate") else "")
 
 
 def _variant(r: dict) -> str:
     """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label)."""
-    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=")
+    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=")
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown)]
     return "+".join(parts)
 

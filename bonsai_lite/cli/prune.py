@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
                    help="units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior "
                         "(the paper's), or the lowest on the prior's global scale worth 2 x p_iter of the "
                         "parameters; auto: global for bonsai")
+    p.add_argument("--cv-scope", default="auto", choices=["auto", "all", "within"],
+                   help="what the regression's cross-validation and the guard score: whole pair differences "
+                        "(all, the paper's) or only the order inside each (layer, kind) group (within; auto: "
+                        "within with --rank within)")
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="rank by the regression's betas even when the prior predicts the held-out sub-model "
                         "pairs better (the paper's behaviour)")
@@ -99,7 +103,7 @@ def config_from_args(args) -> RunConfig:
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
-                          candidates=args.candidates,
+                          candidates=args.candidates, cv_scope=args.cv_scope,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
                           compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),
                           gqa=args.gqa)

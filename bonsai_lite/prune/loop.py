@@ -41,7 +41,7 @@ from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 from bonsai_lite.search.priors import bias_compensation
-from bonsai_lite.search.regression import complete_pairs, fit_relevance, pair_tau, tau_null_sd
+from bonsai_lite.search.regression import centre_within, complete_pairs, fit_relevance, pair_tau, tau_null_sd
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
 
@@ -274,13 +274,16 @@ class Pruner:
                                       f"{MIN_REGRESSION_MASKS} are needed); use --dtype float32")
                 checkpoint("regression")
                 pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
+                # --rank within uses only the order inside each group: --cv-scope within scores that
+                # alone, for the betas (their CV) and the prior (the guard), centred over the candidates
+                within = _group_members(layout, candidates) if s.cv_scope == "within" else None
                 with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):
                     if s.regression == "allocation":
                         reg = fit_allocation(masks[ok], losses[ok], prior=prior, groups=layout.groups(),
                                              candidates=candidates, pairs=pairs, seed=_seed(cfg, it, 4))
                     else:
                         reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4),
-                                            pairs=pairs)
+                                            pairs=pairs, within=within)
                 checkpoint("regressed")
                 beta = reg.beta.double()
                 if s.rank == "per-param" or s.regression == "allocation":
@@ -294,7 +297,8 @@ class Pruner:
                 # The guard: the prior predicts the same held-out pairs with nothing fitted; the betas
                 # replace it only where they predict better by more than GUARD_SDS null standard
                 # deviations of tau (issue 10: at 16 pairs a held-out tau of 0.2 is noise).
-                prior_tau = pair_tau(torch.where(candidates, ranked_prior, torch.zeros_like(prior)), masks[ok],
+                prior_pred = torch.where(candidates, ranked_prior, torch.zeros_like(prior))
+                prior_tau = pair_tau(prior_pred if within is None else centre_within(prior_pred, within), masks[ok],
                                      losses[ok], pairs)
                 margin = GUARD_SDS * tau_null_sd(complete_pairs(pairs))
                 ranked_by = "regression" if not s.guard or reg.cv_kendall_tau > prior_tau + margin else "prior"
@@ -399,6 +403,16 @@ def _with_model_tensors(model, tensors: dict):
         model = model.with_fills({l: (tensors.get(f"fill:{l}:heads"), tensors.get(f"fill:{l}:mlp"))
                                   for l in range(len(model.layers))})
     return model
+
+
+def _group_members(layout, candidates: torch.Tensor) -> list[torch.Tensor]:
+    """Bool [U] per (layer, kind) group: its candidate units."""
+    out = []
+    for g in layout.groups():
+        m = torch.zeros(layout.total, dtype=torch.bool)
+        m[g] = True
+        out.append(m & candidates)
+    return out
 
 
 def _means(tap) -> dict:

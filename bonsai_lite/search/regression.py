@@ -117,6 +117,21 @@ def _pair_differences(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return v[..., first] - v[..., second]
 
 
+def centre_within(scores: torch.Tensor, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``scores`` [..., U] with each group's mean subtracted over its members (bool [U] masks).
+
+    A (mask, complement) pair can differ by one unit in a group with an odd number of candidates;
+    uncentred, a predictor then also scores "one more unit kept" with the group's mean score,
+    which for z-scored priors is negative: the FLAP prior anti-predicted the pairs (tau -0.1 to
+    -0.37) for that reason alone. Centred, only the order inside each group counts."""
+    out = scores.clone()
+    for g in groups:
+        g = torch.as_tensor(g, dtype=torch.bool)
+        if bool(g.any()):
+            out[..., g] = out[..., g] - out[..., g].mean(-1, keepdim=True)
+    return out
+
+
 def tau_null_sd(n: int) -> float:
     """Standard deviation of Kendall's tau between n independent rankings (no ties):
     sqrt(2 (2n + 5) / (9 n (n - 1))). With 16 pairs it is 0.19: a held-out tau of 0.2 is noise."""
@@ -294,6 +309,7 @@ def fit_relevance(
     seed: int = 0,
     solver: str = "auto",
     pairs: torch.Tensor | None = None,
+    within: Sequence[torch.Tensor] | None = None,
 ) -> RegressionResult:
     """Estimate per-unit relevance beta from ``masks`` [K, U] (True = kept) and ``losses`` [K].
 
@@ -301,7 +317,9 @@ def fit_relevance(
     Table 8 for Adam (gamma, lr factor, batch, epochs) and to Table 8's gammas otherwise.
     Deterministic for a fixed ``seed``. Raises ValueError on non-finite losses (callers filter).
     ``pairs`` [K] gives each row's (mask, complement) pair id (a row whose partner was dropped is
-    a pair of one); by default rows 2k and 2k+1 are a pair when they are complementary. With
+    a pair of one); by default rows 2k and 2k+1 are a pair when they are complementary. ``within``
+    (bool [U] masks, one per group) makes the cross-validation score group-centred betas: the
+    within-group order alone, for callers that take the allocation across groups elsewhere. With
     pairs, folds hold out whole pairs and the reported tau ranks within-pair loss differences.
     """
     solver = _resolve_solver(penalty, solver)
@@ -348,6 +366,8 @@ def fit_relevance(
     for f in range(k):
         train, test = folds != f, folds == f
         beta, b0 = _fit_all(x[train], y[train], params, penalty, solver, seed + f)
+        if within is not None:  # score only the within-group order (what --rank within uses)
+            beta = centre_within(beta, [w[estimated] for w in within])
         pred[:, test] = b0.unsqueeze(1) + beta @ x[test].T
     if paired:
         pred_d, y_d = _pair_differences(pred, pairs), _pair_differences(y, pairs)

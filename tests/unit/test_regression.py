@@ -193,3 +193,28 @@ def test_tau_null_sd_matches_simulated_independent_rankings():
     g = torch.Generator().manual_seed(0)
     taus = [kendalltau(torch.randn(16, generator=g), torch.randn(16, generator=g)).statistic for _ in range(800)]
     assert torch.tensor(taus).std().item() == pytest.approx(tau_null_sd(16), rel=0.1)
+
+
+def test_within_scoring_ignores_the_odd_group_count_effect():
+    # An odd group's pair differs by one kept unit. A z-scored prior (negative on the candidates)
+    # then "predicts" that keeping one more unit hurts; centred within groups it scores the order
+    # alone. Planted: the truth is a large per-unit "keeping helps" plus a small within-group order.
+    from bonsai_lite.search.regression import centre_within, pair_tau
+
+    g = torch.Generator().manual_seed(2)
+    groups = [torch.arange(i * 7, (i + 1) * 7) for i in range(12)]  # 7 units: odd candidate counts
+    order = torch.randn(84, generator=g, dtype=torch.float64)
+    s = sample_masks(torch.ones(84), groups=groups, p_iter=0.35, n_masks=64, generator=g)  # 5 candidates each
+    losses = -(s.masks.double() @ (5.0 + 0.3 * order))
+    pairs = torch.arange(64) // 2
+    members = []
+    for idx in groups:
+        m = torch.zeros(84, dtype=torch.bool)
+        m[idx] = True
+        members.append(m & s.candidates)
+    prior = torch.where(s.candidates, order - 3.0, torch.zeros(84, dtype=torch.float64))  # right order, negative
+    assert pair_tau(prior, s.masks, losses, pairs) < 0  # uncentred: anti-predicts
+    assert pair_tau(centre_within(prior, members), s.masks, losses, pairs) > 0.1
+    res = fit_relevance(s.masks, losses, penalty="l2", within=members)
+    plain = fit_relevance(s.masks, losses, penalty="l2")
+    assert res.cv_kendall_tau < plain.cv_kendall_tau  # the count effect no longer counts for the betas
