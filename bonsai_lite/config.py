@@ -85,7 +85,7 @@ class SearchConfig:
     @property
     def compensates(self) -> bool:
         if self.compensate == "auto":
-            return self.method in COMPENSATE_AUTO or (self.method.startswith("bonsai") and self.prior == "flap")
+            return self.method in COMPENSATE_AUTO or (self.method.startswith("bonsai") and self.prior.startswith("flap"))
         return self.compensate == "on"
     multiple_of: int = 1  # kept MLP units per layer rounded to a multiple of this (prune/align.py); 1 = off
     # "equal": every layer keeps the same number of query heads per key/value head (prune/align.py),
@@ -127,8 +127,8 @@ class SearchConfig:
             raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):
             raise BonsaiError(f"--candidates must be layer or global, got {self.candidates!r}")
-        if self.prior not in ("wanda", "activation", "flap"):
-            raise BonsaiError(f"--prior must be wanda, activation or flap, got {self.prior!r}")
+        if self.prior not in ("wanda", "activation", "flap", "flap-parent"):
+            raise BonsaiError(f"--prior must be wanda, activation, flap or flap-parent, got {self.prior!r}")
         if self.gqa not in ("any", "equal"):
             raise BonsaiError(f"--gqa must be any or equal, got {self.gqa!r}")
         if self.multiple_of < 1:

@@ -208,7 +208,10 @@ class Pruner:
                                      iteration=self.it) as bar:
                 dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
                                  progress=lambda rows: bar.advance(rows / len(tokens)))
-                prior = S.prior_scores(model, tap.stats, layout, kind=kind)
+                if kind == "flap-parent":  # z-scores on the first iteration's (the parent's) group scale
+                    prior = self._flap_parent(model, tap.stats, layout)
+                else:
+                    prior = S.prior_scores(model, tap.stats, layout, kind=kind)
                 bar.tokens += dense.stats.tokens
             if torch.isfinite(dense.nll).all() and torch.isfinite(prior).all():
                 return dense, tap, prior
@@ -217,6 +220,20 @@ class Pruner:
                                   "check the checkpoint's weights (a corrupt or badly converted download?)")
             log.warning("dense pass overflowed in %s; repeating it in float32", plan.dtype)
             plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype="float32")
+
+    def _flap_parent(self, model, stats, layout) -> torch.Tensor:
+        """FLAP scores standardised with the parent's per-group mean and std, kept in the run state.
+
+        Re-standardising every iteration re-centres each group on its survivors, so a group whose
+        weak units went first looks weak again and the iterations drift towards a uniform split:
+        iterative FLAP at 20% gave 45.9 against one-shot FLAP's 40.7 (SmolLM2, seed 2)."""
+        st = self.state
+        saved = {(int(k.split(":")[1]), k.split(":")[2]): (float(v[0]), float(v[1]))
+                 for k, v in st.tensors.items() if k.startswith("flapnorm:")}
+        scores, own = S.flap_unit_scores(model, stats, layout, norms=saved or None)
+        if not saved:
+            st.tensors.update({f"flapnorm:{l}:{k}": torch.tensor(v, dtype=torch.float64) for (l, k), v in own.items()})
+        return scores
 
     def _sampled(self, it: int, model, tokens, layout):
         """Priors, compensation means and sampled masks of iteration `it`: from the run state when a

@@ -23,7 +23,7 @@ def output_projections(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.Tensor:
     """Module-level Wanda (appendix F.2), activation magnitude (F.1), weight magnitude, or FLAP's
     standardised fluctuation (already on one scale across groups, see `comparable_prior`)."""
-    if kind == "flap":
+    if kind in ("flap", "flap-parent"):
         return flap_unit_scores(model, stats, layout)[0]
     out = torch.zeros(layout.total, dtype=torch.float64)
     hd = model.spec.head_dim
@@ -43,11 +43,12 @@ def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.
     return out
 
 
-def flap_unit_scores(model, stats: dict, layout: UnitLayout) -> tuple[torch.Tensor, dict]:
-    """FLAP: fluctuation x squared column norm, standardised per (layer, kind); plus what bias
-    compensation needs (each layer's output projections and input means)."""
+def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """FLAP: fluctuation x squared column norm, standardised per (layer, kind); and each group's
+    (mean, std) of column scores, keyed (layer, kind). With ``norms`` (such a dict, e.g. the
+    parent's) groups are standardised with those instead of their own current mean and std."""
     hd = model.spec.head_dim
-    scores, groups, sizes, slots = torch.zeros(layout.total, dtype=torch.float64), [], [], []
+    scores, groups, sizes, slots, keys = torch.zeros(layout.total, dtype=torch.float64), [], [], [], []
     for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
         o, d = output_projections(model, l)
         for sl, k, w, g in ((h, "heads", o, hd), (m, "mlp", d, 1)):
@@ -57,9 +58,13 @@ def flap_unit_scores(model, stats: dict, layout: UnitLayout) -> tuple[torch.Tens
             groups.append(P.flap_scores(w, stats[(l, k)], group_size=1))
             sizes.append(g)
             slots.append(sl)
-    for sl, z in zip(slots, P.flap_standardize(groups, group_sizes=sizes)):
+            keys.append((l, k))
+    own = {key: (float(c.double().mean()), float(c.double().std()) if c.numel() > 1 else 0.0)
+           for key, c in zip(keys, groups)}
+    use = [None if norms is None else norms.get(key) for key in keys]
+    for sl, z in zip(slots, P.flap_standardize(groups, group_sizes=sizes, norms=use)):
         scores[sl] = z.double()
-    return scores, {}
+    return scores, own
 
 
 def noregress_scores(model, tap, layout: UnitLayout, masks: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def normalised_prior(prior: torch.Tensor, groups) -> torch.Tensor:
 def comparable_prior(prior: torch.Tensor, groups, kind: str) -> torch.Tensor:
     """A prior on one global scale: FLAP's z-scores already are (standardised per group, the scale
     FLAP ranks on), the others are divided by their group mean (`normalised_prior`)."""
-    return prior.to(torch.float64).clone() if kind == "flap" else normalised_prior(prior, groups)
+    return prior.to(torch.float64).clone() if kind.startswith("flap") else normalised_prior(prior, groups)
 
 
 def within_group_order(beta: torch.Tensor, prior: torch.Tensor, groups, candidates: torch.Tensor) -> torch.Tensor:

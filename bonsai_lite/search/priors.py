@@ -173,7 +173,8 @@ def flap_scores(w_out: torch.Tensor, stats: ActivationStats, *, group_size: int)
 
 
 def flap_standardize(
-    scores_per_group: Sequence[torch.Tensor], *, group_sizes: Sequence[int] | None = None
+    scores_per_group: Sequence[torch.Tensor], *, group_sizes: Sequence[int] | None = None,
+    norms: Sequence[tuple[float, float] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Z-score each (layer, kind) group's scores so that groups rank on one global scale.
 
@@ -182,14 +183,18 @@ def flap_standardize(
     ``group_sizes[i] = g > 1`` the i-th input holds column scores that are standardised first and
     then averaged over ``g`` consecutive columns, FLAP's order for attention heads. A group whose
     scores are all equal (or that has one element) gets zeros instead of FLAP's NaNs: it carries
-    no ranking information and NaNs would poison a global sort.
+    no ranking information and NaNs would poison a global sort. ``norms[i] = (mean, std)``, when
+    given, standardises group i with those instead of its own (an earlier model's, e.g. the parent's).
     """
     if group_sizes is not None and len(group_sizes) != len(scores_per_group):
         raise ValueError("group_sizes must have one entry per group")
     out = []
     for i, scores in enumerate(scores_per_group):
         s = scores.to(torch.float64).flatten()
-        if s.numel() < 2:
+        norm = None if norms is None else norms[i]
+        if norm is not None:
+            z = (s - norm[0]) / norm[1] if norm[1] > 0 else torch.zeros_like(s)
+        elif s.numel() < 2:
             z = torch.zeros_like(s)
         else:
             std = s.std()

@@ -104,3 +104,25 @@ def test_global_candidates_prior_only_is_iterative_global_ranking(tiny_models, t
     seen.clear()
     _run(model_dir, tmp_path, "layer", "none", prior="flap", candidates="layer", sparsity=0.4)
     assert any(not torch.equal(d, ref) for d, ref in seen)  # the per-layer rule does restrict
+
+
+def test_flap_parent_keeps_the_first_iterations_scale(tiny_models, tmp_path, monkeypatch):
+    """--prior flap-parent: iteration 1 scores as flap does and records each group's (mean, std);
+    every later iteration standardises with exactly those, not with its survivors' own."""
+    from bonsai_lite.prune import scores as S
+
+    calls = []
+    real = S.flap_unit_scores
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append((k.get("norms"), out[1]))
+        return out
+
+    monkeypatch.setattr(S, "flap_unit_scores", spy)
+    _run(tiny_models["llama-gqa-tied"], tmp_path, "fp", "none", prior="flap-parent", candidates="global", sparsity=0.4)
+    assert len(calls) == 2 and calls[0][0] is None  # two iterations; the first uses its own scale
+    first = calls[0][1]
+    assert set(calls[1][0]) == set(first)
+    assert all(calls[1][0][k] == pytest.approx(first[k]) for k in calls[1][0])
+    assert any(calls[1][1][k] != pytest.approx(first[k]) for k in calls[1][1])  # the survivors' own differ

@@ -141,3 +141,15 @@ def test_group_size_must_divide_width(data):
     _, w, stats = data
     with pytest.raises(ValueError):
         wanda_scores(w, stats, group_size=5)
+
+
+def test_flap_standardize_with_given_norms():
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.rand(12, generator=g, dtype=torch.float64), torch.rand(8, generator=g, dtype=torch.float64)]
+    own = [(float(x.mean()), float(x.std())) for x in groups]
+    # the group's own mean and std give FLAP's z-scores; another model's give a shifted scale
+    for a, b in zip(flap_standardize(groups, norms=own), flap_standardize(groups)):
+        torch.testing.assert_close(a, b)
+    shifted = flap_standardize(groups, norms=[(0.0, 1.0), None])
+    torch.testing.assert_close(shifted[0], groups[0].float())
+    torch.testing.assert_close(shifted[1], flap_standardize(groups)[1])
