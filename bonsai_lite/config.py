@@ -98,7 +98,7 @@ class SearchConfig:
         # "auto" settings become concrete here, so the resume key and the records say what ran.
         # Bonsai's defaults (flap prior, global candidates, within-group ranking, guard) are issue 10's
         # measured configuration; --prior wanda --candidates layer --rank relevance --no-guard is the paper's.
-        bonsai = self.method == "bonsai"
+        bonsai = self.method == "bonsai" and self.regression != "allocation"  # allocation: the measured paper frame
         for name, value in (("prior", "flap" if bonsai else "wanda"), ("candidates", "global" if bonsai else "layer"),
                             ("rank", "within" if bonsai and self.regression == "unit" else "relevance")):
             if getattr(self, name) == "auto":
@@ -123,6 +123,9 @@ class SearchConfig:
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.rank not in ("relevance", "per-param", "within"):
             raise BonsaiError(f"--rank must be relevance, per-param or within, got {self.rank!r}")
+        if self.regression == "allocation" and self.prior.startswith("flap"):
+            raise BonsaiError("--regression allocation scales a positive prior per group; FLAP's z-scores are not "
+                              "positive: use --prior wanda or activation with it")
         if self.cv_scope not in ("all", "within"):
             raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):

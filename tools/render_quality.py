@@ -41,8 +41,7 @@ def label(r: dict) -> str:
     settings = r.get("settings", {})
     parts = []
     if r["method"].startswith("bonsai"):
-        if settings.get("prior", "wanda") != "wanda":
-            parts.append(f"{settings['prior']} prior")
+        parts.append(f"{settings.get('prior', 'wanda')} prior")  # the default changed: always say which
         if settings.get("candidates", "layer") != "layer":
             parts.append(f"{settings['candidates']} candidates")
         if settings.get("regression", "unit") != "unit":

@@ -38,17 +38,14 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     _bench(*common)
     records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     runs = [r for r in records if r["method"] != "parent"]
-    # 2 methods x 2 seeds, plus the variant where it differs from the default (flap compensates by default,
-    # bonsai does not: its compensate=off variant is its default row and is not run twice)
-    assert len(runs) == 2 * 2 + 2 and len(records) == len(runs) + 1
+    # 2 methods x 2 seeds, plus the compensate=off variant of each (both compensate by default: flap by
+    # definition, bonsai with its default flap prior)
+    assert len(runs) == 2 * 2 + 2 * 2 and len(records) == len(runs) + 1
     for r in records:
         assert FIELDS <= set(r) and r["kind"] == "quality" and r["eval_tokens"] == 256 and r["seq_len"] == 32
     for r in runs:
         assert r["perplexity"] > 1 and r["forward_tokens"] > 0 and r["prune_seconds"] > 0
-        if r["variant"] == "compensate=off":
-            assert r["compensate"] is False and r["method"] == "flap"
-        else:
-            assert r["compensate"] is (r["method"] == "flap")  # the defaults
+        assert r["compensate"] is (r["variant"] != "compensate=off")
     bonsai = [r for r in runs if r["method"] == "bonsai" and not r["variant"]]
     flap = [r for r in runs if r["method"] == "flap" and not r["variant"]]
     assert all(b["forward_tokens"] > f["forward_tokens"] for b in bonsai for f in flap)
@@ -72,7 +69,7 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     text = page.read_text()
     assert text.startswith("# Results\n\nbefore\n") and text.endswith("\n\nafter\n") and "old" not in text
     mean = statistics.fmean(r["perplexity"] for r in bonsai)
-    row = next(line for line in text.splitlines() if line.startswith("| 0.20 |") and "bonsai" in line)
+    row = next(line for line in text.splitlines() if line.startswith("| 0.20 |") and "bonsai" in line and "+comp" in line)
     assert f"{mean:.2f}" in row or f"{mean:.1f}" in row or f"{mean:,.0f}" in row
     plain = text.replace("**", "")
     assert "| flap +comp |" in plain and "| flap |" in plain

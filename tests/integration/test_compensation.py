@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bonsai_lite.errors import BonsaiError
+
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune.loop import Pruner, _fills, _means, run_pruning
@@ -116,7 +118,12 @@ def test_allocation_regression_runs_in_the_loop(tiny_models, tmp_path):
     model_dir = tiny_models["llama-gqa-tied"]
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     base = _cfg(model_dir, tmp_path / "out", "bonsai")
-    cfg = RunConfig(**{**base.__dict__, "search": SearchConfig(**{**base.search.__dict__, "regression": "allocation"})})
+    search = {**base.search.__dict__, "regression": "allocation", "prior": "auto", "candidates": "auto", "rank": "auto",
+              "cv_scope": "auto"}
+    cfg = RunConfig(**{**base.__dict__, "search": SearchConfig(**search)})
+    assert (cfg.search.prior, cfg.search.candidates) == ("wanda", "layer")  # auto: the frame it was measured in
+    with pytest.raises(BonsaiError, match="positive prior"):
+        SearchConfig(**{**search, "prior": "flap"})
     outcome = run_pruning(cfg, ids=ids, run_dir=tmp_path / "run")
     assert len(outcome.history) == 2
     assert all("common_scale" in h["regression"] for h in outcome.history)
