@@ -43,7 +43,8 @@ class SearchConfig:
     masks_per_iter: int = 200  # paper appendix A.2
     # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
-    # "auto" (resolved at construction): flap for bonsai, where it measured better (docs/RESULTS.md),
+    # "flap-parent": the same z-scored on the parent's per-group mean and std in every iteration.
+    # "auto" (resolved at construction): flap-parent for bonsai, where it measured best (docs/RESULTS.md),
     # wanda for the others (wanda-sp is defined by it).
     prior: str = "auto"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
@@ -99,7 +100,7 @@ class SearchConfig:
         # Bonsai's defaults (flap prior, global candidates, within-group ranking, guard) are issue 10's
         # measured configuration; --prior wanda --candidates layer --rank relevance --no-guard is the paper's.
         bonsai = self.method == "bonsai" and self.regression != "allocation"  # allocation: the measured paper frame
-        for name, value in (("prior", "flap" if bonsai else "wanda"), ("candidates", "global" if bonsai else "layer"),
+        for name, value in (("prior", "flap-parent" if bonsai else "wanda"), ("candidates", "global" if bonsai else "layer"),
                             ("rank", "within" if bonsai and self.regression == "unit" else "relevance")):
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, value)

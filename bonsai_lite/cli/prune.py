@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prior", default="auto", choices=["auto", "wanda", "activation", "flap", "flap-parent"],
                    help="unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised "
                         "fluctuation (turns compensation on under --compensate auto; flap-parent: z-scored on the "
-                        "parent's per-layer scale in every iteration); auto: flap for bonsai, wanda otherwise")
+                        "parent's per-layer scale in every iteration); auto: flap-parent for bonsai, wanda otherwise")
     p.add_argument("--candidates", default="auto", choices=["auto", "layer", "global"],
                    help="units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior "
                         "(the paper's), or the lowest on the prior's global scale worth 2 x p_iter of the "
