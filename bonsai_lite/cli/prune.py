@@ -15,6 +15,29 @@ from bonsai_lite.search.planner import parse_bytes
 log = logging.getLogger("bonsai_lite.prune")
 
 
+SEARCH_CHOICES = (
+    ("--prior", ["auto", "wanda", "activation", "flap", "flap-parent"],
+     "unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised fluctuation "
+     "(turns compensation on under --compensate auto; flap-parent: z-scored on the parent's per-layer scale in "
+     "every iteration); auto: flap-parent for bonsai, wanda otherwise"),
+    ("--candidates", ["auto", "layer", "global"],
+     "units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior (the paper's), or "
+     "the lowest on the prior's global scale worth 2 x p_iter of the parameters; auto: global for bonsai"),
+    ("--cv-scope", ["auto", "all", "within"],
+     "what the regression's cross-validation and the guard score: whole pair differences (all, the paper's) or "
+     "only the order inside each (layer, kind) group (within; auto: within with --rank within)"),
+    ("--rank", ["auto", "relevance", "per-param", "within"],
+     "how Bonsai's relevances rank units: globally as they are (the paper's), per parameter removed, or within: "
+     "they order each (layer, kind) group and the prior decides how many units each group loses (auto: within)"),
+    ("--regression", ["unit", "allocation", "none"],
+     "unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, kind), learned "
+     "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone"),
+    ("--compensate", ["auto", "on", "off"],
+     "masked units read as their calibration mean during the search and removed units' mean output folded into "
+     "the output biases (auto: where it measured better, docs/RESULTS.md)"),
+)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a model directory to a target sparsity and export it")
     p.add_argument("model_dir")
@@ -32,35 +55,16 @@ def add_parser(sub) -> None:
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
-    p.add_argument("--prior", default="auto", choices=["auto", "wanda", "activation", "flap", "flap-parent"],
-                   help="unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised "
-                        "fluctuation (turns compensation on under --compensate auto; flap-parent: z-scored on the "
-                        "parent's per-layer scale in every iteration); auto: flap-parent for bonsai, wanda otherwise")
-    p.add_argument("--candidates", default="auto", choices=["auto", "layer", "global"],
-                   help="units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior "
-                        "(the paper's), or the lowest on the prior's global scale worth 2 x p_iter of the "
-                        "parameters; auto: global for bonsai")
-    p.add_argument("--cv-scope", default="auto", choices=["auto", "all", "within"],
-                   help="what the regression's cross-validation and the guard score: whole pair differences "
-                        "(all, the paper's) or only the order inside each (layer, kind) group (within; auto: "
-                        "within with --rank within)")
+    # Bonsai's search frame: choice flags as data, the first choice the default (config.SearchConfig
+    # resolves "auto" per method)
+    for flag, choices, text in SEARCH_CHOICES:
+        p.add_argument(flag, default=choices[0], choices=choices, help=text)
     p.add_argument("--no-guard", dest="guard", action="store_false",
                    help="rank by the regression's betas even when the prior predicts the held-out sub-model "
                         "pairs better (the paper's behaviour)")
     p.add_argument("--penalty", default="l1", choices=["l1", "l2"])
-    p.add_argument("--rank", default="auto", choices=["auto", "relevance", "per-param", "within"],
-                   help="how Bonsai's relevances rank units: globally as they are (the paper's), per parameter "
-                        "removed, or within: they order each (layer, kind) group and the prior decides how many "
-                        "units each group loses (auto: within)")
     p.add_argument("--keep-spread", type=float, default=0.0,
                    help="0 = paper (each mask keeps half the candidates); >0 varies the kept count per mask")
-    p.add_argument("--regression", default="unit", choices=["unit", "allocation", "none"],
-                   help="unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, "
-                        "kind), learned scale per group, ranked per parameter (docs/search-maths.md); none: no "
-                        "sub-models, the group-normalised prior alone (an ablation)")
-    p.add_argument("--compensate", default="auto", choices=["auto", "on", "off"],
-                   help="masked units read as their calibration mean during the search and removed units' mean "
-                        "output folded into the output biases (auto: where it measured better, docs/RESULTS.md)")
     p.add_argument("--prior-samples", type=int, default=None,
                    help="windows of the separate dense pass for priors and compensation means (0: reuse the "
                         "search windows)")
