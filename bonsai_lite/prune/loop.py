@@ -33,15 +33,16 @@ from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
+from bonsai_lite.prune.ranking import group_members, rank_candidates
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
-                                      unit_costs, within_group_order)
+                                      unit_costs)
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, detect_machine, make_plan
 from bonsai_lite.search.priors import bias_compensation
-from bonsai_lite.search.regression import centre_within, complete_pairs, fit_relevance, pair_tau, tau_null_sd
+from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
 
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 # model that pass can take an hour, so it is split into chunks of at most this many seconds, at the
 # cost of one extra read of the weights per chunk (seconds against minutes of compute).
 CHECKPOINT_SECONDS = 600.0
-# The betas must beat the prior's pair tau by this many null standard deviations of Kendall's tau
-# (regression.tau_null_sd): 0.37 at 16 pairs, 0.13 at the paper's 100 pairs.
-GUARD_SDS = 2.0
 
 
 @dataclass
@@ -293,7 +291,7 @@ class Pruner:
                 pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
                 # --rank within uses only the order inside each group: --cv-scope within scores that
                 # alone, for the betas (their CV) and the prior (the guard), centred over the candidates
-                within = _group_members(layout, candidates) if s.cv_scope == "within" else None
+                within = group_members(layout.groups(), layout.total, candidates) if s.cv_scope == "within" else None
                 with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):
                     if s.regression == "allocation":
                         reg = fit_allocation(masks[ok], losses[ok], prior=prior, groups=layout.groups(),
@@ -302,26 +300,14 @@ class Pruner:
                         reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4),
                                             pairs=pairs, within=within)
                 checkpoint("regressed")
-                beta = reg.beta.double()
+                costs = None
                 if s.rank == "per-param" or s.regression == "allocation":
                     head_p, mlp_p = model.spec.unit_params()
-                    beta = beta / unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
-                scores = torch.where(reg.estimated, beta, torch.full_like(beta, math.inf))
-                if s.rank == "within" and s.regression == "unit":
-                    scores = torch.where(reg.estimated, within_group_order(beta, ranked_prior.where(candidates, 0.0),
-                                                                           layout.groups(), reg.estimated),
-                                         torch.full_like(beta, math.inf))
-                # The guard: the prior predicts the same held-out pairs with nothing fitted; the betas
-                # replace it only where they predict better by more than GUARD_SDS null standard
-                # deviations of tau (issue 10: at 16 pairs a held-out tau of 0.2 is noise).
-                prior_pred = torch.where(candidates, ranked_prior, torch.zeros_like(prior))
-                prior_tau = pair_tau(prior_pred if within is None else centre_within(prior_pred, within), masks[ok],
-                                     losses[ok], pairs)
-                margin = GUARD_SDS * tau_null_sd(complete_pairs(pairs))
-                ranked_by = "regression" if not s.guard or reg.cv_kendall_tau > prior_tau + margin else "prior"
-                if ranked_by == "prior":
-                    scores = ranked_prior
-                info.update(prior_pair_tau=prior_tau, guard_margin=margin, ranked_by=ranked_by)
+                    costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
+                r = rank_candidates(reg, ranked_prior, candidates, masks[ok], losses[ok], pairs, layout.groups(),
+                                    rank=s.rank, regression=s.regression, guard=s.guard, within=within, costs=costs)
+                scores = r.scores
+                info.update(prior_pair_tau=r.prior_pair_tau, guard_margin=r.guard_margin, ranked_by=r.ranked_by)
                 info.update(cv_kendall_tau=reg.cv_kendall_tau, regression=reg.best_params, masks_used=int(ok.sum()),
                             masks_dropped=int((~ok).sum()), loss_mean=float(losses[ok].mean()),
                             loss_std=float(losses[ok].std()))
@@ -420,16 +406,6 @@ def _with_model_tensors(model, tensors: dict):
         model = model.with_fills({l: (tensors.get(f"fill:{l}:heads"), tensors.get(f"fill:{l}:mlp"))
                                   for l in range(len(model.layers))})
     return model
-
-
-def _group_members(layout, candidates: torch.Tensor) -> list[torch.Tensor]:
-    """Bool [U] per (layer, kind) group: its candidate units."""
-    out = []
-    for g in layout.groups():
-        m = torch.zeros(layout.total, dtype=torch.bool)
-        m[g] = True
-        out.append(m & candidates)
-    return out
 
 
 def _means(tap) -> dict:
