@@ -150,7 +150,8 @@ class StageMeter:
     def _entry(self, name: str) -> dict:
         return self.stages.setdefault(name, dict(seconds=0.0, calls=0, peak_gpu_reserved=0, peak_rss=0, passes=0,
                                                  engine_calls=0, mask_tokens=0, flops=0.0, predicted_seconds=0.0,
-                                                 bytes_read=0, bytes_to_device=0, bytes_spilled=0))
+                                                 bytes_read=0, bytes_to_device=0, bytes_spilled=0,
+                                                 disk_read_bytes=0))
 
     @contextmanager
     def stage(self, name: str):
@@ -162,6 +163,7 @@ class StageMeter:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         _reset_rss_peak()
+        disk0 = SX.disk_read_bytes() or 0
         t0 = time.perf_counter()
         try:
             yield
@@ -169,6 +171,7 @@ class StageMeter:
             _sync(self.device)
             s = self._entry(name)
             s["seconds"] += time.perf_counter() - t0
+            s["disk_read_bytes"] += (SX.disk_read_bytes() or 0) - disk0  # from storage, not the page cache
             s["calls"] += 1
             if self.cuda:
                 s["peak_gpu_reserved"] = max(s["peak_gpu_reserved"], torch.cuda.max_memory_reserved())
@@ -434,7 +437,11 @@ def run(args) -> dict:
     write_random_model(args.shape, model_dir, device=device, seed=args.seed)
     gen_s = time.perf_counter() - t0
     try:
-        return _run(args, device, deadline, work_dir, model_dir, gen_s)
+        if not args.hold_ram:
+            return _run(args, device, deadline, work_dir, model_dir, gen_s)
+        with SX.hold_ram(parse_bytes(args.hold_ram)) as held:  # after generating: that needs the RAM
+            result = _run(args, device, deadline, work_dir, model_dir, gen_s)
+        return {**result, "held_ram": held}
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -465,6 +472,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     reg_s = paper_regression_seconds(model, args.seed) if args.paper_regression else None
     runs = []
     for budget in budgets:
+        if args.hold_ram:
+            SX.drop_from_page_cache(model_dir)  # each budget starts cold, as on a machine that could not cache it
         if runs and time.perf_counter() > deadline:
             runs.append({"budget": budget, "error": "skipped: --deadline passed"})
             continue
@@ -485,7 +494,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
         if args.accelerate and budget and not device.startswith("cuda"):
             print(f"[accelerate] offloaded transformers at {fmt_bytes(budget)}", file=sys.stderr)
             try:
-                r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows)
+                r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows,
+                                                        cold=model_dir if args.hold_ram else None)
             except Exception as e:  # noqa: BLE001  # a third-party failure is a result; it must not lose ours
                 r["accelerate"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
         r["extrapolation"] = extrapolate(model, r, work, device=device, regression_s=reg_s)
@@ -544,6 +554,9 @@ def parse_args(argv):
                     help="per budget: transformers + accelerate offload (max_memory = budget, offload_folder) on the "
                          "same rows, for comparison")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and export in --work-dir")
+    ap.add_argument("--hold-ram", default=None, metavar="SIZE",
+                    help="emulate a machine with SIZE less RAM (a child keeps it resident) and start each run with "
+                         "the checkpoint out of the page cache: the case of a checkpoint the page cache cannot hold")
     ap.add_argument("--records", action="store_true", help="write one kind=scale JSON record per budget to docs/results")
     ap.add_argument("--sweep", action="store_true", help="per budget: tiles x both orders measured; choice vs best")
     ap.add_argument("--sweep-per-order", type=int, default=3, help="tile sizes measured per streaming order")

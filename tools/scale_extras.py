@@ -9,9 +9,13 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,14 +49,74 @@ def check_disk(path: Path, need: int) -> None:
                          f"(checkpoint, export, offload); pass --work-dir on a larger disk")
 
 
+def disk_read_bytes() -> int | None:
+    """Bytes this process (all its threads) made the kernel fetch from storage: page-cache hits are
+    not counted, mmap page-ins are (/proc/self/io read_bytes)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def drop_from_page_cache(model_dir: Path) -> None:
+    """Ask the kernel to drop the checkpoint's clean pages from the page cache (no root needed), so
+    a run starts cold instead of from what the previous run left there."""
+    for f in (f for f in Path(model_dir).rglob("*") if f.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_HOLDER = """
+import os, sys, numpy
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("1000")  # under memory pressure the kernel kills this, never the benchmark
+a = numpy.ones(int(sys.argv[1]), dtype=numpy.uint8)  # every page written: resident (there is no swap)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def hold_ram(nbytes: int):
+    """Emulate a machine with `nbytes` less RAM: a child process keeps that much anonymous memory
+    resident, so the page cache cannot hold what it otherwise would (issue 12's case of a budget and
+    a checkpoint that do not both fit). Yields a dict that says at exit whether the hold survived."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(nbytes)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise SystemExit(f"bench_scale: could not hold {fmt_bytes(nbytes)} of RAM (--hold-ram); lower it")
+    state = {"held_bytes": nbytes, "mem_available_bytes": mem_available(), "pid": proc.pid}
+    try:
+        yield state
+    finally:
+        state["held_to_the_end"] = proc.poll() is None  # killed by the OOM killer: the emulation broke
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def _rss_growth_since(rss0: int) -> int:
     return max(0, (BE._status_bytes("VmHWM") or 0) - rss0)
 
 
-def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor) -> dict:
+def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor, cold: Path | None = None) -> dict:
     """What people use today for a model that does not fit: transformers + accelerate with
     `device_map="auto"`, `max_memory` at the budget and the rest offloaded to an `offload_folder`.
-    One forward with the loss over `ids` [rows, T] (after a one-row warm-up), tokens/s and RSS growth."""
+    One forward with the loss over `ids` [rows, T] (after a one-row warm-up), tokens/s and RSS growth.
+    `cold`: the checkpoint folder, dropped from the page cache (with the offload folder) before the
+    timed forward."""
     from transformers import AutoModelForCausalLM
 
     rss0 = BE._reset_peak("cpu")
@@ -66,9 +130,14 @@ def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.T
         placed = sorted(set(map(str, getattr(model, "hf_device_map", {}).values())))
         with torch.no_grad():
             model(ids[:1, :8])  # warm-up: offload hooks, kernels
+            if cold is not None:
+                drop_from_page_cache(cold)
+                drop_from_page_cache(Path(offload))
+            disk0 = disk_read_bytes()
             t0 = time.perf_counter()
             loss = float(model(ids, labels=ids).loss)
         seconds = time.perf_counter() - t0
+        disk = disk_read_bytes() - disk0 if disk0 is not None else None
         growth = _rss_growth_since(rss0)
         del model
         gc.collect()
@@ -77,7 +146,7 @@ def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.T
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     return {"seconds": seconds, "load_seconds": load_s, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "loss": loss, "peak_rss_growth_bytes": growth, "budget_bytes": budget, "dtype": dtype,
-            "placement": placed}
+            "placement": placed, "disk_read_bytes": disk}
 
 
 def export_model(model_dir: Path, layers, out: Path) -> dict:
@@ -159,9 +228,11 @@ def records(result: dict) -> list[dict]:
             "accelerate_peak_rss_growth_bytes": acc.get("peak_rss_growth_bytes"),
             "accelerate_error": acc.get("error"),
             "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
-            "bytes_read": r["bytes_read"], "stages": {k: {kk: v[kk] for kk in ("seconds", "predicted_seconds",
-                                                                              "mask_tokens", "flops_per_s",
-                                                                              "bytes_read", "peak_rss")}
+            "accelerate_disk_read_bytes": acc.get("disk_read_bytes"),
+            "held_ram": result.get("held_ram"), "disk_read_bytes": sum(v.get("disk_read_bytes") or 0 for v in r["stages"].values()),
+            "bytes_read": r["bytes_read"], "stages": {k: {kk: v.get(kk) for kk in ("seconds", "predicted_seconds",
+                                                                                  "mask_tokens", "flops_per_s", "bytes_read",
+                                                                                  "disk_read_bytes", "peak_rss")}
                                                     for k, v in r["stages"].items()},
             "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
@@ -179,6 +250,8 @@ def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
         tag = "" if r.get("dtype") in (None, "float32") else f"-{r['dtype']}"
         if (r.get("masks"), r.get("samples")) not in ((8, 1), (None, None)):  # not the issue's example work
             tag += f"-{r['masks']}x{r['samples']}x{r['seq_len']}"
+        if r.get("held_ram"):  # a smaller machine emulated: the page cache cannot hold the checkpoint
+            tag += f"-hold{fmt_bytes(r['held_ram']['held_bytes']).replace(' ', '')}"
         p = directory / f"scale-{r['shape']}-{r['device']}-{budget}{tag}.json"
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1, default=str) + "\n")

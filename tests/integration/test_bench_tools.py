@@ -86,9 +86,11 @@ def test_bench_scale_deletes_only_what_it_wrote(results):
     work, _, _ = results
     kept = work / "tiny"  # written by the fixture's run (--keep): not this run's to delete
     before = sorted(p.name for p in kept.iterdir())
-    _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(work), "--budgets", "64MB", "--masks", "4",
-         "--samples", "1", "--seq-len", "8", "--no-reference", "--no-paper-regression")
+    r = _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(work), "--budgets", "64MB", "--masks", "4",
+             "--samples", "1", "--seq-len", "8", "--no-reference", "--no-paper-regression", "--hold-ram", "32MB")
     assert sorted(p.name for p in kept.iterdir()) == before
+    assert r["held_ram"]["held_bytes"] == 32 * 2**20 and r["held_ram"]["held_to_the_end"]
+    assert all(s["disk_read_bytes"] >= 0 for s in r["runs"][0]["stages"].values())
     fresh = work / "fresh"
     _run("bench_scale.py", "--shape", "tiny", "--work-dir", str(fresh), "--budgets", "64MB", "--masks", "4",
          "--samples", "1", "--seq-len", "8", "--no-reference", "--no-paper-regression", "--export")
@@ -152,3 +154,16 @@ def test_docs_regenerate_from_results_alone(tmp_path, monkeypatch):
                          ("bench_infer", bench_docs.render_infer)):
         bench_docs.write_block(tool, render(bench_docs.read_records(tool)))
     assert page.read_text() == real
+
+
+def test_hold_ram_keeps_its_memory_resident():
+    """--hold-ram emulates a smaller machine only if the held pages are really resident."""
+    sys.path.insert(0, str(TOOLS))
+    import scale_extras
+
+    with scale_extras.hold_ram(48 * 2**20) as held:
+        status = Path(f"/proc/{held['pid']}/status").read_text()
+        rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        assert rss >= 48 * 2**20
+    assert held["held_to_the_end"]
+    assert not Path(f"/proc/{held['pid']}").exists() or "zombie" in Path(f"/proc/{held['pid']}/status").read_text()
