@@ -24,9 +24,20 @@ def _num(x, fmt="{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _held(r: dict) -> str:
+    """The page-cache case: RAM held away by --hold-ram, and what each side then read from storage."""
+    held = r.get("held_ram")
+    if not held:
+        return "-"
+    ok = "" if held.get("held_to_the_end") else " (hold lost)"
+    return (f"{_gib(held['held_bytes'])}{ok}: {_gib(r.get('disk_read_bytes'))} / "
+            f"{_gib(r.get('accelerate_disk_read_bytes'))}")
+
+
 def table(recs: list[dict]) -> str:
     head = ("| shape | device | dtype | masks x samples x tokens | budget GiB | RSS growth GiB | iteration s | engine s (predicted) | mask-tok/s | "
             "GFLOP/s (% fp32 GEMM) | accelerate tok/s (RSS GiB) | vs accelerate | export GiB, s | pruned eval RSS GiB | "
+            "RAM held GiB: disk read GiB (ours / accelerate) | "
             "quick 50% here / 8-core laptop | standard 50% here / laptop | load avg | commit |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in sorted(recs, key=lambda r: (r["shape"], r["device"], r.get("dtype") or "", -(r["budget_bytes"] or 0))):
@@ -48,6 +59,7 @@ def table(recs: list[dict]) -> str:
             _num(r.get("speedup_vs_accelerate"), "{:.2f}x"),
             f"{_gib(exp.get('bytes'))}, {_num(exp.get('seconds'), '{:.0f}')}" if exp.get("bytes") else "-",
             _gib(exp.get("eval_peak_rss_growth_bytes")),
+            _held(r),
             preset("quick"), preset("standard"),
             " ".join(f"{x:.1f}" for x in (r.get("load_average") or [])[:1]) or "-",
             str(r["commit"]),
