@@ -174,8 +174,12 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     parent = next((r["perplexity"] for r in records if r["method"] == "parent"), None)
     written = []
-    colors = {m: f"C{i % 10}" for i, m in enumerate(sorted({k[2] for k in agg}))}  # one colour per method, every panel
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # one colour and marker per method label, the same in every panel (tab20 + markers: >10 labels)
+    names = sorted({k[2] for k in agg})
+    cmap = plt.get_cmap("tab20")
+    colors = {m: cmap(i % 20) for i, m in enumerate(names)}
+    markers = {m: "osD^v<>ph*"[i % 10] for i, m in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(7, 5.5))
     for method in sorted({k[2] for k in agg}):
         for preset in sorted({k[1] for k in agg if k[2] == method}):
             pts = sorted((k[3], v) for k, v in agg.items() if k[2] == method and k[1] == preset and not k[4])
@@ -184,34 +188,42 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
             xs = [p[0] for p in pts]
             ys = [p[1]["mean"] for p in pts]
             err = [[y - p[1]["min"] for y, p in zip(ys, pts)], [p[1]["max"] - y for y, p in zip(ys, pts)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{method} ({preset})", color=colors[method],
-                        ls="-" if preset == "quick" else "--")
+            ax.errorbar(xs, ys, yerr=err, marker=markers[method], capsize=3, label=f"{method} ({preset})",
+                        color=colors[method], ls="-" if preset == "quick" else "--")
     if parent:
         ax.axhline(parent, color="grey", ls=":", label="parent")
     ax.set(xlabel="sparsity (non-embedding parameters removed)", ylabel="perplexity (WikiText-2 test)", yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    n_legend = len(ax.get_legend_handles_labels()[0])
+    fig.legend(loc="lower center", ncol=1, fontsize=6, frameon=False)
+    fig.set_size_inches(7, 4 + 0.13 * n_legend)
+    fig.tight_layout(rect=(0, 0.02 + 0.13 * n_legend / (4 + 0.13 * n_legend), 1, 1))
     written.append(out_dir / "quality-sparsity.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
     sparsities = sorted({k[3] for k in agg})
-    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.2 * max(1, len(sparsities)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.6 * max(1, len(sparsities)), 4.2), squeeze=False)
+    handles = {}
     for ax, sp in zip(axes[0], sparsities):
         for method in sorted({k[2] for k in agg if k[3] == sp}):
             # the frontier: rows that differ in compute (presets, masks, tokens, p_iter) joined by a
             # line; same-compute variants (compensation, regression model, ranking) as hollow markers
             rows = [(k, v) for k, v in agg.items() if k[2] == method and k[3] == sp]
             pts = sorted((v["forward_tokens"], v["mean"]) for k, v in rows if k[4].split("=")[0] not in SAME_COMPUTE)
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])[0]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method,
+                           color=colors[method])[0]
+            handles.setdefault(method, line)
             for k, v in rows:
                 if k[4].split("=")[0] in SAME_COMPUTE:
-                    ax.plot([v["forward_tokens"]], [v["mean"]], marker="o", mfc="none", color=line.get_color())
+                    ax.plot([v["forward_tokens"]], [v["mean"]], marker=markers[method], mfc="none", color=colors[method])
                     ax.annotate(k[4], (v["forward_tokens"], v["mean"]), fontsize=6)
-        ax.set(title=f"sparsity {sp:.2f}", xlabel="forward tokens spent pruning", ylabel="perplexity",
+        if parent:
+            ax.axhline(parent, color="grey", ls=":")
+        ax.set(title=f"sparsity {sp:.2f}", xlabel="forward tokens spent pruning", ylabel="mean perplexity over seeds",
                xscale="log", yscale="log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for all panels, below them: inside a panel it hides the points
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.028 * math.ceil(len(handles) / 2), 1, 1))
     written.append(out_dir / "quality-compute.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
