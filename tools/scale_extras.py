@@ -51,20 +51,19 @@ def check_disk(path: Path, need: int) -> None:
 
 def disk_read_bytes() -> int | None:
     """Bytes this process (all its threads) made the kernel fetch from storage: page-cache hits are
-    not counted, mmap page-ins are (/proc/self/io read_bytes)."""
+    not counted, mmap page-ins are (psutil's read of /proc/self/io `read_bytes`)."""
+    import psutil
+
     try:
-        with open("/proc/self/io") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-    except (OSError, StopIteration):
+        return psutil.Process().io_counters().read_bytes
+    except (AttributeError, psutil.Error):  # no per-process I/O accounting on this OS
         return None
 
 
-def mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
+def mem_available() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def drop_from_page_cache(model_dir: Path) -> None:
