@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "RESULTS.md"
 IMG = ROOT / "docs" / "img"
 RESULTS_DIR = ROOT / "docs" / "results"
+sys.path.insert(0, str(ROOT))
+from bonsai_lite.config import PRESETS  # noqa: E402
+
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
+# (settings key, variant name) of the settings that set a run's compute (tools/bench_quality.py VARIANTS)
+COMPUTE_SETTINGS = (("p_iter", "p_iter"), ("masks_per_iter", "masks"), ("samples", "samples"), ("seq_len", "seq"),
+                    ("prior_samples", "prior_samples"), ("prior_seq_len", "prior_seq"))
 SAME_COMPUTE = {"compensate", "regression", "rank", "spread", "guard"}  # variants that leave the compute unchanged
 
 
@@ -55,9 +61,17 @@ def label(r: dict) -> str:
 
 
 def _variant(r: dict) -> str:
-    """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label)."""
+    """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label).
+
+    The compute settings are read from the record against the preset as defined now, not from the
+    variant name: a preset's definition may change between commits, and its older rows then show
+    as the variant they are (e.g. `prior_samples=0` after `quick` gained its dense pass)."""
     shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=")
-    parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown)]
+    named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS)
+    parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
+    preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})
+    parts += [f"{name}={settings[key]:g}" for key, name in COMPUTE_SETTINGS
+              if key in settings and key in preset and settings[key] != preset[key]]
     return "+".join(parts)
 
 

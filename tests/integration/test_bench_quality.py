@@ -73,3 +73,19 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     assert f"{mean:.2f}" in row or f"{mean:.1f}" in row or f"{mean:,.0f}" in row
     plain = text.replace("**", "")
     assert "| flap +comp |" in plain and "| flap |" in plain
+
+
+def test_render_reads_compute_settings_from_the_record_not_the_variant_name():
+    """A preset's definition can change between commits: a row is a variant of today's preset when its
+    recorded settings differ from it, whatever its variant name said when it ran."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import _variant
+
+    from bonsai_lite.config import PRESETS
+
+    now = dict(PRESETS["quick"])
+    rec = {"preset": "quick", "method": "bonsai", "variant": "prior=flap-parent+prior_samples=16", "settings": now}
+    assert _variant(rec) == ""  # ran with what `quick` is now: a default row
+    old = dict(now, prior_samples=now["prior_samples"] + 5)
+    assert _variant({**rec, "variant": "prior=flap-parent", "settings": old}) == f"prior_samples={old['prior_samples']}"
+    assert _variant({**rec, "variant": "gqa=equal", "settings": dict(now, masks_per_iter=7)}) == "gqa=equal+masks=7"
