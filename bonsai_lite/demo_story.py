@@ -34,6 +34,9 @@ class DemoSettings:
     masks_per_iter: int = 16
     calib_samples: int = 2
     calib_seq_len: int = 128
+    # The priors and compensation means from their own 16 windows (2,048 tokens, a few seconds):
+    # 2 windows are too few for FLAP's fluctuation score (the quick preset measured the same).
+    prior_samples: int = 16
     # Adaptation: a few LoRA steps of plain next-token loss. Distillation (the paper's lambda =
     # 0.01) would first cost a parent forward over all the adaptation text for a small term.
     adapt_steps: int = 8
@@ -96,7 +99,7 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
     t0 = time.perf_counter()
     cfg = RunConfig(model=str(parent), out=str(pruned),
                     calib=CalibConfig(text=str(calib) if calib else None, samples=s.calib_samples,
-                                      seq_len=s.calib_seq_len),
+                                      seq_len=s.calib_seq_len, prior_samples=s.prior_samples),
                     search=SearchConfig(method=s.method, sparsity=s.sparsity, p_iter=s.p_iter,
                                         masks_per_iter=s.masks_per_iter, seed=s.seed))
     pruned_info = prune(cfg, overwrite=True, restart=True, show_progress=show_progress)
