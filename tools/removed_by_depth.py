@@ -1,0 +1,36 @@
+"""Where a prune removed units: heads and MLP units removed per third of the depth, from each exported
+model's `bonsai_export.json` (its per-layer widths) against the parent's config. Prints one JSON line
+per model directory.
+
+  python tools/removed_by_depth.py PARENT_DIR PRUNED_DIR [PRUNED_DIR ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def removed_by_part(parent: dict, layers: list[dict], parts: int = 3) -> dict:
+    """Heads and MLP units removed in each of `parts` equal spans of layers (first to last)."""
+    n = len(layers)
+    heads = [parent["num_attention_heads"] - len(layer["heads"]) for layer in layers]
+    mlp = [parent["intermediate_size"] - len(layer["mlp"]) for layer in layers]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return {"heads": [sum(heads[a:b]) for a, b in zip(bounds, bounds[1:])],
+            "mlp": [sum(mlp[a:b]) for a, b in zip(bounds, bounds[1:])]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parent", type=Path)
+    ap.add_argument("pruned", type=Path, nargs="+")
+    args = ap.parse_args()
+    parent = json.loads((args.parent / "config.json").read_text())
+    for d in args.pruned:
+        layers = json.loads((d / "bonsai_export.json").read_text())["layers"]
+        print(json.dumps({"model": d.name, **removed_by_part(parent, layers)}))
+
+
+if __name__ == "__main__":
+    main()
