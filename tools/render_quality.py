@@ -143,13 +143,15 @@ def render(records: list[dict]) -> str:
         lines.append("")
         ab = {k: v for k, v in agg.items() if k[1] == preset and k[4]}
         if ab:
-            lines += [f"Ablations, preset `{preset}` (same seeds as the default row where both exist):", "",
+            lines += [f"Ablations, preset `{preset}`: each against its reference, the same method and settings "
+                      "without the variant's first setting (the default row when that is its only one), on the "
+                      "same seeds:", "",
                       "| sparsity | method | variant | seeds | mean ppl (variant) | std (min-max) | "
-                      "mean ppl (default, same seeds) | prune s | forward tokens |",
+                      "mean ppl (reference, same seeds) | prune s | forward tokens |",
                       "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
             for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
                 base = {r["seed"]: r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"])
-                        == k[:4] and not _variant(r) and r["seed"] in v["seeds"]}
+                        == k[:4] and _variant(r) == "+".join(k[4].split("+")[1:]) and r["seed"] in v["seeds"]}
                 seen = "" if len(base) == v["n"] else f" ({len(base)} of {v['n']} seeds)"
                 lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} ({','.join(map(str, v['seeds']))}) | "
                              f"{_f(v['mean'])} | {_spread(v)} | "
