@@ -21,13 +21,14 @@ DOCS = ROOT / "docs" / "RESULTS.md"
 IMG = ROOT / "docs" / "img"
 RESULTS_DIR = ROOT / "docs" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_quality import VARIANTS  # noqa: E402
 from bonsai_lite.config import PRESETS  # noqa: E402
 
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
-# (settings key, variant name) of the settings that set a run's compute (tools/bench_quality.py VARIANTS)
-COMPUTE_SETTINGS = (("p_iter", "p_iter"), ("masks_per_iter", "masks"), ("samples", "samples"), ("seq_len", "seq"),
-                    ("prior_samples", "prior_samples"), ("prior_seq_len", "prior_seq"))
+# (settings key, variant name) of the settings a preset sets: the ones that set a run's compute
+COMPUTE_SETTINGS = tuple((field, name) for name, (field, _, where) in VARIANTS.items() if where == "preset")
 SAME_COMPUTE = {"compensate", "regression", "rank", "spread", "guard"}  # variants that leave the compute unchanged
 
 
@@ -261,5 +262,18 @@ def render_docs(records: list[dict], doc_path: Path = DOCS, img_dir: Path = IMG)
     write_docs(render(records), doc_path)
 
 
+def main(argv: list[str] | None = None, *, doc_path: Path = DOCS, img_dir: Path = IMG) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="render docs/RESULTS.md's quality tables and plots from the records")
+    ap.add_argument("results_dir", nargs="?", type=Path, default=RESULTS_DIR,
+                    help="folder of quality JSON records (default: docs/results)")
+    args = ap.parse_args(argv)
+    records = load_records(args.results_dir) if args.results_dir.is_dir() else []
+    if not records:  # an empty table would replace the real one
+        ap.error(f"no quality records in {args.results_dir}; nothing rendered, {doc_path.name} left as it is")
+    render_docs(records, doc_path, img_dir)
+
+
 if __name__ == "__main__":
-    render_docs(load_records(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
+    main()

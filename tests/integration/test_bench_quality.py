@@ -89,3 +89,17 @@ def test_render_reads_compute_settings_from_the_record_not_the_variant_name():
     old = dict(now, prior_samples=now["prior_samples"] + 5)
     assert _variant({**rec, "variant": "prior=flap-parent", "settings": old}) == f"prior_samples={old['prior_samples']}"
     assert _variant({**rec, "variant": "gqa=equal", "settings": dict(now, masks_per_iter=7)}) == "gqa=equal+masks=7"
+
+
+def test_render_refuses_a_folder_without_records_and_leaves_the_page(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import BEGIN, END, main
+
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"{BEGIN}\nthe real table\n{END}\n")
+    for argv in ([str(tmp_path / "missing")], ["--no-such-option"], [str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv, doc_path=page, img_dir=tmp_path / "img")
+        assert e.value.code == 2
+    assert page.read_text() == f"{BEGIN}\nthe real table\n{END}\n" and not (tmp_path / "img").exists()
+    assert "no quality records" in capsys.readouterr().err
