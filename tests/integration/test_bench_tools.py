@@ -173,9 +173,8 @@ def test_removed_by_depth_counts_every_layer_once():
     sys.path.insert(0, str(TOOLS))
     from removed_by_depth import removed_by_part
 
-    parent = {"num_attention_heads": 4, "intermediate_size": 10}
     kept_heads, kept_mlp = [4, 3, 2, 4, 1, 0, 4], [10, 9, 2, 7, 10, 0, 5]  # 7 layers: thirds of 2, 3, 2
     layers = [{"heads": list(range(h)), "mlp": list(range(m))} for h, m in zip(kept_heads, kept_mlp)]
-    got = removed_by_part(parent, layers)
+    got = removed_by_part(4, 10, layers)
     assert got == {"heads": [1, 5, 4], "mlp": [1, 11, 15]}
     assert sum(got["heads"]) == 7 * 4 - sum(kept_heads) and sum(got["mlp"]) == 7 * 10 - sum(kept_mlp)
