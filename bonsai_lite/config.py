@@ -44,6 +44,8 @@ class SearchConfig:
     # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
     # "flap-parent": the same z-scored on the parent's per-group mean and std in every iteration.
+    # "flap-anchored": flap-parent with each group's scores first divided by their median drift from
+    # the parent's (the group-wide rescaling that upstream removals cause taken out).
     # "auto" (resolved at construction): flap-parent for bonsai, where it measured best (docs/RESULTS.md),
     # wanda for the others (wanda-sp is defined by it).
     prior: str = "auto"
@@ -131,8 +133,8 @@ class SearchConfig:
             raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):
             raise BonsaiError(f"--candidates must be layer or global, got {self.candidates!r}")
-        if self.prior not in ("wanda", "activation", "flap", "flap-parent"):
-            raise BonsaiError(f"--prior must be wanda, activation, flap or flap-parent, got {self.prior!r}")
+        if self.prior not in ("wanda", "activation", "flap", "flap-parent", "flap-anchored"):
+            raise BonsaiError(f"--prior must be wanda, activation, flap, flap-parent or flap-anchored, got {self.prior!r}")
         if self.gqa not in ("any", "equal"):
             raise BonsaiError(f"--gqa must be any or equal, got {self.gqa!r}")
         if self.multiple_of < 1:

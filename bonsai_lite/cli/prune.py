@@ -16,10 +16,10 @@ log = logging.getLogger("bonsai_lite.prune")
 
 
 SEARCH_CHOICES = (
-    ("--prior", ["auto", "wanda", "activation", "flap", "flap-parent"],
+    ("--prior", ["auto", "wanda", "activation", "flap", "flap-parent", "flap-anchored"],
      "unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised fluctuation "
      "(turns compensation on under --compensate auto; flap-parent: z-scored on the parent's per-layer scale in "
-     "every iteration); auto: flap-parent for bonsai, wanda otherwise"),
+     "every iteration; flap-anchored: also divided by each group's median drift from the parent's scores); auto: flap-parent for bonsai, wanda otherwise"),
     ("--candidates", ["auto", "layer", "global"],
      "units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior (the paper's), or "
      "the lowest on the prior's global scale worth 2 x p_iter of the parameters; auto: global for bonsai"),

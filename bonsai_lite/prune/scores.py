@@ -23,7 +23,7 @@ def output_projections(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.Tensor:
     """Module-level Wanda (appendix F.2), activation magnitude (F.1), weight magnitude, or FLAP's
     standardised fluctuation (already on one scale across groups, see `comparable_prior`)."""
-    if kind in ("flap", "flap-parent"):
+    if kind in ("flap", "flap-parent", "flap-anchored"):
         return flap_unit_scores(model, stats, layout)[0]
     out = torch.zeros(layout.total, dtype=torch.float64)
     hd = model.spec.head_dim
@@ -43,19 +43,28 @@ def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.
     return out
 
 
-def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """FLAP: fluctuation x squared column norm, standardised per (layer, kind); and each group's
-    (mean, std) of column scores, keyed (layer, kind). With ``norms`` (such a dict, e.g. the
-    parent's) groups are standardised with those instead of their own current mean and std."""
+def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | None = None,
+                     anchor: dict | None = None) -> tuple[torch.Tensor, dict, dict]:
+    """FLAP: fluctuation x squared column norm, standardised per (layer, kind); each group's
+    (mean, std) of column scores, keyed (layer, kind); and each group's column scores keyed by
+    checkpoint column, ``{key: (columns, scores)}``. With ``norms`` (such a dict, e.g. the
+    parent's) groups are standardised with those instead of their own current mean and std. With
+    ``anchor`` (such column scores, e.g. the parent's) each group's scores are first divided by
+    their drift from it, the median over surviving columns of current / anchored score."""
     hd = model.spec.head_dim
     scores, groups, sizes, slots, keys = torch.zeros(layout.total, dtype=torch.float64), [], [], [], []
+    columns = {}
     for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
         o, d = output_projections(model, l)
         for sl, k, w, g in ((h, "heads", o, hd), (m, "mlp", d, 1)):
             if sl.stop == sl.start:
                 continue
             # column-level fluctuation; flap_standardize averages head columns after z-scoring
-            groups.append(P.flap_scores(w, stats[(l, k)], group_size=1))
+            col = P.flap_scores(w, stats[(l, k)], group_size=1).double()
+            columns[(l, k)] = (checkpoint_columns(model.layers[l], k, hd), col)
+            if anchor is not None and (l, k) in anchor:
+                col = col / P.group_drift(col, columns[(l, k)][0], *anchor[(l, k)])
+            groups.append(col)
             sizes.append(g)
             slots.append(sl)
             keys.append((l, k))
@@ -64,7 +73,14 @@ def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | No
     use = [None if norms is None else norms.get(key) for key in keys]
     for sl, z in zip(slots, P.flap_standardize(groups, group_sizes=sizes, norms=use)):
         scores[sl] = z.double()
-    return scores, own
+    return scores, own, columns
+
+
+def checkpoint_columns(layer, kind: str, head_dim: int) -> torch.Tensor:
+    """Checkpoint column indices of a layer's kept output-projection columns, in the current order."""
+    if kind == "heads":
+        return (torch.tensor(layer.heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return torch.tensor(layer.mlp, dtype=torch.long)
 
 
 def noregress_scores(model, tap, layout: UnitLayout, masks: torch.Tensor) -> torch.Tensor:

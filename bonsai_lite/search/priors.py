@@ -204,6 +204,23 @@ def flap_standardize(
     return out
 
 
+def group_drift(scores: torch.Tensor, columns: torch.Tensor, anchor_columns: torch.Tensor,
+                anchor_scores: torch.Tensor) -> float:
+    """How far a group's scores moved since an earlier model, as one factor: the median over
+    columns present in both of current / earlier score (1.0 when none is comparable).
+
+    Pruning upstream rescales a whole group's activations; dividing by this factor takes that
+    group-wide shift out and keeps the within-group changes."""
+    if not columns.numel() or not anchor_columns.numel():
+        return 1.0
+    earlier = torch.full((int(max(columns.max(), anchor_columns.max())) + 1,), float("nan"), dtype=torch.float64)
+    earlier[anchor_columns] = anchor_scores.to(torch.float64)
+    ref, now = earlier[columns], scores.to(torch.float64)
+    ok = (ref > 0) & (now > 0)  # NaN (absent earlier) compares False
+    ratios = now[ok] / ref[ok]
+    return float(ratios.median()) if ratios.numel() else 1.0
+
+
 def flap_bias_compensation(
     w_out: torch.Tensor, stats: ActivationStats, *, keep_columns: torch.Tensor
 ) -> torch.Tensor:

@@ -126,3 +126,37 @@ def test_flap_parent_keeps_the_first_iterations_scale(tiny_models, tmp_path, mon
     assert set(calls[1][0]) == set(first)
     assert all(calls[1][0][k] == pytest.approx(first[k]) for k in calls[1][0])
     assert any(calls[1][1][k] != pytest.approx(first[k]) for k in calls[1][1])  # the survivors' own differ
+
+
+def test_flap_anchored_divides_each_group_by_its_drift(tiny_models, tmp_path, monkeypatch):
+    """--prior flap-anchored: iteration 1 is flap-parent's; later iterations score each group as
+    flap-parent would after dividing its column scores by their median drift from iteration 1's,
+    checked against that identity on the raw z-scores (the pooling over a head's columns is linear)."""
+    from bonsai_lite.prune import scores as S
+    from bonsai_lite.search.priors import group_drift
+
+    calls = []
+    real = S.flap_unit_scores
+
+    def spy(model, stats, layout, **k):
+        out = real(model, stats, layout, **k)
+        calls.append((k, out, real(model, stats, layout, norms=k.get("norms")), layout))
+        return out
+
+    monkeypatch.setattr(S, "flap_unit_scores", spy)
+    _run(tiny_models["llama-gqa-tied"], tmp_path, "fa", "none", prior="flap-anchored", candidates="global",
+         sparsity=0.4)
+    assert len(calls) == 2 and calls[0][0].get("anchor") is None
+    first_cols = calls[0][1][2]
+    kw, (anchored, _, cols), (plain, _, _), layout = calls[1]
+    assert set(kw["anchor"]) == set(first_cols)
+    drifts = []
+    for (l, kind), sl in zip(((l, k) for l in range(len(layout.heads)) for k in ("heads", "mlp")),
+                             (s for pair in zip(layout.heads, layout.mlp) for s in pair)):
+        if sl.stop == sl.start:
+            continue
+        mu, sd = kw["norms"][(l, kind)]
+        r = group_drift(cols[(l, kind)][1], cols[(l, kind)][0], *first_cols[(l, kind)])
+        drifts.append(r)
+        torch.testing.assert_close(anchored[sl], ((plain[sl] * sd + mu) / r - mu) / sd)
+    assert any(abs(r - 1) > 1e-3 for r in drifts)  # the removals did move some group's level

@@ -153,3 +153,17 @@ def test_flap_standardize_with_given_norms():
     shifted = flap_standardize(groups, norms=[(0.0, 1.0), None])
     torch.testing.assert_close(shifted[0], groups[0].float())
     torch.testing.assert_close(shifted[1], flap_standardize(groups)[1])
+
+
+def test_group_drift_is_the_median_ratio_on_shared_columns():
+    from bonsai_lite.search.priors import group_drift
+
+    anchor_cols, anchor = torch.arange(6), torch.tensor([1.0, 2.0, 4.0, 8.0, 0.0, 3.0])
+    # columns 1, 3, 4 and 5 survive, reordered; 4 had a zero score and cannot give a ratio
+    cols, now = torch.tensor([5, 1, 3, 4]), torch.tensor([1.5, 3.0, 2.0, 9.0])
+    # ratios 0.5 (col 5), 1.5 (col 1), 0.25 (col 3): median 0.5
+    assert group_drift(now, cols, anchor_cols, anchor) == pytest.approx(0.5)
+    # a uniform rescale is recovered exactly, whatever the survivors
+    assert group_drift(anchor[[0, 2]] * 0.3, torch.tensor([0, 2]), anchor_cols, anchor) == pytest.approx(0.3)
+    # nothing comparable: no correction
+    assert group_drift(now, torch.tensor([7, 8, 9, 10]), anchor_cols, anchor) == 1.0
