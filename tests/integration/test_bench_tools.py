@@ -178,3 +178,29 @@ def test_removed_by_depth_counts_every_layer_once():
     got = removed_by_part(4, 10, layers)
     assert got == {"heads": [1, 5, 4], "mlp": [1, 11, 15]}
     assert sum(got["heads"]) == 7 * 4 - sum(kept_heads) and sum(got["mlp"]) == 7 * 10 - sum(kept_mlp)
+
+
+def test_pair_signal_maths_against_loops():
+    """tools/pair_signal.py: pair rows as sample_masks lays them out, the keep-score prediction
+    against a per-pair loop, and Spearman-Brown against its defining identity."""
+    import torch
+
+    sys.path.insert(0, str(TOOLS))
+    from pair_signal import pair_differences, predicted_differences, spearman_brown
+
+    from bonsai_lite.search.sampling import sample_masks
+
+    g = torch.Generator().manual_seed(0)
+    prior = torch.rand(12, generator=g, dtype=torch.float64)
+    s = sample_masks(prior, groups=[slice(0, 6), slice(6, 12)], p_iter=0.25, n_masks=6, generator=g)
+    m = s.masks.bool()
+    assert torch.equal(m[0::2] ^ m[1::2], s.candidates.expand(3, -1))  # rows 2k, 2k+1: mask and complement
+    losses = torch.rand(6, generator=g, dtype=torch.float64)
+    assert torch.equal(pair_differences(losses), torch.tensor([losses[2 * k] - losses[2 * k + 1] for k in range(3)]))
+    score = torch.randn(12, generator=g, dtype=torch.float64)
+    loop = [-sum(float(score[u]) * (float(m[2 * k, u]) - float(m[2 * k + 1, u])) for u in range(12)) for k in range(3)]
+    torch.testing.assert_close(predicted_differences(score, s.masks), torch.tensor(loop, dtype=torch.float64))
+    r = 0.3
+    assert spearman_brown(r, 1) == pytest.approx(r)
+    k = 0.8 * (1 - r) / (r * 0.2)  # the length factor the tool reports for reliability 0.8
+    assert spearman_brown(r, k) == pytest.approx(0.8)
