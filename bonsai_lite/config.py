@@ -61,6 +61,8 @@ class SearchConfig:
     # per parameter removed and needs masks that vary each group's kept count (keep_spread 0.5 if 0).
     # "none": the ablation without sub-models: the same frame (candidates, iterations), ranked by
     # the group-normalised prior alone, so what the sub-model losses add can be measured.
+    # "best": no regression; the iteration removes what its lowest-loss sub-model removed, the
+    # prior's own proposal (what "none" removes) evaluated beside the sampled masks.
     regression: str = "unit"
     # Guard: the regression's betas rank the candidates only when their held-out pair tau beats the
     # prior's tau on the same pairs (the prior is fixed, nothing is fitted); else the prior ranks them.
@@ -120,8 +122,8 @@ class SearchConfig:
         if self.sparsity > MAX_SPARSITY:
             raise BonsaiError(f"--sparsity must be at most {MAX_SPARSITY} (beyond it a model keeps too little of each "
                               f"layer to be useful, and the iterative search stops short of the target), got {self.sparsity}")
-        if self.regression not in ("unit", "allocation", "none"):
-            raise BonsaiError(f"--regression must be unit, allocation or none, got {self.regression!r}")
+        if self.regression not in ("unit", "allocation", "none", "best"):
+            raise BonsaiError(f"--regression must be unit, allocation, none or best, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.rank not in ("relevance", "per-param", "within"):

@@ -29,9 +29,10 @@ SEARCH_CHOICES = (
     ("--rank", ["auto", "relevance", "per-param", "within"],
      "how Bonsai's relevances rank units: globally as they are (the paper's), per parameter removed, or within: "
      "they order each (layer, kind) group and the prior decides how many units each group loses (auto: within)"),
-    ("--regression", ["unit", "allocation", "none"],
+    ("--regression", ["unit", "allocation", "none", "best"],
      "unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, kind), learned "
-     "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone"),
+     "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone; best: "
+     "remove what the lowest-loss sub-model removed (the prior's proposal evaluated among them)"),
     ("--compensate", ["auto", "on", "off"],
      "masked units read as their calibration mean during the search and removed units' mean output folded into "
      "the output biases (auto: where it measured better, docs/RESULTS.md)"),

@@ -109,6 +109,10 @@ class Pruner:
         frac = s.sparsity if s.method == "flap" else min(s.sparsity, (iteration + 1) * s.p_iter)
         return frac * self.dense_params
 
+    def _need(self, iteration: int, model) -> float:
+        """Non-embedding parameters this iteration must remove from `model` (eq. 2's p_iter step)."""
+        return self._target_removed(iteration) - (self.dense_params - model.spec.non_embedding_params(model.layers))
+
     def _chunk(self, plan, n_masks: int, n_samples: int) -> int:
         """Sub-models per commit: one pass of the plan, capped by CHECKPOINT_SECONDS and --checkpoint-masks."""
         chunk = max(1, plan.group_rows // n_samples)
@@ -263,14 +267,26 @@ class Pruner:
                                        2 * s.p_iter * self.dense_params, layout.groups())
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
                               keep_spread=s.sampling_spread, candidates=chosen)
+        masks = sample.masks
+        if s.regression == "best":  # the prior's own proposal is evaluated beside the sampled masks, last
+            masks = torch.cat([masks, self._prior_proposal(model, layout, prior, sample.candidates, it)[None]])
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
-        st.tensors.update(prior=prior, masks=sample.masks, candidates=sample.candidates)
+        st.tensors.update(prior=prior, masks=masks, candidates=sample.candidates)
         st.tensors.update({f"mean:{l}:{kind}": v for (l, kind), v in means.items()})
         st.tensors.pop("losses", None)
         st.commit()
         checkpoint("priors")
-        return dict(info), prior, sample.masks, sample.candidates, means
+        return dict(info), prior, masks, sample.candidates, means
+
+    def _prior_proposal(self, model, layout, prior, candidates, it: int) -> torch.Tensor:
+        """Keep-mask of what `--regression none` would remove this iteration (before alignment)."""
+        head_p, mlp_p = model.spec.unit_params()
+        ranked = torch.where(candidates, comparable_prior(prior, layout.groups(), self.cfg.search.prior),
+                             torch.full_like(prior, math.inf))
+        drop = greedy_drop(ranked, unit_costs(layout, head_params=head_p, mlp_params=mlp_p),
+                           max(self._need(it, model), 0.0), tiebreak=normalised_prior(prior, layout.groups()))
+        return ~drop
 
     # ---- one iteration -------------------------------------------------------------------------
     def iteration(self, it: int, layers, biases: dict | None = None) -> tuple[tuple[LayerStructure, ...], dict, dict]:
@@ -289,6 +305,8 @@ class Pruner:
                                        torch.full_like(prior, math.inf))
             if s.method == "bonsai" and s.regression == "none":  # ablation: the prior alone, no sub-models
                 scores = ranked_prior
+            elif s.method == "bonsai" and s.regression == "best":
+                scores = self._best_measured(search_model, tokens, masks, ranked_prior, candidates, info)
             elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
                 ok = torch.isfinite(losses)
@@ -346,7 +364,7 @@ class Pruner:
                 scores = S.flap_unit_scores(model, tap.stats, layout)[0]
         head_p, mlp_p = model.spec.unit_params()
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
-        need = self._target_removed(it) - (self.dense_params - model.spec.non_embedding_params(layers))
+        need = self._need(it, model)
         tiebreak = normalised_prior(prior, layout.groups())  # ties (e.g. beta all 0) go by the prior
         drop = (greedy_drop(scores, costs, need, tiebreak=tiebreak) if need > 0
                 else torch.zeros(layout.total, dtype=torch.bool))
@@ -368,6 +386,18 @@ class Pruner:
                     removed_mlp=[int(drop[m].sum()) for m in layout.mlp],
                     params_non_embedding=model.spec.non_embedding_params(new_layers))
         return new_layers, new_biases, info
+
+    def _best_measured(self, model, tokens, masks, ranked_prior, candidates, info: dict) -> torch.Tensor:
+        """`--regression best`: scores under which the removal is what the lowest-loss sub-model
+        removed (the prior's proposal, the last row, included), the prior ordering within each side."""
+        losses = self._evaluate_masks(model, tokens, masks)
+        best = int(torch.nan_to_num(losses, nan=math.inf).argmin())
+        finite = ranked_prior[candidates]
+        lift = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 0.0
+        ok = losses[torch.isfinite(losses)]
+        info.update(best_mask=best, best_is_prior=best == len(masks) - 1, loss_best=float(losses[best]),
+                    loss_prior=float(losses[-1]), loss_mean=float(ok.mean()), loss_std=float(ok.std()))
+        return torch.where(masks[best].bool() & candidates, ranked_prior + lift, ranked_prior)
 
     def _compensation(self, model, layout, drop: torch.Tensor, means: dict) -> dict:
         """Current output bias + W[:, removed] @ mean[removed], for every layer that loses units."""
@@ -486,6 +516,9 @@ def iteration_line(info: dict) -> str:
         parts.append(f"tau {info['cv_kendall_tau']:.2f}")
     if info.get("loss_mean") is not None:
         parts.append(f"sub-model loss {info['loss_mean']:.3f} +- {info['loss_std']:.3f}")
+    if info.get("best_mask") is not None:
+        parts.append(f"removed as sub-model {info['best_mask']} ({info['loss_best']:.3f}; the prior's proposal "
+                     f"{info['loss_prior']:.3f})")
     parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")
     return ", ".join(parts)
 

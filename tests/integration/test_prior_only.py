@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import loop as L
 from bonsai_lite.search.regression import fit_relevance, tau_null_sd
+from bonsai_lite.structure import UnitLayout
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +162,42 @@ def test_flap_anchored_divides_each_group_by_its_drift(tiny_models, tmp_path, mo
         drifts.append(r)
         torch.testing.assert_close(anchored[sl], ((plain[sl] * sd + mu) / r - mu) / sd)
     assert any(abs(r - 1) > 1e-3 for r in drifts)  # the removals did move some group's level
+
+
+def test_regression_best_removes_what_the_lowest_loss_submodel_removed(tiny_models, tmp_path, monkeypatch):
+    """--regression best: when the prior's proposal (the last sub-model) has the lowest loss, the run
+    is `--regression none`'s exactly; when a sampled mask has it, every iteration removes that
+    mask's removals (or a part of them ordered by the prior, when they exceed the step)."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    reference = _run(model_dir, tmp_path, "none", "none", prior="flap-parent", candidates="global")
+    real_evaluate = L.Pruner._evaluate_masks
+    seen = []
+
+    def rigged(pick):
+        def evaluate(self, model, tokens, masks, **k):
+            losses = real_evaluate(self, model, tokens, masks, **k)
+            winner = pick(len(masks))
+            seen.append((masks.clone(), winner))
+            return torch.where(torch.arange(len(masks)) == winner, losses.min() - 1, losses)
+        return evaluate
+
+    monkeypatch.setattr(L.Pruner, "_evaluate_masks", rigged(lambda n: n - 1))
+    assert _run(model_dir, tmp_path, "bp", "best", prior="flap-parent", candidates="global").layers == reference.layers
+    assert len(seen) == 2 and all(len(m) == 8 + 1 for m, _ in seen)  # 8 sampled + the proposal
+
+    seen.clear()
+    monkeypatch.setattr(L.Pruner, "_evaluate_masks", rigged(lambda n: 3))
+    out = _run(model_dir, tmp_path, "b3", "best", prior="flap-parent", candidates="global", sparsity=0.2)
+    (masks, k), = seen  # one iteration: the final structure is the parent minus its removals
+    assert out.history[0]["best_mask"] == 3 and not out.history[0]["best_is_prior"]
+    parent = StreamedModel.open(str(model_dir)).layers
+    removed = torch.cat([torch.tensor([u not in new.heads for u in old.heads] + [u not in new.mlp for u in old.mlp])
+                         for old, new in zip(parent, out.layers)])
+    layout = UnitLayout.of(parent)  # units ordered heads then MLP per layer, as in the masks
+    order = torch.cat([torch.cat([torch.arange(h.start, h.stop), torch.arange(m.start, m.stop)])
+                       for h, m in zip(layout.heads, layout.mlp)])
+    dropped_by_mask = ~masks[k][order]
+    assert removed.any() and dropped_by_mask.any()
+    assert bool((removed <= dropped_by_mask).all()) or bool((dropped_by_mask <= removed).all())
+    assert out.layers != _run(model_dir, tmp_path, "n1", "none", prior="flap-parent", candidates="global",
+                              sparsity=0.2).layers  # the rigged winner is not what the prior removes
