@@ -44,7 +44,8 @@ BEGIN, END = "<!-- bench_distributed:begin -->", "<!-- bench_distributed:end -->
 def worker(args) -> None:
     from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
     from bonsai_lite.prune.distributed import from_env
-    from bonsai_lite.prune.loop import Pruner, _layers_to_json
+    from bonsai_lite.prune.loop import Pruner
+    from bonsai_lite.prune.state import layers_to_json
     from bonsai_lite.search.planner import parse_bytes
     from bonsai_lite.structure import UnitLayout
 
@@ -73,7 +74,7 @@ def worker(args) -> None:
         spec = pruner.parent.spec
         tokens = torch.randint(spec.vocab, (args.samples, args.seq_len), generator=g)
         masks = torch.rand(args.masks, UnitLayout.of(spec.layers).total, generator=g) > 0.5
-        layers = _layers_to_json(spec.layers)
+        layers = layers_to_json(spec.layers)
         run = ((lambda m: ranks.evaluate(layers, tokens, m, first=0, local=local)) if ranks is not None
                else (lambda m: local(layers, tokens, m, first=0)))
         run(masks[: record["world"]])  # warm-up, untimed

@@ -36,7 +36,8 @@ from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.ranking import group_members, rank_candidates
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
                                       unit_costs)
-from bonsai_lite.prune.state import RunState
+from bonsai_lite.prune.state import (RunState, group_key, jsonable, layers_from_json, layers_to_json,
+                                     settings_differences)
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
@@ -60,14 +61,6 @@ class PruneOutcome:
     layers: tuple[LayerStructure, ...]
     extra_biases: dict
     history: list[dict]
-
-
-def _layers_to_json(layers) -> list[dict]:
-    return [{"heads": list(s.heads), "kv_of_head": list(s.kv_of_head), "mlp": list(s.mlp)} for s in layers]
-
-
-def _layers_from_json(data) -> tuple[LayerStructure, ...]:
-    return tuple(LayerStructure(tuple(d["heads"]), tuple(d["kv_of_head"]), tuple(d["mlp"])) for d in data)
 
 
 def _seed(cfg: RunConfig, iteration: int, salt: int) -> int:
@@ -150,7 +143,7 @@ class Pruner:
             for k0 in range(done, len(masks), chunk):
                 k1 = min(len(masks), k0 + chunk)
                 if self.ranks is not None and tap is None:  # split across torchrun ranks
-                    losses[k0:k1] = self.ranks.evaluate(_layers_to_json(model.layers), tokens, masks[k0:k1],
+                    losses[k0:k1] = self.ranks.evaluate(layers_to_json(model.layers), tokens, masks[k0:k1],
                                                         first=k0, local=self.evaluate_share,
                                                         extra=_model_tensors(model))
                     bar.advance(k1 - k0)
@@ -171,7 +164,7 @@ class Pruner:
     def evaluate_share(self, layers: list, tokens, masks, *, first: int, extra: dict | None = None) -> torch.Tensor:
         """One rank's share of a distributed chunk, planned for this rank's own device and budget; `extra`
         carries the compensation biases and fills of the model rank 0 evaluates (`_model_tensors`)."""
-        model = _with_model_tensors(self.parent.with_layers(_layers_from_json(layers)), extra or {})
+        model = _with_model_tensors(self.parent.with_layers(layers_from_json(layers)), extra or {})
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype, first=first)
@@ -233,9 +226,8 @@ class Pruner:
         scale still lets a group's whole score level move as upstream removals rescale its
         activations; the anchor takes that group-wide move out (docs/RESULTS.md measures both)."""
         st = self.state
-        key = lambda name: (int(name.split(":")[1]), name.split(":")[2])
-        saved = {key(k): (float(v[0]), float(v[1])) for k, v in st.tensors.items() if k.startswith("flapnorm:")}
-        anchor = {key(k): (st.tensors["flapcol:" + k[8:]], v) for k, v in st.tensors.items()
+        saved = {group_key(k): (float(v[0]), float(v[1])) for k, v in st.tensors.items() if k.startswith("flapnorm:")}
+        anchor = {group_key(k): (st.tensors["flapcol:" + k[len("flapval:"):]], v) for k, v in st.tensors.items()
                   if k.startswith("flapval:")} if anchored and saved else None
         scores, own, columns = S.flap_unit_scores(model, stats, layout, norms=saved or None, anchor=anchor)
         if not saved:
@@ -253,8 +245,7 @@ class Pruner:
         if pending.get("iteration") == it and "masks" in st.tensors:
             log.info("iteration %d: priors and %d sampled masks taken from the run state; %d already evaluated",
                      it + 1, len(st.tensors["masks"]), int(st.meta.get("masks_done", 0)))
-            means = {tuple(k.split(":")[1:3]): v for k, v in st.tensors.items() if k.startswith("mean:")}
-            means = {(int(l), kind): v for (l, kind), v in means.items()}
+            means = {group_key(k): v for k, v in st.tensors.items() if k.startswith("mean:")}
             return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"], means
         dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
         means = _means(tap)
@@ -464,13 +455,13 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
     versus work lost to a kill; results do not depend on it beyond floating-point rounding).
     """
     state = RunState(run_dir)
-    key = {**_jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+    key = {**jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
            # config.json + tensor names/shapes: a different model at the same path is not resumed
            "model_layout_sha256": StreamedModel.open(cfg.model).fingerprint()}
     n_iter = 1 if cfg.search.method == "flap" else cfg.search.iterations
     if state.exists and not restart:
         state.load()
-        diff = _differences(state.meta.get("config", {}), key)
+        diff = settings_differences(state.meta.get("config", {}), key)
         if diff:
             raise BonsaiError(f"{run_dir} holds a run with different settings ({'; '.join(diff)}); pass --restart "
                               "to start over or use another --run-dir")
@@ -485,7 +476,7 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         state.meta = {"config": key, "iteration": 0, "history": [], "layers": None}
         state.tensors = {}
     pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
-    layers = _layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
+    layers = layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
     pruner.progress.iteration(state.meta["iteration"], n_iter)
     while state.meta["iteration"] < n_iter:
         it = state.meta["iteration"]
@@ -494,7 +485,7 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         log.info("iteration %d/%d: %s", it + 1, n_iter, iteration_line(info))
         for name, bias in biases.items():  # totals so far: the next iteration's model carries them
             state.tensors[f"bias:{name}"] = bias
-        state.meta.update(iteration=it + 1, layers=_layers_to_json(layers), masks_done=0, pending=None)
+        state.meta.update(iteration=it + 1, layers=layers_to_json(layers), masks_done=0, pending=None)
         state.meta["history"].append(info)
         if "losses" in state.tensors:  # each sub-model's loss, kept for analysis (and compared across rank counts)
             state.tensors[f"losses:{it}"] = state.tensors.pop("losses")
@@ -521,23 +512,3 @@ def iteration_line(info: dict) -> str:
                      f"{info['loss_prior']:.3f})")
     parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")
     return ", ".join(parts)
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'search.sparsity: 0.3 -> 0.5' for every leaf setting that differs."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            if k.endswith("sha256"):  # a digest: its first characters tell the two apart
-                a, b = (v[:12] if isinstance(v, str) else v for v in (a, b))
-            out.append(f"{prefix}{k}: {a} -> {b}")
-    return out
-
-
-def _jsonable(x):
-    import json
-
-    return json.loads(json.dumps(x, default=str))

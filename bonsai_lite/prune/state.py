@@ -22,6 +22,7 @@ from safetensors.torch import save as dump_tensors
 
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.outdir import fsync_dir
+from bonsai_lite.structure import LayerStructure
 
 STATE = "state.json"
 LOCK = "lock"
@@ -121,3 +122,38 @@ class RunState:
             yield self
         finally:
             os.close(fd)
+
+
+def layers_to_json(layers) -> list[dict]:
+    """Per-layer kept units as the run state's JSON holds them."""
+    return [{"heads": list(s.heads), "kv_of_head": list(s.kv_of_head), "mlp": list(s.mlp)} for s in layers]
+
+
+def layers_from_json(data) -> tuple[LayerStructure, ...]:
+    """Inverse of `layers_to_json`."""
+    return tuple(LayerStructure(tuple(d["heads"]), tuple(d["kv_of_head"]), tuple(d["mlp"])) for d in data)
+
+
+def group_key(name: str) -> tuple[int, str]:
+    """(layer, kind) of a run-state tensor named "<what>:<layer>:<kind>"."""
+    _, layer, kind = name.split(":")
+    return int(layer), kind
+
+
+def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'search.sparsity: 0.3 -> 0.5' for every leaf setting that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            if k.endswith("sha256"):  # a digest: its first characters tell the two apart
+                a, b = (v[:12] if isinstance(v, str) else v for v in (a, b))
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def jsonable(x):
+    """`x` as it reads back from JSON (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(x, default=str))
