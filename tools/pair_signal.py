@@ -57,13 +57,14 @@ def predicted_differences(scores: torch.Tensor, masks: torch.Tensor) -> torch.Te
     return -((m[0::2] - m[1::2]) * scores.double()).sum(1)
 
 
-def spearman_brown(r: float, k: float) -> float:
-    """Reliability of a measurement k times as long as one with split-half correlation r."""
-    return k * r / (1 + (k - 1) * r)
+def length_factor(r: float, target: float = 0.8) -> float:
+    """How many times longer a measurement with split-half correlation r must be to reach the
+    `target` reliability: Spearman-Brown, k r / (1 + (k - 1) r) = target, solved for k."""
+    return target * (1 - r) / (r * (1 - target))
 
 
 def _rho(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """Spearman correlation; None where it is undefined (a constant input, e.g. all-zero betas)."""
+    """Spearman correlation; None where it is undefined (a constant input)."""
     if a.unique().numel() < 2 or b.unique().numel() < 2:
         return None
     return float(spearmanr(a.numpy(), b.numpy()).statistic)
@@ -106,7 +107,7 @@ def measure(args) -> dict:
             r = _rho(diffs[i], diffs[j])
             row = {"a": i, "b": j, "rho": r}
             if args.sets[i] == args.sets[j] and r is not None and 0 < r < 1:  # same size: a split half
-                row["tokens_for_reliability_0.8"] = round(args.sets[i][0] * args.sets[i][1] * (0.8 * (1 - r)) / (r * 0.2))
+                row["tokens_for_reliability_0.8"] = round(args.sets[i][0] * args.sets[i][1] * length_factor(r))
             out["between_sets"].append(row)
     return {"kind": "pair_signal", "model": Path(args.model).name, "preset": args.preset, "sparsity": args.sparsity,
             "seed": args.seed, "masks": len(masks), "candidates": int(candidates.sum()), "seconds": round(seconds, 1),

@@ -182,11 +182,11 @@ def test_removed_by_depth_counts_every_layer_once():
 
 def test_pair_signal_maths_against_loops():
     """tools/pair_signal.py: pair rows as sample_masks lays them out, the keep-score prediction
-    against a per-pair loop, and Spearman-Brown against its defining identity."""
+    against a per-pair loop, and the Spearman-Brown length factor against the formula it inverts."""
     import torch
 
     sys.path.insert(0, str(TOOLS))
-    from pair_signal import pair_differences, predicted_differences, spearman_brown
+    from pair_signal import length_factor, pair_differences, predicted_differences
 
     from bonsai_lite.search.sampling import sample_masks
 
@@ -200,7 +200,9 @@ def test_pair_signal_maths_against_loops():
     score = torch.randn(12, generator=g, dtype=torch.float64)
     loop = [-sum(float(score[u]) * (float(m[2 * k, u]) - float(m[2 * k + 1, u])) for u in range(12)) for k in range(3)]
     torch.testing.assert_close(predicted_differences(score, s.masks), torch.tensor(loop, dtype=torch.float64))
-    r = 0.3
-    assert spearman_brown(r, 1) == pytest.approx(r)
-    k = 0.8 * (1 - r) / (r * 0.2)  # the length factor the tool reports for reliability 0.8
-    assert spearman_brown(r, k) == pytest.approx(0.8)
+    def spearman_brown(r: float, k: float) -> float:  # reliability of a k-times longer measurement
+        return k * r / (1 + (k - 1) * r)
+
+    for r in (0.3, 0.7, 0.9):
+        assert spearman_brown(r, length_factor(r)) == pytest.approx(0.8)
+    assert length_factor(0.8) == pytest.approx(1.0)
