@@ -15,6 +15,7 @@ METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "rando
 # Methods not measured keep the behaviour they had before (off).
 COMPENSATE_AUTO = frozenset({"flap", "wanda-sp"})
 MIN_REGRESSION_MASKS = 4  # two (mask, complement) pairs: the fewest the pair-aware cross-validation can split
+REGRESSIONS = ("unit", "allocation", "none", "best", "best-confirmed")
 ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 
 
@@ -63,6 +64,8 @@ class SearchConfig:
     # the group-normalised prior alone, so what the sub-model losses add can be measured.
     # "best": no regression; the iteration removes what its lowest-loss sub-model removed, the
     # prior's own proposal (what "none" removes) evaluated beside the sampled masks.
+    # "best-confirmed": best, with the winner and the prior's proposal measured again on a fresh
+    # draw of windows (as many as the step's); the lower of the two there is removed.
     regression: str = "unit"
     # Guard: the regression's betas rank the candidates only when their held-out pair tau beats the
     # prior's tau on the same pairs (the prior is fixed, nothing is fitted); else the prior ranks them.
@@ -122,8 +125,8 @@ class SearchConfig:
         if self.sparsity > MAX_SPARSITY:
             raise BonsaiError(f"--sparsity must be at most {MAX_SPARSITY} (beyond it a model keeps too little of each "
                               f"layer to be useful, and the iterative search stops short of the target), got {self.sparsity}")
-        if self.regression not in ("unit", "allocation", "none", "best"):
-            raise BonsaiError(f"--regression must be unit, allocation, none or best, got {self.regression!r}")
+        if self.regression not in REGRESSIONS:
+            raise BonsaiError(f"--regression must be one of {', '.join(REGRESSIONS)}, got {self.regression!r}")
         if self.compensate not in ("auto", "on", "off"):
             raise BonsaiError(f"--compensate must be auto, on or off, got {self.compensate!r}")
         if self.rank not in ("relevance", "per-param", "within"):

@@ -14,8 +14,9 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
-prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best (none: the prior alone, no
-sub-models; best: the lowest-loss sub-model's removals), gqa=any|equal, multiple_of=N,
+prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
+alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
+it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
 prior=wanda|activation|flap|flap-parent|flap-anchored, guard=on|off,
 candidates=layer|global, cv_scope=all|within; joined by '+' they apply together
 (prior=flap+regression=none).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.config import METHODS, PRESETS, CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.config import METHODS, PRESETS, REGRESSIONS, CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.search.planner import parse_bytes
 
@@ -29,10 +29,11 @@ SEARCH_CHOICES = (
     ("--rank", ["auto", "relevance", "per-param", "within"],
      "how Bonsai's relevances rank units: globally as they are (the paper's), per parameter removed, or within: "
      "they order each (layer, kind) group and the prior decides how many units each group loses (auto: within)"),
-    ("--regression", ["unit", "allocation", "none", "best"],
+    ("--regression", list(REGRESSIONS),
      "unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, kind), learned "
      "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone; best: "
-     "remove what the lowest-loss sub-model removed (the prior's proposal evaluated among them)"),
+     "remove what the lowest-loss sub-model removed (the prior's proposal evaluated among them); best-confirmed: "
+     "best, kept only if it still beats the prior's proposal on a fresh draw of windows"),
     ("--compensate", ["auto", "on", "off"],
      "masked units read as their calibration mean during the search and removed units' mean output folded into "
      "the output biases (auto: where it measured better, docs/RESULTS.md)"),

@@ -259,7 +259,7 @@ class Pruner:
         sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
                               keep_spread=s.sampling_spread, candidates=chosen)
         masks = sample.masks
-        if s.regression == "best":  # the prior's own proposal is evaluated beside the sampled masks, last
+        if s.regression.startswith("best"):  # the prior's own proposal is evaluated beside the sampled masks, last
             masks = torch.cat([masks, self._prior_proposal(model, layout, prior, sample.candidates, it)[None]])
         info = {"iteration": it, "dense_nll": float(dense.nll[0])}
         st.meta.update(pending={"iteration": it, "info": info}, masks_done=0)
@@ -296,7 +296,7 @@ class Pruner:
                                        torch.full_like(prior, math.inf))
             if s.method == "bonsai" and s.regression == "none":  # ablation: the prior alone, no sub-models
                 scores = ranked_prior
-            elif s.method == "bonsai" and s.regression == "best":
+            elif s.method == "bonsai" and s.regression.startswith("best"):
                 scores = self._best_measured(search_model, tokens, masks, ranked_prior, candidates, info)
             elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
@@ -371,7 +371,8 @@ class Pruner:
         info["compensated_biases"] = len(new_biases)
         # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
         n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") and s.regression != "none" else 0
-        info["forward_tokens"] = self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
+        info["forward_tokens"] = (self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
+                                  + info.get("confirm_tokens", 0))
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
                     removed_heads=[int(drop[h].sum()) for h in layout.heads],
                     removed_mlp=[int(drop[m].sum()) for m in layout.mlp],
@@ -383,12 +384,32 @@ class Pruner:
         removed (the prior's proposal, the last row, included), the prior ordering within each side."""
         losses = self._evaluate_masks(model, tokens, masks)
         best = int(torch.nan_to_num(losses, nan=math.inf).argmin())
-        finite = ranked_prior[candidates]
-        lift = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 0.0
         ok = losses[torch.isfinite(losses)]
         info.update(best_mask=best, best_is_prior=best == len(masks) - 1, loss_best=float(losses[best]),
                     loss_prior=float(losses[-1]), loss_mean=float(ok.mean()), loss_std=float(ok.std()))
+        if self.cfg.search.regression == "best-confirmed" and best != len(masks) - 1:
+            # the winner of many noisy measurements is biased low on its own windows: it must beat
+            # the proposal again on windows it was not chosen on, else the proposal is removed
+            fresh = self._confirm_tokens(self.it, tokens)
+            pair = self._confirm_losses(model, fresh, masks[[best, len(masks) - 1]])
+            info.update(confirm_best=float(pair[0]), confirm_prior=float(pair[1]), confirm_tokens=2 * fresh.numel(),
+                        confirmed=bool(pair[0] < pair[1]))
+            if not pair[0] < pair[1]:
+                best = len(masks) - 1
+        finite = ranked_prior[candidates]
+        lift = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 0.0
         return torch.where(masks[best].bool() & candidates, ranked_prior + lift, ranked_prior)
+
+    def _confirm_tokens(self, iteration: int, tokens: torch.Tensor) -> torch.Tensor:
+        """`best-confirmed`'s windows: a draw of its own, shaped like the step's."""
+        return calibration_tokens(self.ids, samples=len(tokens), seq_len=tokens.shape[1],
+                                  seed=_seed(self.cfg, iteration, 6))
+
+    def _confirm_losses(self, model, tokens, masks) -> torch.Tensor:
+        """Losses of the two sub-models `best-confirmed` compares (not checkpointed: two sub-models)."""
+        plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
+        res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
+        return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype)
 
     def _compensation(self, model, layout, drop: torch.Tensor, means: dict) -> dict:
         """Current output bias + W[:, removed] @ mean[removed], for every layer that loses units."""
@@ -507,7 +528,10 @@ def iteration_line(info: dict) -> str:
         parts.append(f"tau {info['cv_kendall_tau']:.2f}")
     if info.get("loss_mean") is not None:
         parts.append(f"sub-model loss {info['loss_mean']:.3f} +- {info['loss_std']:.3f}")
-    if info.get("best_mask") is not None:
+    if info.get("confirmed") is False:
+        parts.append(f"sub-model {info['best_mask']} not confirmed on fresh windows ({info['confirm_best']:.3f} "
+                     f"against the prior's proposal's {info['confirm_prior']:.3f}): removed the proposal")
+    elif info.get("best_mask") is not None:
         parts.append(f"removed as sub-model {info['best_mask']} ({info['loss_best']:.3f}; the prior's proposal "
                      f"{info['loss_prior']:.3f})")
     parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")

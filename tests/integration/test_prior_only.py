@@ -201,3 +201,47 @@ def test_regression_best_removes_what_the_lowest_loss_submodel_removed(tiny_mode
     assert bool((removed <= dropped_by_mask).all()) or bool((dropped_by_mask <= removed).all())
     assert out.layers != _run(model_dir, tmp_path, "n1", "none", prior="flap-parent", candidates="global",
                               sparsity=0.2).layers  # the rigged winner is not what the prior removes
+
+
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_best_confirmed_keeps_the_winner_only_if_it_wins_again_on_fresh_windows(tiny_models, tmp_path, monkeypatch,
+                                                                                  confirmed):
+    """--regression best-confirmed: the lowest-loss sampled sub-model and the prior's proposal are
+    measured again on a draw of windows other than the step's; the run equals `best` when the winner
+    wins again and `none` when it does not. A proposal that wins outright is not re-measured."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    kw = dict(prior="flap-parent", candidates="global", sparsity=0.2)
+    real_evaluate, real_confirm = L.Pruner._evaluate_masks, L.Pruner._confirm_losses
+    step, calls, winner = [], [], [3]
+
+    def rigged(self, model, tokens, masks, **k):
+        losses = real_evaluate(self, model, tokens, masks, **k)
+        step.append((tokens, masks.clone()))
+        return torch.where(torch.arange(len(masks)) == winner[0] % len(masks), losses.min() - 1, losses)
+
+    def confirm(self, model, tokens, masks):
+        losses = real_confirm(self, model, tokens, masks)
+        calls.append((tokens, masks.clone(), losses))
+        return torch.tensor([0.0, 1.0] if confirmed else [1.0, 0.0], dtype=losses.dtype)
+
+    monkeypatch.setattr(L.Pruner, "_evaluate_masks", rigged)
+    monkeypatch.setattr(L.Pruner, "_confirm_losses", confirm)
+    out = _run(model_dir, tmp_path, "bc", "best-confirmed", **kw)
+    best = _run(model_dir, tmp_path, "b3", "best", **kw)
+    (tokens, masks), _ = step
+    (fresh, pair, losses), = calls  # only the confirmed run re-measured, once
+    assert fresh.shape == tokens.shape and not torch.equal(fresh, tokens)
+    assert torch.equal(pair, masks[[3, len(masks) - 1]]) and torch.isfinite(losses).all()
+    assert out.history[0]["confirmed"] is confirmed
+    assert out.history[0]["forward_tokens"] == best.history[0]["forward_tokens"] + 2 * fresh.numel()
+    monkeypatch.undo()
+    reference = best if confirmed else _run(model_dir, tmp_path, "n", "none", **kw)
+    assert out.layers == reference.layers
+    assert best.layers != _run(model_dir, tmp_path, "n2", "none", **kw).layers  # the two outcomes differ
+
+    calls.clear()  # a proposal that wins on the step's windows is removed without a second measurement
+    winner[0] = -1
+    monkeypatch.setattr(L.Pruner, "_evaluate_masks", rigged)
+    monkeypatch.setattr(L.Pruner, "_confirm_losses", confirm)
+    _run(model_dir, tmp_path, "bp", "best-confirmed", **kw)
+    assert not calls
