@@ -241,7 +241,7 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
                                         masks_per_iter=work.masks, seed=seed),
                     budget=budget, device=device, dtype=dtype)
     parent = StreamedModel.open(model_dir)
-    machine = detect_machine(device=device, budget=budget)
+    machine = detect_machine(device=device, budget=budget, checkpoint=model_dir)
     # The plans the loop makes (and logs) for all masks and for the priors pass; the masks are
     # evaluated in chunks of one pass of the plan each, with the run state committed in between.
     plan = make_plan(parent.spec, parent.layers, work, machine, dtype=dtype)
@@ -461,7 +461,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.spec.vocab, (2 * args.samples * args.seq_len,), generator=g)
     budgets = [parse_bytes(b) for b in args.budgets.split(",")] if args.budgets else [None]
-    unbounded = detect_machine(device=device, budget=None)
+    unbounded = detect_machine(device=device, budget=None, checkpoint=model_dir)
     # --dtype auto: what `bonsai-lite prune` computes in here (bf16 on an AMX CPU for a 7-8B model)
     dtype = (search_dtype(unbounded, model.spec) if args.dtype == "auto" else args.dtype) or \
         make_plan(model.spec, model.layers, work, unbounded).dtype
@@ -528,6 +528,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
         "settings": {"model": args.shape, "masks": args.masks, "samples": args.samples, "seq_len": args.seq_len,
                      "device": device, "dtype": dtype, "seed": args.seed, "params": model.params(),
                      "weights_bytes": model.ckpt.nbytes(), "generate_seconds": gen_s,
+                     "cold_read_bps": unbounded.disk_bps,
                      "paper_regression_seconds": reg_s},
         "peak": {"flops": peak, "source": peak_src},
         "compute_peak": {"flops": compute_peak[0], "source": compute_peak[1]}, "runs": runs, "reference": reference,

@@ -240,7 +240,7 @@ def build_teacher_cache(parent_dir: str | Path, tokens: torch.Tensor, cache_dir:
         raise CheckpointError(f"{parent_dir}: token id {int(tokens.max())} is outside the parent's vocabulary "
                               f"({spec.vocab}); parent and pruned model must share a tokenizer")
     w, t = tokens.shape
-    machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir)
+    machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir, checkpoint=parent_dir)
     per_window_topk = t * k * TOPK_STATE_BYTES
     rows = max(1, min(w, PASS_TOKENS // t))
     # The plan covers blocks, head chunks and hidden states; the top-k state of a pass comes off its budget.

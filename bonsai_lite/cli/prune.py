@@ -127,7 +127,7 @@ def _fit_time_budget(args) -> dict:
         raise BonsaiError("give either --preset or --time-budget, not both")
     seconds = parse_seconds(args.time_budget)
     machine = detect_machine(device=args.device, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
-                             spill_dir=args.spill_dir)
+                             spill_dir=args.spill_dir, checkpoint=args.model_dir)
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,

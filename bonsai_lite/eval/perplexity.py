@@ -17,7 +17,7 @@ def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tok
     model = StreamedModel.open(model_dir)
     ids = tokenize(load_tokenizer(model_dir), read_text(text))
     win = windows(ids, seq_len, max_tokens=max_tokens)
-    machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir)
+    machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir, checkpoint=model_dir)
     plan = make_plan(model.spec, model.layers, Work(1, win.shape[0], seq_len), machine, dtype=dtype)
     if log:
         log(plan.describe())

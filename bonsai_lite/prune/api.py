@@ -145,7 +145,7 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
             Path(cfg.spill_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BonsaiError(f"cannot use --spill-dir {cfg.spill_dir} ({e.strerror or e})") from e
-    machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir)
+    machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir, checkpoint=cfg.model)
     auto = search_dtype(machine, parent.spec) if cfg.dtype is None else None
     if auto:  # resolved here, so the resume key holds it and a resumed run computes as this one did
         log.info("searching in %s: this CPU's bf16 GEMMs run %.1fx its fp32 rate (--dtype float32 keeps fp32)",

@@ -77,7 +77,8 @@ class Pruner:
         self.checkpoint_masks = checkpoint_masks
         self.ranks = ranks  # prune.distributed.Ranks on rank 0 of a torchrun job: chunks are split across ranks
         self.parent = StreamedModel.open(cfg.model)
-        self.machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir)
+        self.machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir,
+                                      checkpoint=cfg.model)
         self.dense_params = self.parent.spec.non_embedding_params()
 
     # ---- helpers -----------------------------------------------------------------------------

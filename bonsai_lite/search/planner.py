@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bonsai_lite.errors import BonsaiError, BudgetError
+from bonsai_lite.io.disk import cold_read_bps
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
 # --- named safety constants (why each exists) -------------------------------------------------
@@ -162,6 +163,7 @@ class Machine:
     gpu_name: str = ""
     page_cache: int = 0  # host RAM the OS can use to cache the checkpoint between passes
     bf16_factor: float = LOW_PRECISION_CPU_FACTOR  # CPU bf16 GEMM rate / fp32 GEMM rate
+    disk_bps: float = DISK_BPS  # cold reads of the checkpoint (measured by io.disk where it can be)
 
     @property
     def is_cuda(self) -> bool:
@@ -172,8 +174,9 @@ def _gpu_flops(name: str) -> float:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_FLOPS) * GPU_EFFICIENCY
 
 
-def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) -> Machine:
-    """Probe the machine (psutil for RAM/disk, torch for the GPU). A CPU run's budget is RAM.
+def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, checkpoint=None) -> Machine:
+    """Probe the machine (psutil for RAM/disk, torch for the GPU). A CPU run's budget is RAM. With a
+    `checkpoint` path, its disk's cold read rate is measured (io.disk; the nominal one where it cannot be).
 
     For a CPU run this also calls `bound_host_allocator`, without which glibc keeps freed weight
     buffers resident and the process's RSS outgrows the budget the plan was made for.
@@ -188,15 +191,16 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None) ->
     free_ram = int(psutil.virtual_memory().available * HOST_RAM_FRACTION)
     disk = int(psutil.disk_usage(str(spill_dir or tempfile.gettempdir())).free * DISK_FRACTION)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    disk_bps = (cold_read_bps(str(checkpoint)) if checkpoint else None) or DISK_BPS
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
-                       props.name, page_cache=free_ram)
+                       props.name, page_cache=free_ram, disk_bps=disk_bps)
     bound_host_allocator()
     threads = torch.get_num_threads()
     budget = budget or free_ram
     return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * threads, cores,
-                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor())
+                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps)
 
 
 @functools.lru_cache(maxsize=1)
@@ -422,8 +426,8 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     # the page cache when the checkpoint fits there.
     src_total = (params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
-    warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else DISK_BPS
-    read = src_total / DISK_BPS + (loads - 1) * src_total / warm_bps
+    warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else machine.disk_bps
+    read = src_total / machine.disk_bps + (loads - 1) * src_total / warm_bps
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
     prep = loads * (src_total + cast_bytes) / HOST_COPY_BPS  # slice + cast (+ pin) on the host
     if not cuda:  # the read buffer, the sliced copy and the cast copy all fault their pages in

@@ -169,3 +169,24 @@ def test_parse_bytes():
     assert parse_bytes(12345) == 12345 and parse_bytes("100") == 100
     with pytest.raises(BudgetError, match="8GB"):
         parse_bytes("lots")
+
+
+def test_cold_read_rate_drives_the_weight_reads(specs):
+    # Passes the page cache cannot serve read the whole checkpoint at the machine's cold rate, so
+    # halving it doubles the weight-read time of every pass; when the checkpoint fits the cache only
+    # the first (cold) read moves. The plan itself is fixed, so only the rate can change the figure.
+    from dataclasses import replace
+
+    from bonsai_lite.search.planner import candidate_cost
+
+    big = specs["llama3-8b"]
+    w = Work(8, 1, 128)
+    src = 2 * (big.non_embedding_params() + big.vocab * big.hidden)  # bf16 blocks + LM head
+    for cache_bytes in (0, 10**15):
+        cpu = replace(nominal_machine(device="cpu", budget=8 * GB), page_cache=cache_bytes)
+        kw = dict(dtype="float32", order="mask-group-major", cache="device", group_rows=4, tile_rows=4,
+                  head_chunk=4096, prefetch=False, weights_8bit=False, src_bytes=2)
+        slow = candidate_cost(big, big.layers, w, replace(cpu, disk_bps=0.5e9), **kw)[2]["weights_io_s"]
+        fast = candidate_cost(big, big.layers, w, replace(cpu, disk_bps=1e9), **kw)[2]["weights_io_s"]
+        cold_reads = 2 if cache_bytes == 0 else 1  # 8 rows in passes of 4
+        assert slow - fast == pytest.approx(cold_reads * src * (1 / 0.5e9 - 1 / 1e9), rel=1e-3)

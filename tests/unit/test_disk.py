@@ -1,0 +1,32 @@
+"""The cold-read probe: O_DIRECT reads return the file's bytes, and files too small to time give no rate."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bonsai_lite.io import disk
+
+pytestmark = pytest.mark.unit
+
+
+def test_direct_read_returns_the_files_bytes(tmp_path):
+    data = os.urandom(3 * disk.CHUNK_BYTES + 12345)
+    f = tmp_path / "model-00001-of-00002.safetensors"
+    f.write_bytes(data)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x" * 100)
+    assert disk.largest_file(tmp_path) == f and disk.largest_file(f) == f
+    res = disk.read_direct(f, 2 * disk.CHUNK_BYTES + 5)  # whole chunks only: two of them
+    if res is None:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT; the probe returns no rate there")
+    got, seconds = res
+    assert got == data[:2 * disk.CHUNK_BYTES] and seconds > 0
+    assert disk.read_direct(f, 10 * disk.CHUNK_BYTES)[0] == data  # stops at the end of the file
+    rate = disk.cold_read_bps(str(tmp_path))
+    assert rate is not None and rate > 0
+
+
+def test_no_rate_without_enough_to_read(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * (disk.MIN_PROBE_BYTES - 1))
+    assert disk.cold_read_bps(str(tmp_path)) is None
+    assert disk.cold_read_bps(str(tmp_path / "empty")) is None  # no checkpoint there: no rate, no error
