@@ -559,6 +559,8 @@ def parse_args(argv):
                     help="emulate a machine with SIZE less RAM (a child keeps it resident) and start each run with "
                          "the checkpoint out of the page cache: the case of a checkpoint the page cache cannot hold")
     ap.add_argument("--records", action="store_true", help="write one kind=scale JSON record per budget to docs/results")
+    ap.add_argument("--record-tag", default="", metavar="TAG",
+                    help="appended to the records' file names (e.g. idle); an existing record is never replaced")
     ap.add_argument("--sweep", action="store_true", help="per budget: tiles x both orders measured; choice vs best")
     ap.add_argument("--sweep-per-order", type=int, default=3, help="tile sizes measured per streaming order")
     ap.add_argument("--sweep-max-predicted", type=float, default=3.0,
@@ -589,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict | list:
     result["command"] = "python tools/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1, default=str))
     if args.records:
-        for path in SX.write_records(SX.records(result)):
+        for path in SX.write_records(SX.records(result), extra=args.record_tag):
             print(f"[records] {path}", file=sys.stderr)
     if args.write_docs:
         write_scale_docs(result)

@@ -242,7 +242,9 @@ def records(result: dict) -> list[dict]:
     return out
 
 
-def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
+def write_records(recs: list[dict], directory: Path = RESULTS, *, extra: str = "") -> list[Path]:
+    """One file per record, named by its settings (and `extra`); an existing record is never replaced:
+    the new one takes the next free `-2`, `-3`... name."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for r in recs:
@@ -252,7 +254,11 @@ def write_records(recs: list[dict], directory: Path = RESULTS) -> list[Path]:
             tag += f"-{r['masks']}x{r['samples']}x{r['seq_len']}"
         if r.get("held_ram"):  # a smaller machine emulated: the page cache cannot hold the checkpoint
             tag += f"-hold{fmt_bytes(r['held_ram']['held_bytes']).replace(' ', '')}"
-        p = directory / f"scale-{r['shape']}-{r['device']}-{budget}{tag}.json"
+        stem = f"scale-{r['shape']}-{r['device']}-{budget}{tag}{'-' + extra if extra else ''}"
+        p, n = directory / f"{stem}.json", 1
+        while p.exists():
+            n += 1
+            p = directory / f"{stem}-{n}.json"
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(r, indent=1, default=str) + "\n")
         tmp.rename(p)
