@@ -151,7 +151,7 @@ class StageMeter:
         return self.stages.setdefault(name, dict(seconds=0.0, calls=0, peak_gpu_reserved=0, peak_rss=0, passes=0,
                                                  engine_calls=0, mask_tokens=0, flops=0.0, predicted_seconds=0.0,
                                                  bytes_read=0, bytes_to_device=0, bytes_spilled=0,
-                                                 disk_read_bytes=0))
+                                                 disk_read_bytes=0, scores_seconds=0.0))
 
     @contextmanager
     def stage(self, name: str):
@@ -221,6 +221,16 @@ def instrumented(meter: StageMeter):
         meter.evaluated(model, res, plan, rows, tokens.shape[1], model.ckpt.bytes_read - before)
         return res
     loop.evaluate = evaluate
+    scores = loop.S.flap_unit_scores  # the prior's own cost inside the priors stage (it reads o/down)
+    saved.append((loop.S, "flap_unit_scores", scores))
+
+    def flap_unit_scores(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return scores(*a, **kw)
+        finally:
+            meter._entry(meter.current or "other")["scores_seconds"] += time.perf_counter() - t0
+    loop.S.flap_unit_scores = flap_unit_scores
     try:
         yield meter
     finally:

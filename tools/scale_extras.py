@@ -231,7 +231,7 @@ def records(result: dict) -> list[dict]:
             "held_ram": result.get("held_ram"), "disk_read_bytes": sum(v.get("disk_read_bytes") or 0 for v in r["stages"].values()),
             "bytes_read": r["bytes_read"], "stages": {k: {kk: v.get(kk) for kk in ("seconds", "predicted_seconds",
                                                                                   "mask_tokens", "flops_per_s", "bytes_read",
-                                                                                  "disk_read_bytes", "peak_rss")}
+                                                                                  "disk_read_bytes", "peak_rss", "scores_seconds")}
                                                     for k, v in r["stages"].items()},
             "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],

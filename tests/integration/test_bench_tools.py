@@ -67,6 +67,7 @@ def test_bench_scale_fields(results):
     assert rec["kind"] == "scale" and rec["shape"] == "tiny" and rec["budget_bytes"] == 64 * 2**20
     assert rec["accelerate_tokens_per_s"] == acc["tokens_per_s"] and rec["tokens_per_s"] == run["mask_tokens_per_s"]
     assert rec["predicted_seconds"] > 0 and rec["peak_rss_growth_bytes"] == run["peak_rss"] - run["rss_at_start"]
+    assert 0 < rec["stages"]["priors"]["scores_seconds"] < rec["stages"]["priors"]["seconds"]  # flap-parent prior
     assert rec["cold_read_bps"] > 0  # measured (tiny shards are below the probe's minimum: the nominal rate)
     out = work / "records"  # a second record of the same settings never replaces the first
     (first,) = scale_extras.write_records([rec], out, extra="idle")
