@@ -80,6 +80,7 @@ class Pruner:
         self.machine = detect_machine(device=cfg.device, budget=cfg.budget, spill_dir=cfg.spill_dir,
                                       checkpoint=cfg.model)
         self.dense_params = self.parent.spec.non_embedding_params()
+        self.column_norms = S.ColumnNorms()  # the parent's o/down column norms, read at the first prior
 
     # ---- helpers -----------------------------------------------------------------------------
     def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
@@ -230,7 +231,8 @@ class Pruner:
         saved = {group_key(k): (float(v[0]), float(v[1])) for k, v in st.tensors.items() if k.startswith("flapnorm:")}
         anchor = {group_key(k): (st.tensors["flapcol:" + k[len("flapval:"):]], v) for k, v in st.tensors.items()
                   if k.startswith("flapval:")} if anchored and saved else None
-        scores, own, columns = S.flap_unit_scores(model, stats, layout, norms=saved or None, anchor=anchor)
+        scores, own, columns = S.flap_unit_scores(model, stats, layout, norms=saved or None, anchor=anchor,
+                                                  columns_of=self.column_norms)
         if not saved:
             st.tensors.update({f"flapnorm:{l}:{k}": torch.tensor(v, dtype=torch.float64) for (l, k), v in own.items()})
             if anchored:
@@ -353,7 +355,7 @@ class Pruner:
                                            generator=g).candidates
                 scores = torch.where(perturbable, prior, torch.full_like(prior, math.inf))
             else:  # flap
-                scores = S.flap_unit_scores(model, tap.stats, layout)[0]
+                scores = S.flap_unit_scores(model, tap.stats, layout, columns_of=self.column_norms)[0]
         head_p, mlp_p = model.spec.unit_params()
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._need(it, model)

@@ -21,6 +21,8 @@ __all__ = [
     "activation_magnitude_scores",
     "magnitude_scores",
     "flap_scores",
+    "flap_column_scores",
+    "column_sq_norms",
     "flap_standardize",
     "flap_bias_compensation",
     "bias_compensation",
@@ -167,9 +169,19 @@ def flap_scores(w_out: torch.Tensor, stats: ActivationStats, *, group_size: int)
     ``flap_standardize``.
     """
     _check_weight(w_out, stats)
-    col_sq_norm = w_out.float().square().sum(0).to(torch.float64)
-    column = stats.variance.to(w_out.device) * col_sq_norm
-    return _per_unit(column, group_size, reduce="sum")
+    return flap_column_scores(column_sq_norms(w_out), stats, group_size=group_size)
+
+
+def column_sq_norms(w_out: torch.Tensor) -> torch.Tensor:
+    """||W[:, c]||^2 per input column of an output projection, float64."""
+    return w_out.float().square().sum(0).to(torch.float64)
+
+
+def flap_column_scores(col_sq_norm: torch.Tensor, stats: ActivationStats, *, group_size: int) -> torch.Tensor:
+    """`flap_scores` from the projection's squared column norms instead of the projection."""
+    if stats.width != col_sq_norm.numel():
+        raise ValueError(f"{col_sq_norm.numel()} column norms for stats of {stats.width} columns")
+    return _per_unit(stats.variance.to(col_sq_norm.device) * col_sq_norm, group_size, reduce="sum")
 
 
 def flap_standardize(
