@@ -204,6 +204,10 @@ def preset_extrapolation(model: StreamedModel, run: dict, *, shrink, gemm_flops:
     return {"sparsity": sparsity, "gemm_flops_per_s": gemm_flops, "presets": out}
 
 
+STAGE_FIELDS = ("seconds", "predicted_seconds", "mask_tokens", "flops_per_s", "bytes_read", "disk_read_bytes",
+                "peak_rss", "scores_seconds")
+
+
 def records(result: dict) -> list[dict]:
     """One `kind: "scale"` record per budget that ran, with the fields the docs table reads."""
     s, out = result["settings"], []
@@ -229,10 +233,8 @@ def records(result: dict) -> list[dict]:
             "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
             "accelerate_disk_read_bytes": acc.get("disk_read_bytes"),
             "held_ram": result.get("held_ram"), "disk_read_bytes": sum(v.get("disk_read_bytes") or 0 for v in r["stages"].values()),
-            "bytes_read": r["bytes_read"], "stages": {k: {kk: v.get(kk) for kk in ("seconds", "predicted_seconds",
-                                                                                  "mask_tokens", "flops_per_s", "bytes_read",
-                                                                                  "disk_read_bytes", "peak_rss", "scores_seconds")}
-                                                    for k, v in r["stages"].items()},
+            "bytes_read": r["bytes_read"],
+            "stages": {k: {kk: v.get(kk) for kk in STAGE_FIELDS} for k, v in r["stages"].items()},
             "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
             "threads": result["hardware"]["threads"], "load_average": result.get("load_average"),

@@ -34,7 +34,8 @@ class ColumnNorms:
 
         if (layer, kind) not in self._full:
             names = model.spec.adapter.block_tensor_names(layer)
-            self._full[(layer, kind)] = P.column_sq_norms(model.ckpt.read(names["o_w" if kind == "heads" else "down_w"]))
+            w = model.ckpt.read(names["o_w" if kind == "heads" else "down_w"])
+            self._full[(layer, kind)] = P.column_sq_norms(w)
         return self._full[(layer, kind)][kept_index(model.layers[layer], kind, model.spec.head_dim)]
 
 
@@ -62,7 +63,8 @@ def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.
 
 
 def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | None = None,
-                     anchor: dict | None = None, columns_of: ColumnNorms | None = None) -> tuple[torch.Tensor, dict, dict]:
+                     anchor: dict | None = None,
+                     columns_of: ColumnNorms | None = None) -> tuple[torch.Tensor, dict, dict]:
     """FLAP: fluctuation x squared column norm, standardised per (layer, kind); each group's
     (mean, std) of column scores, keyed (layer, kind); and each group's column scores keyed by
     checkpoint column, ``{key: (columns, scores)}``. With ``norms`` (such a dict, e.g. the
