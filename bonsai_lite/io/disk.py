@@ -1,4 +1,5 @@
-"""How fast this machine reads a checkpoint from its disk, past the page cache.
+"""How fast this machine reads a checkpoint from its disk, past the page cache, and how much of it
+the page cache holds now.
 
 The planner's time model needs the cold read rate for passes whose weights the page cache cannot
 hold (a 15 GiB bf16 checkpoint beside an 8 GB budget on a 16 GB laptop). A nominal rate is wrong by
@@ -73,3 +74,44 @@ def cold_read_bps(path: str) -> float | None:
     if res is None or len(res[0]) < MIN_PROBE_BYTES or res[1] <= 0:
         return None
     return len(res[0]) / res[1]
+
+
+def cached_fraction(path: str | Path) -> float | None:
+    """Share of a checkpoint's safetensors bytes in the page cache now (mincore(2) on a read-only
+    mapping that is never touched, so nothing is read and nothing counts towards the RSS); None
+    where mincore is not available."""
+    import ctypes
+    import ctypes.util
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    name = ctypes.util.find_library("c")
+    if not files or name is None or not hasattr(os, "posix_fadvise"):  # Linux only
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    total = cached = 0
+    for f in files:
+        size = f.stat().st_size
+        if size == 0:
+            continue
+        fd = os.open(str(f), os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                resident = len(vec) - bytes(vec).count(0)  # bit 0: resident; the others are reserved
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+        total += size
+        cached += min(size, resident * mmap.PAGESIZE)
+    return cached / total if total else None

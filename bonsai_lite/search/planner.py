@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bonsai_lite.errors import BonsaiError, BudgetError
-from bonsai_lite.io.disk import cold_read_bps
+from bonsai_lite.io.disk import cached_fraction, cold_read_bps
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
 # --- named safety constants (why each exists) -------------------------------------------------
@@ -164,6 +164,7 @@ class Machine:
     page_cache: int = 0  # host RAM the OS can use to cache the checkpoint between passes
     bf16_factor: float = LOW_PRECISION_CPU_FACTOR  # CPU bf16 GEMM rate / fp32 GEMM rate
     disk_bps: float = DISK_BPS  # cold reads of the checkpoint (measured by io.disk where it can be)
+    cached: float = 0.0  # share of the checkpoint in the page cache at the start (io.disk.cached_fraction)
 
     @property
     def is_cuda(self) -> bool:
@@ -192,15 +193,17 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     disk = int(psutil.disk_usage(str(spill_dir or tempfile.gettempdir())).free * DISK_FRACTION)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     disk_bps = (cold_read_bps(str(checkpoint)) if checkpoint else None) or DISK_BPS
+    cached = (cached_fraction(checkpoint) if checkpoint else None) or 0.0
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
-                       props.name, page_cache=free_ram, disk_bps=disk_bps)
+                       props.name, page_cache=free_ram, disk_bps=disk_bps, cached=cached)
     bound_host_allocator()
     threads = torch.get_num_threads()
     budget = budget or free_ram
     return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * threads, cores,
-                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps)
+                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps,
+                   cached=cached)
 
 
 @functools.lru_cache(maxsize=1)
@@ -422,12 +425,13 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
         rate *= machine.bf16_factor if dtype == "bfloat16" else LOW_PRECISION_CPU_FACTOR
     compute = rows * t * flops_per_token / rate
     compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
-    # Weights: read each pass (once when resident); the first read is cold, later ones come from
-    # the page cache when the checkpoint fits there.
+    # Weights: read each pass (once when resident); the first read is cold except for what the page
+    # cache holds at the start, later ones come from the page cache when the checkpoint fits there.
     src_total = (params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
     warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else machine.disk_bps
-    read = src_total / machine.disk_bps + (loads - 1) * src_total / warm_bps
+    first = src_total * (machine.cached / PAGE_CACHE_BPS + (1 - machine.cached) / machine.disk_bps)
+    read = first + (loads - 1) * src_total / warm_bps
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
     prep = loads * (src_total + cast_bytes) / HOST_COPY_BPS  # slice + cast (+ pin) on the host
     if not cuda:  # the read buffer, the sliced copy and the cast copy all fault their pages in

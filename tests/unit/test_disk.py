@@ -30,3 +30,21 @@ def test_no_rate_without_enough_to_read(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * (disk.MIN_PROBE_BYTES - 1))
     assert disk.cold_read_bps(str(tmp_path)) is None
     assert disk.cold_read_bps(str(tmp_path / "empty")) is None  # no checkpoint there: no rate, no error
+
+
+def test_cached_fraction_follows_the_page_cache(tmp_path):
+    f = tmp_path / "model.safetensors"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(8 * 2**20))
+        fh.flush()
+        os.fsync(fh.fileno())  # clean pages: the kernel may drop them when asked
+    f.read_bytes()
+    warm = disk.cached_fraction(tmp_path)
+    if warm is None:
+        pytest.skip("no mincore here")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert warm > 0.9 and disk.cached_fraction(f) < 0.5

@@ -190,3 +190,7 @@ def test_cold_read_rate_drives_the_weight_reads(specs):
         fast = candidate_cost(big, big.layers, w, replace(cpu, disk_bps=1e9), **kw)[2]["weights_io_s"]
         cold_reads = 2 if cache_bytes == 0 else 1  # 8 rows in passes of 4
         assert slow - fast == pytest.approx(cold_reads * src * (1 / 0.5e9 - 1 / 1e9), rel=1e-3)
+        # a checkpoint already in the page cache at the start: its first read is not a cold one
+        warm = [candidate_cost(big, big.layers, w, replace(cpu, disk_bps=bps, cached=0.75), **kw)[2]["weights_io_s"]
+                for bps in (0.5e9, 1e9)]
+        assert warm[0] - warm[1] == pytest.approx((cold_reads - 0.75) * src * (1 / 0.5e9 - 1 / 1e9), rel=1e-3)
