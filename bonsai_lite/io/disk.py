@@ -20,7 +20,6 @@ from pathlib import Path
 PROBE_BYTES = 128 * 2**20
 MIN_PROBE_BYTES = 16 * 2**20  # below this one read is dominated by its latency, not the device's rate
 CHUNK_BYTES = 8 * 2**20  # a multiple of every device's logical block size
-ALIGN = 4096
 
 
 def largest_file(path: str | Path) -> Path | None:
@@ -33,8 +32,8 @@ def largest_file(path: str | Path) -> Path | None:
 
 
 def read_direct(path: str | Path, nbytes: int) -> tuple[bytes, float] | None:
-    """The first `nbytes` (rounded down to whole chunks) of `path` read with O_DIRECT, and the seconds
-    that took; None where the filesystem refuses O_DIRECT."""
+    """The first `nbytes` of `path` (whole chunks, or to the end of a shorter file) read with
+    O_DIRECT, and the seconds that took; None where the filesystem refuses O_DIRECT."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
