@@ -22,12 +22,17 @@ MIN_PROBE_BYTES = 16 * 2**20  # below this one read is dominated by its latency,
 CHUNK_BYTES = 8 * 2**20  # a multiple of every device's logical block size
 
 
-def largest_file(path: str | Path) -> Path | None:
-    """The largest regular file of a checkpoint directory (or the file itself)."""
+def shard_files(path: str | Path) -> list[Path]:
+    """A checkpoint's safetensors files: the file itself, or those of its directory."""
     p = Path(path)
     if p.is_file():
-        return p
-    files = [f for f in p.glob("*.safetensors") if f.is_file()] if p.is_dir() else []
+        return [p]
+    return sorted(f for f in p.glob("*.safetensors") if f.is_file()) if p.is_dir() else []
+
+
+def largest_file(path: str | Path) -> Path | None:
+    """The largest safetensors file of a checkpoint directory (or the file itself)."""
+    files = shard_files(path)
     return max(files, key=lambda f: f.stat().st_size) if files else None
 
 
@@ -82,8 +87,7 @@ def cached_fraction(path: str | Path) -> float | None:
     import ctypes
     import ctypes.util
 
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    files = shard_files(path)
     name = ctypes.util.find_library("c")
     if not files or name is None or not hasattr(os, "posix_fadvise"):  # Linux only
         return None
