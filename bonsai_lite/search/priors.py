@@ -172,9 +172,17 @@ def flap_scores(w_out: torch.Tensor, stats: ActivationStats, *, group_size: int)
     return flap_column_scores(column_sq_norms(w_out), stats, group_size=group_size)
 
 
-def column_sq_norms(w_out: torch.Tensor) -> torch.Tensor:
-    """||W[:, c]||^2 per input column of an output projection, float64."""
-    return w_out.float().square().sum(0).to(torch.float64)
+def column_sq_norms(w_out: torch.Tensor, *, rows_per_slab: int = 512) -> torch.Tensor:
+    """||W[:, c]||^2 per input column of an output projection, float64. Summed in float32 over slabs
+    of rows through one reused buffer: a float copy of a whole 8B down_proj (235 MB of fresh pages)
+    took 6x as long on a 2-core CPU."""
+    acc = torch.zeros(w_out.shape[1], dtype=torch.float32, device=w_out.device)
+    buf = torch.empty(min(rows_per_slab, w_out.shape[0]), w_out.shape[1], dtype=torch.float32, device=w_out.device)
+    for slab in w_out.split(rows_per_slab):
+        b = buf[: len(slab)]
+        b.copy_(slab).mul_(b)
+        acc += b.sum(0)
+    return acc.to(torch.float64)
 
 
 def flap_column_scores(col_sq_norm: torch.Tensor, stats: ActivationStats, *, group_size: int) -> torch.Tensor:

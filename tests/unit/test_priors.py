@@ -8,6 +8,7 @@ import torch
 from bonsai_lite.search.priors import (
     ActivationStats,
     activation_magnitude_scores,
+    column_sq_norms,
     flap_bias_compensation,
     flap_scores,
     flap_standardize,
@@ -81,6 +82,14 @@ def test_flap_scores_match_loops(data, group_size):
         expected.append(total)
     got = flap_scores(w, stats, group_size=group_size)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("rows_per_slab", [1, 2, 3, 64])
+def test_column_norms_in_slabs_equal_the_float64_sum(rows_per_slab):
+    """Slabs that split the rows unevenly (5 rows in 2s and 3s), one slab, and bf16 weights."""
+    w = torch.randn(OUT, WIDTH, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    expected = w.double().square().sum(0)
+    torch.testing.assert_close(column_sq_norms(w, rows_per_slab=rows_per_slab), expected, rtol=1e-6, atol=0)
 
 
 def test_stats_streamed_in_chunks_equal_one_shot():
