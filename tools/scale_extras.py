@@ -238,7 +238,8 @@ def records(result: dict) -> list[dict]:
             "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
             "threads": result["hardware"]["threads"], "load_average": result.get("load_average"),
-            "cold_read_bps": s.get("cold_read_bps"),
+            "cold_read_bps": s.get("cold_read_bps"), "planned_flops_per_s": s.get("planned_flops_per_s"),
+            "bf16_factor": s.get("bf16_factor"),
             "commit": result["commit"], "hardware": result["hardware"], "command": result.get("command"),
         })
     return out

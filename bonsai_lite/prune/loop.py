@@ -41,7 +41,7 @@ from bonsai_lite.prune.state import (RunState, group_key, jsonable, layers_from_
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.planner import Work, column_norm_seconds, detect_machine, make_plan
 from bonsai_lite.search.priors import bias_compensation
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
@@ -199,16 +199,19 @@ class Pruner:
         seq = tokens.shape[1]
         plan = self._plan(model, 1, len(tokens), seq)
         log.debug(plan.describe())
+        predicted = plan.predicted_seconds
+        if kind.startswith("flap") and not self.column_norms.loaded:
+            predicted += column_norm_seconds(model.spec, self.machine)
         while True:
             tap = StatsTap(len(model.layers), n_samples=len(tokens))
-            with self.progress.stage("priors", total=len(model.layers), predicted=plan.predicted_seconds,
+            with self.progress.stage("priors", total=len(model.layers), predicted=predicted,
                                      iteration=self.it) as bar:
                 dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
                                  progress=lambda rows: bar.advance(rows / len(tokens)))
                 if kind in ("flap-parent", "flap-anchored"):  # z-scores on the parent's group scale
                     prior = self._flap_parent(model, tap.stats, layout, anchored=kind == "flap-anchored")
                 else:
-                    prior = S.prior_scores(model, tap.stats, layout, kind=kind)
+                    prior = S.prior_scores(model, tap.stats, layout, kind=kind, columns_of=self.column_norms)
                 bar.tokens += dense.stats.tokens
             if torch.isfinite(dense.nll).all() and torch.isfinite(prior).all():
                 return dense, tap, prior
@@ -217,6 +220,7 @@ class Pruner:
                                   "check the checkpoint's weights (a corrupt or badly converted download?)")
             log.warning("dense pass overflowed in %s; repeating it in float32", plan.dtype)
             plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype="float32")
+            predicted = plan.predicted_seconds
 
     def _flap_parent(self, model, stats, layout, *, anchored: bool = False) -> torch.Tensor:
         """FLAP scores standardised with the parent's per-group mean and std, kept in the run state;

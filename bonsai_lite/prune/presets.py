@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bonsai_lite.config import PRESETS
 from bonsai_lite.errors import BonsaiError
-from bonsai_lite.search.planner import Machine, Work, make_plan
+from bonsai_lite.search.planner import Machine, Work, column_norm_seconds, make_plan
 from bonsai_lite.structure import ModelSpec
 
 LADDER: tuple[tuple[str, dict], ...] = (
@@ -56,7 +56,9 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     n_iter = 1 if method == "flap" else math.ceil(sparsity / p_iter - 1e-9)
     prior_n = settings.get("prior_samples") or settings["samples"]
     prior_t = settings.get("prior_seq_len") or settings["seq_len"]
-    seconds, tokens = 0.0, 0
+    # FLAP's scores (bonsai's default prior, and flap itself) read every o/down projection once per run
+    seconds = column_norm_seconds(spec, machine) if method in ("bonsai", "flap") else 0.0
+    tokens = 0
     for it in range(n_iter):
         # the structure at iteration `it` keeps ~(1 - it p_iter) of the prunable parameters: scale
         # the parent's compute by it (the planner's time is dominated by compute on a CPU)

@@ -29,6 +29,10 @@ class ColumnNorms:
     def __init__(self):
         self._full: dict[tuple[int, str], torch.Tensor] = {}
 
+    @property
+    def loaded(self) -> bool:
+        return bool(self._full)
+
     def __call__(self, model, layer: int, kind: str) -> torch.Tensor:
         from bonsai_lite.prune.slicing import kept_index
 
@@ -39,11 +43,12 @@ class ColumnNorms:
         return self._full[(layer, kind)][kept_index(model.layers[layer], kind, model.spec.head_dim)]
 
 
-def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str) -> torch.Tensor:
+def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str,
+                 columns_of: ColumnNorms | None = None) -> torch.Tensor:
     """Module-level Wanda (appendix F.2), activation magnitude (F.1), weight magnitude, or FLAP's
     standardised fluctuation (already on one scale across groups, see `comparable_prior`)."""
     if kind in ("flap", "flap-parent", "flap-anchored"):
-        return flap_unit_scores(model, stats, layout)[0]
+        return flap_unit_scores(model, stats, layout, columns_of=columns_of)[0]
     out = torch.zeros(layout.total, dtype=torch.float64)
     hd = model.spec.head_dim
     for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):

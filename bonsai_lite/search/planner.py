@@ -38,9 +38,12 @@ FIXED_OVERHEAD = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 HOST_RAM_FRACTION = 0.7
 DISK_FRACTION = 0.8
 # Throughputs for the time model. CPU: the engine's F.linear calls ran at ~58 GFLOP/s per thread on
-# the development machine's EPYC (an isolated fp32 GEMM: 105), elementwise work and other jobs
-# take the rest (docs/PERFORMANCE.md); GPU: fraction of the dense bf16 peak a block reaches.
+# the development machine's EPYC against 105 for an isolated fp32 GEMM; elementwise work and other
+# jobs take the rest (docs/PERFORMANCE.md). A probed CPU times its own one-core GEMM
+# (`cpu_gemm_probe`) and is planned at CPU_ENGINE_FRACTION of it per thread; a described one
+# (`nominal_machine`) at CPU_FLOPS_PER_CORE. GPU: fraction of the dense bf16 peak a block reaches.
 CPU_FLOPS_PER_CORE = 50e9
+CPU_ENGINE_FRACTION = 0.55
 GPU_EFFICIENCY = 0.55
 GPU_PEAK_FLOPS = {"H100": 990e12, "H200": 990e12, "A100": 312e12, "4090": 165e12, "3090": 71e12, "A6000": 155e12}
 DEFAULT_GPU_FLOPS = 80e12
@@ -201,19 +204,26 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     bound_host_allocator()
     threads = torch.get_num_threads()
     budget = budget or free_ram
-    return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * threads, cores,
-                   page_cache=max(0, free_ram - budget), bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps,
-                   cached=cached)
+    flops = CPU_ENGINE_FRACTION * cpu_gemm_probe()[0] * threads
+    return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
+                   bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached)
+
+
+PROBE_SHAPE = (256, 1024, 1024)
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_factor() -> float:
-    """bf16 / fp32 rate of a 256x1024x1024 GEMM on one core of this CPU, best of 8 after 3 warm-up
-    calls (oneDNN builds its kernels on the first calls); about 0.1 s, once per process."""
+def cpu_gemm_probe() -> tuple[float, float]:
+    """(fp32 FLOP/s, bf16 / fp32 rate) of a 256x1024x1024 GEMM on one core of this CPU, best of 8
+    after 3 warm-up calls (oneDNN builds its kernels on the first calls); about 0.1 s, once per
+    process. A machine's speed moves between sessions (a VM here ran 1.7x faster on one day than
+    on another), so the planner measures it rather than assuming a constant."""
     import time
 
+    m, k, n = PROBE_SHAPE
+
     def seconds(dtype) -> float:
-        a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         best = math.inf
@@ -226,9 +236,15 @@ def cpu_bf16_factor() -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a property of the core: other jobs on the machine blur a multi-thread probe
     try:
-        return seconds(torch.float32) / seconds(torch.bfloat16)
+        fp32 = seconds(torch.float32)
+        return 2 * m * k * n / fp32, fp32 / seconds(torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
+
+
+def cpu_bf16_factor() -> float:
+    """bf16 / fp32 GEMM rate of one core of this CPU (`cpu_gemm_probe`)."""
+    return cpu_gemm_probe()[1]
 
 
 def search_dtype(machine: Machine, spec: ModelSpec) -> str | None:
@@ -447,6 +463,17 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     seconds = max(serial, overlappable) if prefetch else serial + overlappable
     bd.update(compute_s=round(compute, 3), weights_io_s=round(read + prep + h2d, 3), spill_s=round(spill, 3))
     return peak, seconds, bd, host
+
+
+def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
+    """Predicted time of FLAP's one read of every layer's o_proj and down_proj (`scores.ColumnNorms`,
+    once per run, just after the first dense pass): from the page cache when the whole checkpoint
+    fits there, else from disk, plus the read buffers' fresh pages and the float32 slabs."""
+    params = sum(spec.hidden * (len(s.heads) * spec.head_dim + len(s.mlp)) for s in spec.layers)
+    src = params * spec.dtype.itemsize
+    ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
+    read_bps = PAGE_CACHE_BPS if ckpt <= machine.page_cache else machine.disk_bps
+    return src / read_bps + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
 
 
 def _plan_dtypes(machine: Machine, dtype: str | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bonsai_lite.errors import BudgetError
 from bonsai_lite.search.planner import (
@@ -148,6 +149,39 @@ def test_cpu_bf16_factor_drives_the_time_model_and_the_search_dtype(specs):
     assert search_dtype(replace(cpu, bf16_factor=1.2), big) is None
     assert search_dtype(h100(8 * GB), big) is None
     assert cpu_bf16_factor() > 0 and detect_machine(device="cpu", budget=2 * GB).bf16_factor == cpu_bf16_factor()
+
+
+def test_the_measured_gemm_rate_sets_the_cpu_time_model(specs, monkeypatch):
+    # A probed CPU is planned at CPU_ENGINE_FRACTION of its own one-core GEMM rate per thread, so a
+    # machine twice as fast is predicted (almost) twice as fast; the probe's rate is a real measurement.
+    from bonsai_lite.search import planner
+
+    rate, factor = planner.cpu_gemm_probe()
+    assert rate > 1e9 and factor > 0
+    spec, w = specs["llama3-8b"], Work(8, 1, 128)
+    seconds = {}
+    for probed in (50e9, 100e9):
+        monkeypatch.setattr(planner, "cpu_gemm_probe", lambda probed=probed: (probed, 1.0))
+        m = detect_machine(device="cpu", budget=8 * GB)
+        assert m.flops == pytest.approx(planner.CPU_ENGINE_FRACTION * probed * torch.get_num_threads())
+        plan = make_plan(spec, spec.layers, w, m, dtype="float32")
+        seconds[probed] = plan.breakdown["compute_s"]
+    assert 1.8 < seconds[50e9] / seconds[100e9] <= 2.0
+
+
+def test_flap_column_read_is_priced_at_the_disk_rate_unless_cached(specs):
+    # ColumnNorms reads every o_proj and down_proj once: 32 x (4096^2 + 4096 x 14336) bf16 values at 8B.
+    from dataclasses import replace
+
+    from bonsai_lite.search.planner import column_norm_seconds
+
+    spec = specs["llama3-8b"]
+    src = 32 * (4096 * 4096 + 4096 * 14336) * 2
+    cpu = replace(nominal_machine(device="cpu", budget=8 * GB, host_ram=16 * GB), disk_bps=1e9)
+    slow, fast = column_norm_seconds(spec, cpu), column_norm_seconds(spec, replace(cpu, disk_bps=2e9))
+    assert slow - fast == pytest.approx(src / 2e9)
+    cached = column_norm_seconds(spec, replace(cpu, page_cache=64 * GB))  # the 16 GB checkpoint fits
+    assert cached < fast
 
 
 def test_describe_states_peak_and_time(specs):
