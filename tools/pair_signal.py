@@ -28,6 +28,7 @@ from bench_quality import commit, hardware  # noqa: E402
 
 from bonsai_lite.calib.data import calibration_tokens  # noqa: E402
 from bonsai_lite.config import PRESETS, CalibConfig, RunConfig, SearchConfig  # noqa: E402
+from bonsai_lite.prune import compensation as C  # noqa: E402
 from bonsai_lite.prune import loop as L  # noqa: E402
 from bonsai_lite.prune.api import calibration_ids  # noqa: E402
 from bonsai_lite.prune.select import comparable_prior  # noqa: E402
@@ -88,7 +89,7 @@ def measure(args) -> dict:
         pruner.it = 0
         t0 = time.perf_counter()
         _, prior, masks, candidates, means = pruner._sampled(0, model, pruner._tokens(0), layout)
-        search_model = model.with_fills(L._fills(means, model.layers, model.spec.head_dim))
+        search_model = model.with_fills(C.fills(means, model.layers, model.spec.head_dim))
         losses = []
         for i, (samples, seq) in enumerate(args.sets):  # disjoint draws: their own seed per set
             tokens = calibration_tokens(ids, samples=samples, seq_len=seq, seed=1_000_003 * (i + 1) + args.seed)

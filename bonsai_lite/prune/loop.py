@@ -30,6 +30,7 @@ from bonsai_lite.config import MIN_REGRESSION_MASKS, RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.progress import NullProgress
+from bonsai_lite.prune import compensation as C
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
@@ -42,7 +43,6 @@ from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.planner import Work, column_norm_seconds, detect_machine, make_plan
-from bonsai_lite.search.priors import bias_compensation
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
@@ -147,7 +147,7 @@ class Pruner:
                 if self.ranks is not None and tap is None:  # split across torchrun ranks
                     losses[k0:k1] = self.ranks.evaluate(layers_to_json(model.layers), tokens, masks[k0:k1],
                                                         first=k0, local=self.evaluate_share,
-                                                        extra=_model_tensors(model))
+                                                        extra=C.model_tensors(model))
                     bar.advance(k1 - k0)
                     bar.tokens += (k1 - k0) * tokens.numel()
                 else:
@@ -165,8 +165,8 @@ class Pruner:
 
     def evaluate_share(self, layers: list, tokens, masks, *, first: int, extra: dict | None = None) -> torch.Tensor:
         """One rank's share of a distributed chunk, planned for this rank's own device and budget; `extra`
-        carries the compensation biases and fills of the model rank 0 evaluates (`_model_tensors`)."""
-        model = _with_model_tensors(self.parent.with_layers(layers_from_json(layers)), extra or {})
+        carries the compensation biases and fills of the model rank 0 evaluates (`compensation.model_tensors`)."""
+        model = C.with_model_tensors(self.parent.with_layers(layers_from_json(layers)), extra or {})
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype, first=first)
@@ -255,7 +255,7 @@ class Pruner:
             means = {group_key(k): v for k, v in st.tensors.items() if k.startswith("mean:")}
             return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"], means
         dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
-        means = _means(tap)
+        means = C.column_means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
         chosen = None
         if s.candidates == "global":
@@ -298,7 +298,7 @@ class Pruner:
         t0 = time.perf_counter()
         if s.method in ("bonsai", "bonsai-noregress"):
             info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
-            search_model = model.with_fills(_fills(means, layers, model.spec.head_dim)) if s.compensates else model
+            search_model = model.with_fills(C.fills(means, layers, model.spec.head_dim)) if s.compensates else model
             ranked_prior = torch.where(candidates, comparable_prior(prior, layout.groups(), s.prior),
                                        torch.full_like(prior, math.inf))
             if s.method == "bonsai" and s.regression == "none":  # ablation: the prior alone, no sub-models
@@ -342,7 +342,7 @@ class Pruner:
                 scores = torch.where(candidates, agg, torch.full_like(agg, math.inf))
         else:
             dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
-            means = _means(tap)
+            means = C.column_means(tap)
             info = {"iteration": it, "dense_nll": float(dense.nll[0])}
             if s.method == "random":
                 g = torch.Generator().manual_seed(_seed(cfg, it, 2))
@@ -374,7 +374,7 @@ class Pruner:
         new_layers = apply_drop(layers, layout, drop)
         new_biases = dict(biases or {})
         if s.compensates:  # FLAP's bias compensation, for every method: removed units' mean output
-            new_biases.update(self._compensation(model, layout, drop, means))
+            new_biases.update(C.compensated_biases(model, layout, drop, means))
         info["compensated_biases"] = len(new_biases)
         # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
         n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") and s.regression != "none" else 0
@@ -417,62 +417,6 @@ class Pruner:
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype)
-
-    def _compensation(self, model, layout, drop: torch.Tensor, means: dict) -> dict:
-        """Current output bias + W[:, removed] @ mean[removed], for every layer that loses units."""
-        out = {}
-        hd = model.spec.head_dim
-        for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
-            if not (drop[h].any() or drop[m].any()):
-                continue
-            o, d = S.output_projections(model, l)
-            names = model.spec.adapter.block_tensor_names(l)
-            for key, w, keep in (("o_b", o, (~drop[h]).repeat_interleave(hd)), ("down_b", d, ~drop[m])):
-                kind = "heads" if key == "o_b" else "mlp"
-                if keep.all() or (l, kind) not in means:
-                    continue
-                name = names[key]
-                comp = bias_compensation(w, means[(l, kind)], keep_columns=keep)
-                out[name] = self._current_bias(model, name, comp.numel()) + comp
-        return out
-
-    @staticmethod
-    def _current_bias(model, name: str, width: int) -> torch.Tensor:
-        if name in model.biases:
-            return model.biases[name].float()
-        if name in model.ckpt.infos:
-            return model.ckpt.read(name).float()
-        return torch.zeros(width, dtype=torch.float32)
-
-
-def _model_tensors(model) -> dict:
-    """A model's compensation biases and masked-unit fills as named tensors (sent to other ranks)."""
-    out = {f"bias:{name}": t for name, t in model.biases.items()}
-    for l, fill in model.fills.items():
-        for kind, t in zip(("heads", "mlp"), fill):
-            if t is not None:
-                out[f"fill:{l}:{kind}"] = t
-    return out
-
-
-def _with_model_tensors(model, tensors: dict):
-    """Inverse of `_model_tensors` on a model with the same layers."""
-    biases = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith("bias:")}
-    model = model.with_biases(biases)
-    if any(k.startswith("fill:") for k in tensors):
-        model = model.with_fills({l: (tensors.get(f"fill:{l}:heads"), tensors.get(f"fill:{l}:mlp"))
-                                  for l in range(len(model.layers))})
-    return model
-
-
-def _means(tap) -> dict:
-    """Calibration means of every o_proj / down_proj input column, keyed (layer, kind)."""
-    return {key: st.mean.to(torch.float32) for key, st in tap.stats.items() if st.count}
-
-
-def _fills(means: dict, layers, head_dim: int) -> dict:
-    """Per layer (head_fill, mlp_fill) for the BlockLoader from the (layer, kind) means."""
-    return {l: (means.get((l, "heads")), means.get((l, "mlp"))) for l in range(len(layers))}
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,

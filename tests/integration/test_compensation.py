@@ -9,7 +9,8 @@ from bonsai_lite.errors import BonsaiError
 
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.io.model import StreamedModel
-from bonsai_lite.prune.loop import Pruner, _fills, _means, run_pruning
+from bonsai_lite.prune.compensation import column_means, fills
+from bonsai_lite.prune.loop import Pruner, run_pruning
 from bonsai_lite.prune.scores import output_projections
 from bonsai_lite.prune.select import apply_drop
 from bonsai_lite.prune.state import RunState
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _means_of(model, tokens):
     tap = StatsTap(len(model.layers), n_samples=len(tokens))
     evaluate(model, tokens, None, plan(), tap=tap)
-    return _means(tap)
+    return column_means(tap)
 
 
 def _fold(model, drop, means):
@@ -54,7 +55,7 @@ def test_mean_replacement_equals_bias_folding(tiny_models, tiny_tokens, case):
     layout = UnitLayout.of(model.layers)
     g = torch.Generator().manual_seed(3)
     drops = torch.rand(3, layout.total, generator=g) < 0.3
-    fast = evaluate(model.with_fills(_fills(means, model.layers, model.spec.head_dim)), tiny_tokens, ~drops, plan())
+    fast = evaluate(model.with_fills(fills(means, model.layers, model.spec.head_dim)), tiny_tokens, ~drops, plan())
     for k, drop in enumerate(drops):
         ref = evaluate(_fold(model, drop, means), tiny_tokens, None, plan())
         torch.testing.assert_close(fast.row_nll[k].float(), ref.row_nll[0].float(), atol=1e-4, rtol=0)
