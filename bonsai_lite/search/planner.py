@@ -214,10 +214,11 @@ PROBE_SHAPE = (256, 1024, 1024)
 
 @functools.lru_cache(maxsize=1)
 def cpu_gemm_probe() -> tuple[float, float]:
-    """(fp32 FLOP/s, bf16 / fp32 rate) of a 256x1024x1024 GEMM on one core of this CPU, best of 8
-    after 3 warm-up calls (oneDNN builds its kernels on the first calls); about 0.1 s, once per
-    process. A machine's speed moves between sessions (a VM here ran 1.7x faster on one day than
-    on another), so the planner measures it rather than assuming a constant."""
+    """(fp32 FLOP/s, bf16 / fp32 rate) of a 256x1024x1024 GEMM on one core of this CPU: the best
+    call after 3 warm-up calls (oneDNN builds its kernels on the first calls), over at least 8
+    calls and 0.1 s per dtype, so that a short stall of a shared machine is not read as its speed;
+    about 0.2 s, once per process. A machine's speed moves between sessions (a VM here ran 1.7x
+    faster on one day than on another), so the planner measures it rather than assuming a constant."""
     import time
 
     m, k, n = PROBE_SHAPE
@@ -226,11 +227,12 @@ def cpu_gemm_probe() -> tuple[float, float]:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
-        best = math.inf
-        for _ in range(8):
+        best, calls, start = math.inf, 0, time.perf_counter()
+        while calls < 8 or (time.perf_counter() - start < 0.1 and calls < 256):
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
+            calls += 1
         return best
 
     threads = torch.get_num_threads()
