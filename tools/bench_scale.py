@@ -47,7 +47,7 @@ from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune import loop  # noqa: E402
 from bonsai_lite.search.planner import (  # noqa: E402
-    Work, detect_machine, flops_per_token, fmt_bytes, make_plan, parse_bytes, search_dtype,
+    Work, column_norm_seconds, detect_machine, flops_per_token, fmt_bytes, make_plan, parse_bytes, search_dtype,
 )
 from bonsai_lite.search.regression import fit_relevance  # noqa: E402
 from bonsai_lite.search.sampling import sample_masks  # noqa: E402
@@ -142,8 +142,8 @@ def _reset_rss_peak() -> bool:
 class StageMeter:
     """Wall time, peak memory and engine counters per named stage (stages do not nest)."""
 
-    def __init__(self, device: str):
-        self.device, self.cuda = device, device.startswith("cuda")
+    def __init__(self, device: str, machine=None):
+        self.device, self.cuda, self.machine = device, device.startswith("cuda"), machine
         self.stages: dict[str, dict] = {}
         self.current: str | None = None
 
@@ -224,10 +224,13 @@ def instrumented(meter: StageMeter):
     scores = loop.S.flap_unit_scores  # the prior's own cost inside the priors stage (it reads o/down)
     saved.append((loop.S, "flap_unit_scores", scores))
 
-    def flap_unit_scores(*a, **kw):
+    def flap_unit_scores(model, *a, **kw):
+        cols = kw.get("columns_of")
+        if cols is not None and not cols.loaded and meter.machine is not None:  # the loop predicts this read
+            meter._entry(meter.current or "other")["predicted_seconds"] += column_norm_seconds(model.spec, meter.machine)
         t0 = time.perf_counter()
         try:
-            return scores(*a, **kw)
+            return scores(model, *a, **kw)
         finally:
             meter._entry(meter.current or "other")["scores_seconds"] += time.perf_counter() - t0
     loop.S.flap_unit_scores = flap_unit_scores
@@ -256,7 +259,7 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
     # evaluated in chunks of one pass of the plan each, with the run state committed in between.
     plan = make_plan(parent.spec, parent.layers, work, machine, dtype=dtype)
     priors_plan = make_plan(parent.spec, parent.layers, Work(1, work.samples, work.tokens), machine, dtype=dtype)
-    meter = StageMeter(device)
+    meter = StageMeter(device, machine)
     BE._reset_peak(device)  # empties the CUDA cache: each budget starts from nothing reserved
     rss0 = BE._status_bytes("VmRSS") or 0
     t0 = time.perf_counter()

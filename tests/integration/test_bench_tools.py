@@ -69,6 +69,9 @@ def test_bench_scale_fields(results):
     assert rec["predicted_seconds"] > 0 and rec["peak_rss_growth_bytes"] == run["peak_rss"] - run["rss_at_start"]
     assert 0 < rec["stages"]["priors"]["scores_seconds"] < rec["stages"]["priors"]["seconds"]  # flap-parent prior
     assert rec["cold_read_bps"] > 0  # measured (tiny shards are below the probe's minimum: the nominal rate)
+    # the priors stage is predicted with FLAP's one read of the o/down projections, on the probed CPU rate
+    assert rec["stages"]["priors"]["predicted_seconds"] > run["priors_plan"]["predicted_seconds"]
+    assert rec["planned_flops_per_s"] > 0 and rec["bf16_factor"] > 0
     out = work / "records"  # a second record of the same settings never replaces the first
     (first,) = scale_extras.write_records([rec], out, extra="idle")
     (second,) = scale_extras.write_records([{**rec, "seconds": -1.0}], out, extra="idle")
