@@ -180,8 +180,12 @@ def test_flap_column_read_is_priced_at_the_disk_rate_unless_cached(specs):
     cpu = replace(nominal_machine(device="cpu", budget=8 * GB, host_ram=16 * GB), disk_bps=1e9)
     slow, fast = column_norm_seconds(spec, cpu), column_norm_seconds(spec, replace(cpu, disk_bps=2e9))
     assert slow - fast == pytest.approx(src / 2e9)
-    cached = column_norm_seconds(spec, replace(cpu, page_cache=64 * GB))  # the 16 GB checkpoint fits
-    assert cached < fast
+    fits = column_norm_seconds(spec, replace(cpu, page_cache=64 * GB))  # the 16 GB checkpoint fits
+    assert fits < fast
+    # in the page cache at the start (it does not fit the planner's share of RAM, but it is there)
+    assert column_norm_seconds(spec, replace(cpu, cached=1.0)) == pytest.approx(fits)
+    half = column_norm_seconds(spec, replace(cpu, cached=0.5))
+    assert half == pytest.approx((slow + fits) / 2)
 
 
 def test_describe_states_peak_and_time(specs):
