@@ -448,8 +448,7 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     src_total = (params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
     warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else machine.disk_bps
-    first = src_total * (machine.cached / PAGE_CACHE_BPS + (1 - machine.cached) / machine.disk_bps)
-    read = first + (loads - 1) * src_total / warm_bps
+    read = _first_read_seconds(src_total, machine.cached, machine) + (loads - 1) * src_total / warm_bps
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
     prep = loads * (src_total + cast_bytes) / HOST_COPY_BPS  # slice + cast (+ pin) on the host
     if not cuda:  # the read buffer, the sliced copy and the cast copy all fault their pages in
@@ -477,8 +476,12 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
     src = params * spec.dtype.itemsize
     ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
     cached = 1.0 if ckpt <= machine.page_cache else machine.cached
-    read = src * (cached / PAGE_CACHE_BPS + (1 - cached) / machine.disk_bps)
-    return read + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
+    return _first_read_seconds(src, cached, machine) + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
+
+
+def _first_read_seconds(nbytes: float, cached: float, machine: Machine) -> float:
+    """Reading `nbytes` of which the share `cached` is in the page cache and the rest on disk."""
+    return nbytes * (cached / PAGE_CACHE_BPS + (1 - cached) / machine.disk_bps)
 
 
 def _plan_dtypes(machine: Machine, dtype: str | None) -> list[str]:
