@@ -210,36 +210,36 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
 
 
 PROBE_SHAPE = (256, 1024, 1024)
+PROBE_SECONDS = 0.3
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_gemm_probe() -> tuple[float, float]:
     """(fp32 FLOP/s, bf16 / fp32 rate) of a 256x1024x1024 GEMM on one core of this CPU: the best
-    call after 3 warm-up calls (oneDNN builds its kernels on the first calls), over at least 8
-    calls and 0.1 s per dtype, so that a short stall of a shared machine is not read as its speed;
-    about 0.2 s, once per process. A machine's speed moves between sessions (a VM here ran 1.7x
+    call of each dtype after 3 warm-up calls (oneDNN builds its kernels on the first calls), over at
+    least 8 rounds and PROBE_SECONDS, so that a short stall of a shared machine is not read as its
+    speed; once per process. The two dtypes alternate call by call: timed one after the other, a
+    slow spell of the VM fell on one of them and moved the ratio from 4.8-6.0 to 3.35 (docs/
+    PERFORMANCE.md, ninth session). A machine's speed moves between sessions (a VM here ran 1.7x
     faster on one day than on another), so the planner measures it rather than assuming a constant."""
     import time
 
     m, k, n = PROBE_SHAPE
-
-    def seconds(dtype) -> float:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        best, calls, start = math.inf, 0, time.perf_counter()
-        while calls < 8 or (time.perf_counter() - start < 0.1 and calls < 256):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-            calls += 1
-        return best
-
+    pairs = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a property of the core: other jobs on the machine blur a multi-thread probe
     try:
-        fp32 = seconds(torch.float32)
-        return 2 * m * k * n / fp32, fp32 / seconds(torch.bfloat16)
+        for a, b in pairs:
+            for _ in range(3):
+                a @ b
+        best, rounds, start = [math.inf, math.inf], 0, time.perf_counter()
+        while rounds < 8 or (time.perf_counter() - start < PROBE_SECONDS and rounds < 512):
+            for i, (a, b) in enumerate(pairs):
+                t0 = time.perf_counter()
+                a @ b
+                best[i] = min(best[i], time.perf_counter() - t0)
+            rounds += 1
+        return 2 * m * k * n / best[0], best[0] / best[1]
     finally:
         torch.set_num_threads(threads)
 

@@ -232,3 +232,30 @@ def test_cold_read_rate_drives_the_weight_reads(specs):
         warm = [candidate_cost(big, big.layers, w, replace(cpu, disk_bps=bps, cached=0.75), **kw)[2]["weights_io_s"]
                 for bps in (0.5e9, 1e9)]
         assert warm[0] - warm[1] == pytest.approx((cold_reads - 0.75) * src * (1 / 0.5e9 - 1 / 1e9), rel=1e-3)
+
+
+def test_a_slow_spell_during_the_probe_leaves_the_bf16_factor(monkeypatch):
+    # A VM that halves its speed partway through the probe: timed one dtype after the other, the
+    # bf16 calls all fell in the slow spell and the factor read 2.5 instead of 5. Alternating the
+    # dtypes call by call gives both the fast calls, so the best of each keeps the true ratio.
+    import time as time_module
+
+    from bonsai_lite.search import planner
+
+    clock = [0.0]
+    cost = {torch.float32: 1e-3, torch.bfloat16: 2e-4}  # one core: bf16 five times faster
+
+    def matmul(a, b):
+        clock[0] += cost[a.dtype] * (2.0 if clock[0] > planner.PROBE_SECONDS / 3 else 1.0)
+        return a
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    monkeypatch.setattr(time_module, "perf_counter", lambda: clock[0])
+    planner.cpu_gemm_probe.cache_clear()
+    try:
+        rate, factor = planner.cpu_gemm_probe()
+    finally:
+        planner.cpu_gemm_probe.cache_clear()
+    m, k, n = planner.PROBE_SHAPE
+    assert rate == pytest.approx(2 * m * k * n / 1e-3)
+    assert factor == pytest.approx(5.0)
