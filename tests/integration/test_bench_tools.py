@@ -216,3 +216,28 @@ def test_pair_signal_maths_against_loops():
     for r in (0.3, 0.7, 0.9):
         assert spearman_brown(r, length_factor(r)) == pytest.approx(0.8)
     assert length_factor(0.8) == pytest.approx(1.0)
+
+
+def test_refit_probe_solves_the_least_squares_refit():
+    # The hypothesis tool's maths against numpy-free references: with no ridge, `ls` is the
+    # least-squares fit of the dense output on [kept inputs, 1] (torch.linalg.lstsq); `mean` adds
+    # the removed inputs' mean contribution to the bias and leaves the kept columns as they were.
+    sys.path.insert(0, str(TOOLS))
+    import torch
+    from refit_probe import refit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.5
+    w, b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    gram, kept = xa.T @ xa, torch.tensor([0, 2, 5])
+    new_w, new_b = refit(gram, w, b, kept, mode="ls", damp=0.0)
+    sol = torch.linalg.lstsq(xa[:, [0, 2, 5, 6]], xa @ torch.cat([w, b[:, None]], 1).double().T).solution
+    assert torch.allclose(new_w[:, kept], sol[:-1].T, atol=1e-8) and torch.allclose(new_b, sol[-1], atol=1e-8)
+    assert new_w[:, [1, 3, 4]].abs().max() == 0
+    # a ridge shrinks the refit towards the original weights: a huge one gives them back
+    far_w, _ = refit(gram, w, b, kept, mode="ls", damp=1e9)
+    assert torch.allclose(far_w[:, kept], w[:, kept].double(), atol=1e-4)
+    mean_w, mean_b = refit(gram, w, b, kept, mode="mean", damp=0.0)
+    assert torch.equal(mean_w[:, kept], w[:, kept].double())
+    assert torch.allclose(mean_b, b.double() + w[:, [1, 3, 4]].double() @ x[:, [1, 3, 4]].mean(0), atol=1e-8)
