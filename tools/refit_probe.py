@@ -8,7 +8,10 @@ order on the compensated model's own activations over calibration windows:
 - `mean`: the removed inputs' mean contribution goes into the bias (FLAP's compensation);
 - `ls`: the kept columns and the bias are refitted so that the projection's output on the kept
   inputs matches the dense projection's output (ridge towards the original weights, `--damp`
-  times the mean diagonal of the inputs' second moments).
+  times the mean diagonal of the inputs' second moments);
+- `ls-parent`: the same refit from the parent's activations (every layer's statistics from one
+  dense pass of the unpruned model, as the search's priors are gathered), not the compensated
+  model's own.
 
 Perplexity is measured by transformers on the first --eval-tokens tokens of the test text in
 windows of 2,048, as tools/bench_quality.py's streamed evaluator reads them (the parent gives the
@@ -75,27 +78,39 @@ def compensate(model, layers_kept: list[dict], calib: torch.Tensor, *, mode: str
             out.append(r[0] if isinstance(r, tuple) else r)
         return torch.cat(out)
 
-    for layer, kept in zip(inner.layers, layers_kept):
-        heads = torch.tensor([h * hd + i for h in kept["heads"] for i in range(hd)], dtype=torch.long)
-        for proj, cols in ((layer.self_attn.o_proj, heads), (layer.mlp.down_proj, torch.tensor(kept["mlp"], dtype=torch.long))):
+    def grams(layer, projs):
+        out, handles = [], []
+        for proj in projs:
             d = proj.in_features
-            gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+            out.append(torch.zeros(d + 1, d + 1, dtype=torch.float64))
 
-            def hook(_mod, inp, gram=gram, d=d):
+            def hook(_mod, inp, gram=out[-1], d=d):
                 x = inp[0].reshape(-1, d).double()
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
                 gram.add_(x.T @ x)
 
-            handle = proj.register_forward_pre_hook(hook)
-            run(layer)
-            handle.remove()
+            handles.append(proj.register_forward_pre_hook(hook))
+        nxt = run(layer)
+        for h in handles:
+            h.remove()
+        return out, nxt
+
+    sequential = mode != "ls-parent"
+    for layer, kept in zip(inner.layers, layers_kept):
+        heads = torch.tensor([h * hd + i for h in kept["heads"] for i in range(hd)], dtype=torch.long)
+        pairs = ((layer.self_attn.o_proj, heads), (layer.mlp.down_proj, torch.tensor(kept["mlp"], dtype=torch.long)))
+        if not sequential:  # both statistics and the next layer's input from the unpruned layer
+            parent_grams, parent_next = grams(layer, [p for p, _ in pairs])
+        for i, (proj, cols) in enumerate(pairs):
+            # sequential: the MLP's statistics come after the attention's refit, on the refitted model
+            gram = grams(layer, [proj])[0][0] if sequential else parent_grams[i]
             bias = proj.bias if proj.bias is not None else torch.zeros(proj.out_features)
-            w, b = refit(gram, proj.weight, bias, cols, mode=mode, damp=damp)
+            w, b = refit(gram, proj.weight, bias, cols, mode="ls" if mode == "ls-parent" else mode, damp=damp)
             proj.weight.copy_(w.float())
             if proj.bias is None:
                 proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features))
             proj.bias.copy_(b.float())
-        hs = run(layer)
+        hs = run(layer) if sequential else parent_next
 
 
 @torch.no_grad()
