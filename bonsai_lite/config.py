@@ -167,6 +167,16 @@ class RunConfig:
     dtype: str | None = None
     spill_dir: str | None = None
     extra: dict = field(default_factory=dict)
+    # After the search: "ls" refits the kept columns of every pruned o_proj / down_proj to the dense
+    # output on `refit_samples` windows of the prior's length (prune/refit.py); "off": biases only.
+    refit: str = "off"
+    refit_samples: int = 32
+
+    def __post_init__(self):
+        if self.refit not in ("off", "ls"):
+            raise BonsaiError(f"--refit must be off or ls, got {self.refit!r}")
+        if self.refit_samples < 1:
+            raise BonsaiError(f"--refit-samples must be at least 1, got {self.refit_samples}")
 
     def resume_key(self) -> dict:
         """Settings that must match for a run directory to be resumed (paths to outputs excluded)."""
@@ -174,7 +184,13 @@ class RunConfig:
         d.pop("out")
         d.pop("spill_dir")
         d.pop("budget")  # a different budget changes speed, not results
+        d.pop("refit")  # the refit follows the search: changing it re-exports a finished search
+        d.pop("refit_samples")
         return d
+
+    @property
+    def refit_seq_len(self) -> int:
+        return self.calib.prior_seq_len or self.calib.seq_len
 
 
 PRESETS = {

@@ -66,7 +66,7 @@ def refit(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kept: to
 @torch.no_grad()
 def compensate(model, layers_kept: list[dict], calib: torch.Tensor, *, mode: str, damp: float, batch: int = 8):
     inner, cfg = model.model, model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     hs = inner.embed_tokens(calib)
     pe = inner.rotary_emb(hs, torch.arange(calib.shape[1])[None])
 

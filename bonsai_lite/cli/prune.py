@@ -71,6 +71,11 @@ def add_parser(sub) -> None:
                    help="windows of the separate dense pass for priors and compensation means (0: reuse the "
                         "search windows)")
     p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
+    p.add_argument("--refit", default="off", choices=["off", "ls"],
+                   help="after the search, ls refits the kept columns of each pruned o_proj/down_proj to the dense "
+                        "output on calibration windows (least squares, forward passes only; prune/refit.py)")
+    p.add_argument("--refit-samples", type=int, default=32,
+                   help="windows of the refit (of --prior-seq-len, else --seq-len tokens)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multiple-of", type=int, default=None, metavar="N",
@@ -115,7 +120,8 @@ def config_from_args(args) -> RunConfig:
                           gqa=args.gqa)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
-                     device=args.device, dtype=args.dtype, spill_dir=args.spill_dir)
+                     device=args.device, dtype=args.dtype, spill_dir=args.spill_dir,
+                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 32))
 
 
 def _fit_time_budget(args) -> dict:

@@ -73,20 +73,22 @@ class ShardResult:
 def export_pruned(parent_dir, layers: tuple[LayerStructure, ...], out_dir, *, uniform: bool = False,
                   extra_biases: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                   overwrite: bool = False, metadata: dict | None = None,
-                  show_progress: bool | None = None) -> ExportResult:
+                  show_progress: bool | None = None, overlay=None) -> ExportResult:
     """Write the parent checkpoint cut to `layers` (kept checkpoint slots per layer) to `out_dir`.
 
     `extra_biases` maps full bias names (e.g. "model.layers.3.self_attn.o_proj.bias") to tensors to
     write (FLAP bias compensation); they replace the parent's bias of that name if it has one.
-    `dtype` casts floating tensors (default: keep the parent's). Raises ValueError for a structure or
-    bias that cannot be exported as asked, BonsaiError for file-system problems; on any failure the
-    output is absent (or, with overwrite, the previous one untouched) and no temporary files remain.
+    `overlay` is a folder of tensors that replace the parent's before slicing (the refitted
+    projections, prune/refit.py). `dtype` casts floating tensors (default: keep the parent's).
+    Raises ValueError for a structure or bias that cannot be exported as asked, BonsaiError for
+    file-system problems; on any failure the output is absent (or, with overwrite, the previous one
+    untouched) and no temporary files remain.
     """
     parent, out = Path(parent_dir), Path(out_dir)
     _check_destination(parent, out, overwrite=overwrite)
     if dtype is not None and (not dtype.is_floating_point or dtype not in _ST_DTYPE):
         raise ValueError(f"dtype {dtype}: export writes float16, bfloat16, float32 or float64")
-    spec, ckpt = load_spec(parent), Checkpoint(parent)
+    spec, ckpt = load_spec(parent), Checkpoint(parent, overlay=overlay)
     layers = tuple(layers)
     check_structure(spec, layers)
     if uniform:

@@ -136,13 +136,21 @@ def _shard_files(model_dir: Path) -> list[Path]:
 class Checkpoint(Mapping[str, torch.Tensor]):
     """Mapping from tensor name to CPU tensor, read on access. Counts the bytes it reads."""
 
-    def __init__(self, model_dir: str | os.PathLike):
+    def __init__(self, model_dir: str | os.PathLike, *, overlay: str | os.PathLike | None = None):
+        """`overlay`: a folder of safetensors files whose tensors replace the checkpoint's of the
+        same name and shape (the refitted projections of a run, prune/refit.py)."""
         self.root = Path(model_dir)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: model directory not found")
         self.infos: dict[str, TensorInfo] = {}
         for path in _shard_files(self.root):
             self.infos.update(_read_header(path))
+        if overlay is not None:
+            for name, info in Checkpoint(overlay).infos.items():
+                if name not in self.infos or self.infos[name].shape != info.shape:
+                    raise CheckpointError(f"{overlay}: {name!r} does not replace a tensor of {self.root} of the same "
+                                          "shape; the run directory belongs to another model")
+                self.infos[name] = info
         self.bytes_read = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:

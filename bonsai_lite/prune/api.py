@@ -7,10 +7,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
+from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
 from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.fingerprint import model_fingerprint
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SAMPLED_METHODS = ("bonsai", "bonsai-noregress")  # methods that evaluate perturbed sub-models
 SELF_TEXT = "calib-sampled.safetensors"  # in the run directory: calibration text sampled from the model
+REFIT_DIR = "refit"  # in the run directory: the refitted projections the export reads (prune/refit.py)
 
 
 def default_run_dir(out: str | Path) -> Path:
@@ -74,6 +76,11 @@ def _check_length(cfg: RunConfig, ids) -> None:
         raise BonsaiError(f"calibration text too short for the prior pass: {c.prior_samples} windows x "
                           f"{c.prior_seq_len or c.seq_len} tokens need {prior_need} tokens, the text has {ids.numel()}; "
                           "give more text or fewer --prior-samples")
+    refit_need = cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0
+    if ids.numel() < refit_need:
+        raise BonsaiError(f"calibration text too short for the refit: {cfg.refit_samples} windows x "
+                          f"{cfg.refit_seq_len} tokens need {refit_need} tokens, the text has {ids.numel()}; "
+                          "give more text or fewer --refit-samples")
     need = cfg.calib.samples * cfg.calib.seq_len
     if ids.numel() < need:
         raise BonsaiError(f"calibration text too short: {cfg.calib.samples} samples x {cfg.calib.seq_len} tokens "
@@ -178,12 +185,17 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
                                   checkpoint_masks=checkpoint_masks, ranks=ranks)
             if ranks is not None:  # the search is over: release the other ranks before the (long) export
                 ranks.close()
+            biases, overlay = dict(outcome.extra_biases or {}), None
+            if cfg.refit == "ls":
+                overlay = state.dir / REFIT_DIR
+                biases.update(_refit(cfg, parent, outcome.layers, ids, overlay, progress))
             _remove_stale_exports(out)
             try:
                 with progress.stage("export", total=0):  # the exporter draws its own bar, one step per shard
                     result = export_pruned(cfg.model, outcome.layers, out, uniform=cfg.search.uniform,
-                                           extra_biases=outcome.extra_biases or None, overwrite=overwrite,
-                                           metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity},
+                                           extra_biases=biases or None, overwrite=overwrite, overlay=overlay,
+                                           metadata={"method": cfg.search.method, "sparsity": cfg.search.sparsity,
+                                                     "refit": cfg.refit},
                                            show_progress=show_progress)
             except BonsaiError as e:  # a late failure must not cost the search: say how to export from it
                 raise BonsaiError(f"{e}. The search is saved in {state.dir}: re-run the same command to export "
@@ -203,6 +215,17 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         "iterations": len(outcome.history),
         "history": outcome.history,
     }
+
+
+def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, progress) -> dict:
+    """The least-squares refit of the chosen structure (prune/refit.py): weights under `folder`,
+    biases returned. Redone on every export, so it always matches the structure being exported."""
+    from bonsai_lite.prune.refit import refit_model
+
+    tokens = calibration_tokens(ids, samples=cfg.refit_samples, seq_len=cfg.refit_seq_len, seed=cfg.search.seed)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with progress.stage("refit", total=len(layers), tokens=tokens.numel()) as bar:
+        return refit_model(parent, layers, tokens, folder, device=device, progress=lambda _l: bar.advance())
 
 
 def export_bytes(parent: StreamedModel, sparsity: float) -> int:

@@ -1,0 +1,125 @@
+"""Least-squares refit of the output projections once the structure is chosen (forward passes only).
+
+A pruned layer's o_proj and down_proj keep some of their input columns. Bias compensation (FLAP's)
+folds the removed columns' mean contribution into the bias; the refit goes further and solves, on
+calibration windows, for the kept columns and the bias whose output on the kept inputs best matches
+the dense projection's output on all of them: a ridge regression on the inputs' second moments,
+shrunk towards the original weights (docs/search-maths.md, "Refit"). Layers go in order, each on
+the already-refitted model's activations, and within a layer the MLP sees the refitted attention,
+so each step corrects what the steps before it left. Statistics come from the unpruned block (all
+heads and units are computed, the removed ones only as regressors' targets).
+
+`refit_projection` is the maths; `refit_model` streams the parent block by block (BlockLoader),
+writes each refitted layer's weights (the parent's full shape and dtype, removed columns zero, so
+the usual slicing cuts them) to its own safetensors file for `Checkpoint(..., overlay=folder)`, and
+returns the new biases (small; they go where the compensation biases go).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bonsai_lite.ops import attention, mlp, rms_norm, rotary_cos_sin
+from bonsai_lite.structure import LayerStructure
+
+# Ridge weight, times the mean diagonal of the kept inputs' second moments. 0.01 is SparseGPT's
+# dampening; 0.1 shrinks too far (SmolLM2-135M, 20%, seed 0: 31.0 against FLAP's bias alone 40.2;
+# docs/RESULTS.md).
+DAMP = 0.01
+
+
+def refit_projection(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, *,
+                     damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a projection that keeps the input columns `kept`, fitted to the dense output.
+
+    `gram` is the second moment of [inputs, 1] over the calibration tokens, (d + 1) x (d + 1). The
+    new weight has the parent's shape with the removed columns zero; both come back in float64."""
+    d = weight.shape[1]
+    weight = weight.double()
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double().to(weight.device)
+    rows = torch.cat([kept.to(weight.device), torch.tensor([d], device=weight.device)])
+    a = gram[rows][:, rows].clone()
+    rhs = gram[rows] @ torch.cat([weight, bias[:, None]], 1).T
+    lam = damp * a.diagonal()[:-1].mean() if len(kept) else 0.0
+    idx = torch.arange(len(kept), device=weight.device)
+    a[idx, idx] += lam
+    rhs[:-1] += lam * weight[:, kept].T  # shrink towards the original weights, not towards zero
+    beta = torch.linalg.solve(a, rhs)
+    new = torch.zeros_like(weight)
+    new[:, kept] = beta[:-1].T
+    return new, beta[-1]
+
+
+def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = torch.tensor([s * head_dim + i for s in kept.heads for i in range(head_dim)], dtype=torch.long)
+    return heads, torch.tensor(kept.mlp, dtype=torch.long)
+
+
+def _gram(d: int, device) -> tuple[torch.Tensor, callable]:
+    g = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
+
+    def add(_kind, x):
+        x = x.reshape(-1, d).double()
+        g[:d, :d] += x.T @ x
+        s = x.sum(0)
+        g[:d, d] += s
+        g[d, :d] += s
+        g[d, d] += len(x)
+
+    return g, add
+
+
+@torch.no_grad()
+def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor, folder: str | Path, *,
+                damp: float = DAMP, device="cpu", batch: int = 8, progress=None) -> dict:
+    """Refit every layer that lost units; `parent` is the unpruned StreamedModel, `tokens` [n, T].
+
+    Writes the new o_proj / down_proj weights of those layers under `folder` (its old refit files
+    are replaced) and returns {bias name: float32 bias}. Runs in float32, two passes of each block
+    over the windows (attention, then the MLP on the refitted attention), one block at a time."""
+    from safetensors.torch import save_file
+    from transformers.activations import ACT2FN
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("refit-*.safetensors"):
+        old.unlink()
+    spec = parent.spec
+    loader = parent.with_layers(spec.layers).with_biases({}).with_fills({}).loader(device=device, dtype=torch.float32)
+    n, t = tokens.shape
+    inv_freq, scaling = parent.rope(seq_len=t)
+    cos, sin = rotary_cos_sin(inv_freq, scaling, torch.arange(t, device=device), torch.float32)
+    act = ACT2FN[spec.act]
+    hs = [loader.embedding_rows(tokens[b:b + batch].reshape(-1)).view(-1, t, spec.hidden).to(device)
+          for b in range(0, n, batch)]
+    biases = {}
+    for l, kept in enumerate(layers):
+        w = loader.block(l)
+        names = spec.adapter.block_tensor_names(l)
+        window = spec.window(l)
+        heads, units = _columns(kept, spec.head_dim)
+        pruned = len(kept.heads) < len(spec.layers[l].heads) or len(kept.mlp) < len(spec.layers[l].mlp)
+        if pruned:
+            g, add = _gram(w.o_w.shape[1], device)
+            for h in hs:
+                attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window, tap=add)
+            o_w, o_b = refit_projection(g, w.o_w, w.o_b, heads.to(device), damp=damp)
+            w.o_w, w.o_b = o_w.float(), o_b.float()
+        mids = [h + attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window) for h in hs]
+        if pruned:
+            g, add = _gram(w.down_w.shape[1], device)
+            for h in mids:
+                mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act, tap=add)
+            down_w, down_b = refit_projection(g, w.down_w, w.down_b, units.to(device), damp=damp)
+            w.down_w, w.down_b = down_w.float(), down_b.float()
+            dtype = {k: parent.ckpt.info(names[k]).dtype for k in ("o_w", "down_w")}
+            save_file({names["o_w"]: o_w.to("cpu", dtype["o_w"]).contiguous(),
+                       names["down_w"]: down_w.to("cpu", dtype["down_w"]).contiguous()},
+                      str(folder / f"refit-{l:05d}.safetensors"))
+            biases[names["o_b"]], biases[names["down_b"]] = o_b.float().cpu(), down_b.float().cpu()
+        hs = [h + mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act) for h in mids]
+        del w, mids
+        if progress is not None:
+            progress(l)
+    return biases

@@ -1,0 +1,83 @@
+"""The least-squares refit (prune/refit.py): the streamed refit equals a transformers reference
+(tools/refit_probe.py, which refits a whole transformers model in place), and the export that reads
+it through the checkpoint overlay computes what the refitted transformers model computes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bonsai_lite.errors import CheckpointError
+from bonsai_lite.export import export_pruned
+from bonsai_lite.io.checkpoint import Checkpoint
+from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.prune.refit import DAMP, refit_model
+from bonsai_lite.prune.select import apply_drop
+from bonsai_lite.search.engine import evaluate
+from bonsai_lite.structure import UnitLayout
+
+from test_engine import plan  # noqa: E402
+
+pytestmark = pytest.mark.integration
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _pruned(model, seed=5, share=0.3):
+    layout = UnitLayout.of(model.layers)
+    drop = torch.rand(layout.total, generator=torch.Generator().manual_seed(seed)) < share
+    return apply_drop(model.layers, layout, drop)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "qwen2-gqa-bias"])
+def test_streamed_refit_equals_the_transformers_reference(tiny_models, tiny_tokens, case, tmp_path):
+    sys.path.insert(0, str(TOOLS))
+    from refit_probe import compensate
+
+    parent = StreamedModel.open(tiny_models[case])
+    layers = _pruned(parent)
+    biases = refit_model(parent, layers, tiny_tokens, tmp_path / "refit", batch=2)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[case], dtype=torch.float32).eval()
+    compensate(ref, [{"heads": list(s.heads), "mlp": list(s.mlp)} for s in layers], tiny_tokens, mode="ls", damp=DAMP)
+    ckpt = Checkpoint(tiny_models[case], overlay=tmp_path / "refit")
+    for l, layer in enumerate(ref.model.layers):
+        names = parent.spec.adapter.block_tensor_names(l)
+        for key, proj in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            assert torch.allclose(ckpt.read(names[f"{key}_w"]), proj.weight, atol=2e-4, rtol=1e-3), (l, key)
+            assert torch.allclose(biases[names[f"{key}_b"]], proj.bias, atol=2e-4, rtol=1e-3), (l, key)
+
+    # the export reads the overlay (weights) and the biases: it computes what the refitted reference computes
+    out = export_pruned(tiny_models[case], layers, tmp_path / "out", extra_biases=biases, overlay=tmp_path / "refit").out
+    with torch.no_grad():
+        logits = ref(tiny_tokens).logits[:, :-1].float()
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tiny_tokens[:, 1:].reshape(-1),
+                                             reduction="none").reshape(tiny_tokens.shape[0], -1).mean(1)
+    got = evaluate(StreamedModel.open(out), tiny_tokens, None, plan()).row_nll[0].float()
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got, want)
+
+
+def test_the_refit_fits_the_dense_output_better_than_the_bias(tiny_models, tiny_tokens, tmp_path):
+    # On its calibration windows the refitted model stays closer to the parent than the model that
+    # keeps the original columns: its loss moves less from the parent's (a refit that fitted nothing,
+    # or fitted towards zero, fails this).
+    parent = StreamedModel.open(tiny_models["llama-gqa-tied"])
+    layers = _pruned(parent, share=0.4)
+    dense = evaluate(parent, tiny_tokens, None, plan()).nll.item()
+    cut = evaluate(parent.with_layers(layers), tiny_tokens, None, plan()).nll.item()
+    biases = refit_model(parent, layers, tiny_tokens, tmp_path / "refit")
+    refitted = StreamedModel.open(tiny_models["llama-gqa-tied"])
+    refitted = type(refitted)(root=refitted.root, spec=refitted.spec, layers=layers, biases=biases,
+                              ckpt=Checkpoint(refitted.root, overlay=tmp_path / "refit"))
+    fit = evaluate(refitted, tiny_tokens, None, plan()).nll.item()
+    assert abs(fit - dense) < 0.5 * abs(cut - dense), (dense, cut, fit)
+
+
+def test_an_overlay_of_another_model_is_refused(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "refit").mkdir()
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "refit" / "refit-00000.safetensors"))
+    with pytest.raises(CheckpointError, match="same shape"):
+        Checkpoint(tiny_models["llama-gqa-tied"], overlay=tmp_path / "refit")
