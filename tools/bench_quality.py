@@ -13,8 +13,8 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
   python tools/bench_quality.py --render        # tables -> docs/RESULTS.md, plots -> docs/img/
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
-the default row): compensate=on|off, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N,
-prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
+the default row): compensate=on|off, refit=off|ls (the least-squares refit after the search),
+refit_samples=N, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
 alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
 it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
 prior=wanda|activation|flap|flap-parent|flap-anchored, guard=on|off,
@@ -52,9 +52,11 @@ VARIANTS = {
     "multiple_of": ("multiple_of", int, "search"), "prior": ("prior", str, "search"),
     "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
     "cv_scope": ("cv_scope", str, "search"),
+    "refit": ("refit", str, "preset"), "refit_samples": ("refit_samples", int, "preset"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
-ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of"}
+ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of",
+                     "refit", "refit_samples"}
 
 
 def hardware() -> dict:
@@ -110,7 +112,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
                                       prior_samples=q["prior_samples"], prior_seq_len=q["prior_seq_len"]),
                     search=SearchConfig(method=method, sparsity=sparsity, p_iter=q["p_iter"],
                                         masks_per_iter=q["masks_per_iter"], seed=seed, **search),
-                    device=args.device)
+                    device=args.device, refit=q.get("refit", "off"), refit_samples=q.get("refit_samples", 32))
     run_dir = Path(args.work) / f"{name}.run"
     resumed = run_dir.exists()
     t0 = time.perf_counter()
@@ -125,7 +127,9 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "eval_tokens": ev["tokens"], "eval_windows": ev["windows"], "seq_len": args.seq_len,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
         "prune_seconds": prune_s, "prune_resumed": resumed,
-        "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)),
+        # the refit runs each block twice over its windows (attention, then MLP)
+        "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist))
+        + (2 * cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0),
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
         "regression": [h["regression"] for h in hist if "regression" in h],
         # the guard's choice per iteration, and the prior's own pair tau it was compared with

@@ -58,7 +58,8 @@ def label(r: dict) -> str:
             if settings.get("cv_scope", "all") != "all":
                 parts.append(f"cv {settings['cv_scope']}")
     shown = f" [{', '.join(parts)}]" if parts else ""
-    return r["method"] + shown + (" +comp" if r.get("compensate") else "")
+    refit = " +refit" if settings.get("refit", "off") != "off" else ""
+    return r["method"] + shown + (" +comp" if r.get("compensate") else "") + refit
 
 
 def _variant(r: dict) -> str:
@@ -67,7 +68,7 @@ def _variant(r: dict) -> str:
     The compute settings are read from the record against the preset as defined now, not from the
     variant name: a preset's definition may change between commits, and its older rows then show
     as the variant they are (e.g. `prior_samples=0` after `quick` gained its dense pass)."""
-    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=")
+    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=")
     named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS)
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})
