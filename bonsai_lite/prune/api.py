@@ -13,7 +13,7 @@ from safetensors.torch import save as save_tensors
 
 from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
 from bonsai_lite.config import RunConfig
-from bonsai_lite.errors import BonsaiError
+from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
@@ -160,6 +160,8 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         cfg = replace(cfg, dtype=auto)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
+    if cfg.refit != "off":
+        _check_refit_memory(cfg, parent.spec, machine.budget)
     # A text file is checked before the run directory is touched; sampled text is kept in it.
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
@@ -215,6 +217,17 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         "iterations": len(outcome.history),
         "history": outcome.history,
     }
+
+
+def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
+    from bonsai_lite.prune.refit import refit_peak_bytes
+    from bonsai_lite.search.planner import fmt_bytes
+
+    need = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len)
+    if need > budget:
+        raise BudgetError(f"--refit ls needs about {fmt_bytes(need)} for this model (one float32 block, the widest "
+                          f"projection's second moments), over the {fmt_bytes(budget)} budget; raise --memory-budget, "
+                          "use fewer --refit-samples, or --refit off")
 
 
 def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, progress) -> dict:

@@ -51,6 +51,15 @@ def refit_projection(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return new, beta[-1]
 
 
+def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
+    """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
+    hidden states twice (before and after the attention), one batch's MLP activations, and the
+    widest projection's second moments in float64 with the solver's copy of them."""
+    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers)) + 1
+    block = max(spec.block_params(s) for s in spec.layers) * 4
+    return block + 2 * tokens * spec.hidden * 4 + 3 * batch * seq_len * width * 4 + 3 * width * width * 8
+
+
 def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     heads = torch.tensor([s * head_dim + i for s in kept.heads for i in range(head_dim)], dtype=torch.long)
     return heads, torch.tensor(kept.mlp, dtype=torch.long)

@@ -81,3 +81,42 @@ def test_an_overlay_of_another_model_is_refused(tiny_models, tmp_path):
     save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(3, 3)}, str(tmp_path / "refit" / "refit-00000.safetensors"))
     with pytest.raises(CheckpointError, match="same shape"):
         Checkpoint(tiny_models["llama-gqa-tied"], overlay=tmp_path / "refit")
+
+
+def test_a_finished_search_is_refitted_on_re_export_and_the_budget_is_checked_first(tiny_models, tmp_path, monkeypatch):
+    # --refit is not part of the run's settings: the same run directory, asked again with --refit ls,
+    # resumes the finished search (no sub-model evaluated again) and exports refitted projections.
+    from dataclasses import replace
+
+    from conftest import prunable_model
+
+    from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+    from bonsai_lite.errors import BudgetError
+    from bonsai_lite.prune.api import prune
+
+    model, text = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "out"), calib=CalibConfig(text=str(text), samples=2, seq_len=16),
+                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8, seed=1), device="cpu",
+                    refit_samples=4)
+    first = prune(cfg, run_dir=tmp_path / "run")
+    plain = Checkpoint(tmp_path / "out")
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = plain.read(name).clone()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().count('"evaluate"')
+    second = prune(replace(cfg, refit="ls"), run_dir=tmp_path / "run", overwrite=True)
+    assert second["history"] == first["history"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"evaluate"') == metrics  # no search again
+    after = Checkpoint(tmp_path / "out").read(name)
+    assert after.shape == before.shape and not torch.allclose(after, before)
+    assert "refit" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    # the refit's memory is checked with the other inputs, before the search: a model whose refit
+    # needs more than the budget (monkeypatched: a tiny model's refit always fits) is refused at once
+    from bonsai_lite.prune import refit as R
+
+    spec = StreamedModel.open(model).spec
+    assert R.refit_peak_bytes(spec, 64, 16) < R.refit_peak_bytes(spec, 6400, 16)
+    monkeypatch.setattr(R, "refit_peak_bytes", lambda *a, **k: 10**15)
+    with pytest.raises(BudgetError, match="--refit ls needs about"):
+        prune(replace(cfg, refit="ls", out=str(tmp_path / "out2")), run_dir=tmp_path / "run2")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "out2").exists()
