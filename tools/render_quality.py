@@ -91,6 +91,7 @@ def aggregate(records: list[dict]) -> dict[tuple, dict]:
             "n": len(rs), "seeds": sorted(r["seed"] for r in rs), "mean": statistics.fmean(ppl),
             "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"), "min": min(ppl), "max": max(ppl),
             "prune_seconds": statistics.fmean(r["prune_seconds"] for r in rs),
+            "resumed": any(r.get("prune_resumed") for r in rs),
             "forward_tokens": statistics.fmean(r["forward_tokens"] for r in rs),
             "eval_tokens": sorted({r["eval_tokens"] for r in rs}), "seq_len": sorted({r["seq_len"] for r in rs}),
             "commits": sorted({r["commit"] for r in rs}), "compensate": sorted({bool(r.get("compensate")) for r in rs}),
@@ -141,8 +142,10 @@ def render(records: list[dict]) -> str:
                     gap = f"{_f(nxt['mean'] - v['mean'])} / {_f(spread)}"
                 name = f"**{k[2]}**" if k == best else k[2]
                 lines.append(f"| {sp:.2f} | {name} | {v['n']} ({','.join(map(str, v['seeds']))}) | {_f(v['mean'])} | "
-                             f"{_spread(v)} | {gap} | {v['prune_seconds']:.0f} | {v['forward_tokens']:,.0f} |")
+                             f"{_spread(v)} | {gap} | {_seconds(v)} | {v['forward_tokens']:,.0f} |")
         lines.append("")
+        if any(v["resumed"] for v in main.values()):
+            lines += [RESUMED_NOTE, ""]
         ab = {k: v for k, v in agg.items() if k[1] == preset and k[4]}
         if ab:
             lines += [f"Ablations, preset `{preset}`: each against its reference, the same method and settings "
@@ -158,8 +161,10 @@ def render(records: list[dict]) -> str:
                 lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} ({','.join(map(str, v['seeds']))}) | "
                              f"{_f(v['mean'])} | {_spread(v)} | "
                              f"{_f(statistics.fmean(base.values())) + seen if base else '-'} | "
-                             f"{v['prune_seconds']:.0f} | {v['forward_tokens']:,.0f} |")
+                             f"{_seconds(v)} | {v['forward_tokens']:,.0f} |")
             lines.append("")
+            if any(v["resumed"] for v in ab.values()):
+                lines += [RESUMED_NOTE, ""]
         short = [f"{k[2]} @ {k[3]:.2f}{' ' + k[4] if k[4] else ''} ({v['n']}/{TARGET_SEEDS})"
                  for k, v in sorted(agg.items()) if k[1] == preset and v["n"] < TARGET_SEEDS]
         if short:
@@ -168,6 +173,15 @@ def render(records: list[dict]) -> str:
         lines += ["![perplexity vs sparsity](img/quality-sparsity.png)",
                   "![perplexity vs prune compute](img/quality-compute.png)"]
     return "\n".join(lines).rstrip()
+
+
+RESUMED_NOTE = ("`*` prune s: at least one seed resumed its run directory, and its seconds count only what ran "
+                "then (for the `+refit` rows, which re-exported a finished search with the refit: the refit and "
+                "the export); forward tokens count the whole run.")
+
+
+def _seconds(v: dict) -> str:
+    return f"{v['prune_seconds']:.0f}{'*' if v['resumed'] else ''}"
 
 
 def _have_matplotlib() -> bool:
