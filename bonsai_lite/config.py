@@ -50,6 +50,11 @@ class SearchConfig:
     # "auto" (resolved at construction): flap-parent for bonsai, where it measured best (docs/RESULTS.md),
     # wanda for the others (wanda-sp is defined by it).
     prior: str = "auto"
+    # What FLAP's metric (the flap* priors and the flap method) weighs a unit's output columns by:
+    # "variance": its inputs' variance (FLAP: what a bias cannot recover when the unit goes);
+    # "residual": what is left of that variance after the best affine prediction from the other kept
+    # inputs (what the least-squares refit cannot recover; docs/search-maths.md).
+    fluctuation: str = "variance"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md.
     # "within": beta orders units inside each (layer, kind) group, where it is identified, and the
@@ -134,6 +139,8 @@ class SearchConfig:
         if self.regression == "allocation" and self.prior.startswith("flap"):
             raise BonsaiError("--regression allocation scales a positive prior per group; FLAP's z-scores are not "
                               "positive: use --prior wanda or activation with it")
+        if self.fluctuation not in ("variance", "residual"):
+            raise BonsaiError(f"--fluctuation must be variance or residual, got {self.fluctuation!r}")
         if self.cv_scope not in ("all", "within"):
             raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):

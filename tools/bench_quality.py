@@ -17,7 +17,7 @@ the default row): compensate=on|off, refit=off|ls (the least-squares refit after
 refit_samples=N, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
 alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
 it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
-prior=wanda|activation|flap|flap-parent|flap-anchored, guard=on|off,
+prior=wanda|activation|flap|flap-parent|flap-anchored, fluctuation=variance|residual, guard=on|off,
 candidates=layer|global, cv_scope=all|within; joined by '+' they apply together
 (prior=flap+regression=none).
 """
@@ -50,13 +50,14 @@ VARIANTS = {
     "rank": ("rank", str, "search"), "spread": ("keep_spread", float, "search"),
     "regression": ("regression", str, "search"), "gqa": ("gqa", str, "search"),
     "multiple_of": ("multiple_of", int, "search"), "prior": ("prior", str, "search"),
+    "fluctuation": ("fluctuation", str, "search"),
     "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
     "cv_scope": ("cv_scope", str, "search"),
     "refit": ("refit", str, "preset"), "refit_samples": ("refit_samples", int, "preset"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
 ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of",
-                     "refit", "refit_samples"}
+                     "refit", "refit_samples", "fluctuation"}
 
 
 def hardware() -> dict:

@@ -20,6 +20,10 @@ SEARCH_CHOICES = (
      "unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised fluctuation "
      "(turns compensation on under --compensate auto; flap-parent: z-scored on the parent's per-layer scale in "
      "every iteration; flap-anchored: also divided by each group's median drift from the parent's scores); auto: flap-parent for bonsai, wanda otherwise"),
+    ("--fluctuation", ["variance", "residual"],
+     "what FLAP's metric (the flap priors, the flap method) weighs a unit's output columns by: its inputs' "
+     "variance (FLAP's: what a bias cannot recover) or the part of it the other kept inputs do not predict "
+     "(residual: what --refit ls cannot recover)"),
     ("--candidates", ["auto", "layer", "global"],
      "units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior (the paper's), or "
      "the lowest on the prior's global scale worth 2 x p_iter of the parameters; auto: global for bonsai"),
@@ -114,6 +118,7 @@ def config_from_args(args) -> RunConfig:
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
+                          fluctuation=args.fluctuation,
                           candidates=args.candidates, cv_scope=args.cv_scope,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
                           compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),

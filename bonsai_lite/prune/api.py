@@ -162,6 +162,8 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
     if cfg.refit != "off":
         _check_refit_memory(cfg, parent.spec, machine.budget)
+    if cfg.search.fluctuation == "residual":
+        _check_residual_memory(parent.spec, machine.budget)
     # A text file is checked before the run directory is touched; sampled text is kept in it.
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
@@ -228,6 +230,17 @@ def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
         raise BudgetError(f"--refit ls needs about {fmt_bytes(need)} for this model (one float32 block, the widest "
                           f"projection's second moments), over the {fmt_bytes(budget)} budget; raise --memory-budget, "
                           "use fewer --refit-samples, or --refit off")
+
+
+def _check_residual_memory(spec, budget: int) -> None:
+    from bonsai_lite.search.planner import fmt_bytes
+
+    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
+    need = max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
+    if need > budget:
+        raise BudgetError(f"--fluctuation residual needs about {fmt_bytes(need)} for this model (one float32 block, "
+                          f"the widest projection's second moments and their inverse), over the {fmt_bytes(budget)} "
+                          "budget; raise --memory-budget or use --fluctuation variance")
 
 
 def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, progress) -> dict:

@@ -203,7 +203,7 @@ class Pruner:
         if kind.startswith("flap") and not self.column_norms.loaded:
             predicted += column_norm_seconds(model.spec, self.machine)
         while True:
-            tap = StatsTap(len(model.layers), n_samples=len(tokens))
+            tap = StatsTap(len(model.layers), n_samples=len(tokens), residual=self._residual_groups(model))
             with self.progress.stage("priors", total=len(model.layers), predicted=predicted,
                                      iteration=self.it) as bar:
                 dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
@@ -211,7 +211,8 @@ class Pruner:
                 if kind in ("flap-parent", "flap-anchored"):  # z-scores on the parent's group scale
                     prior = self._flap_parent(model, tap.stats, layout, anchored=kind == "flap-anchored")
                 else:
-                    prior = S.prior_scores(model, tap.stats, layout, kind=kind, columns_of=self.column_norms)
+                    prior = S.prior_scores(model, tap.stats, layout, kind=kind, columns_of=self.column_norms,
+                                           fluctuation=self.cfg.search.fluctuation)
                 bar.tokens += dense.stats.tokens
             if torch.isfinite(dense.nll).all() and torch.isfinite(prior).all():
                 return dense, tap, prior
@@ -221,6 +222,13 @@ class Pruner:
             log.warning("dense pass overflowed in %s; repeating it in float32", plan.dtype)
             plan = make_plan(model.spec, model.layers, Work(1, len(tokens), seq), self.machine, dtype="float32")
             predicted = plan.predicted_seconds
+
+    def _residual_groups(self, model) -> dict[str, int] | None:
+        """The tap's group sizes when FLAP's metric is computed on residual covariances, else None."""
+        s = self.cfg.search
+        if s.fluctuation != "residual" or not (s.method == "flap" or s.prior.startswith("flap")):
+            return None
+        return {"heads": model.spec.head_dim, "mlp": 1}
 
     def _flap_parent(self, model, stats, layout, *, anchored: bool = False) -> torch.Tensor:
         """FLAP scores standardised with the parent's per-group mean and std, kept in the run state;
@@ -236,7 +244,7 @@ class Pruner:
         anchor = {group_key(k): (st.tensors["flapcol:" + k[len("flapval:"):]], v) for k, v in st.tensors.items()
                   if k.startswith("flapval:")} if anchored and saved else None
         scores, own, columns = S.flap_unit_scores(model, stats, layout, norms=saved or None, anchor=anchor,
-                                                  columns_of=self.column_norms)
+                                                  columns_of=self.column_norms, fluctuation=self.cfg.search.fluctuation)
         if not saved:
             st.tensors.update({f"flapnorm:{l}:{k}": torch.tensor(v, dtype=torch.float64) for (l, k), v in own.items()})
             if anchored:
@@ -359,7 +367,8 @@ class Pruner:
                                            generator=g).candidates
                 scores = torch.where(perturbable, prior, torch.full_like(prior, math.inf))
             else:  # flap
-                scores = S.flap_unit_scores(model, tap.stats, layout, columns_of=self.column_norms)[0]
+                scores = S.flap_unit_scores(model, tap.stats, layout, columns_of=self.column_norms,
+                                            fluctuation=s.fluctuation)[0]
         head_p, mlp_p = model.spec.unit_params()
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._need(it, model)

@@ -28,6 +28,7 @@ class ColumnNorms:
 
     def __init__(self):
         self._full: dict[tuple[int, str], torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor] = {}
 
     @property
     def loaded(self) -> bool:
@@ -42,13 +43,25 @@ class ColumnNorms:
             self._full[(layer, kind)] = P.column_sq_norms(w)
         return self._full[(layer, kind)][kept_index(model.layers[layer], kind, model.spec.head_dim)]
 
+    def blocks(self, model, layer: int, kind: str) -> torch.Tensor:
+        """``W_G^T W_G`` of every kept unit G, ``[units, g, g]`` (`priors.column_gram_blocks`); for MLP
+        units the squared column norms. Read with the norms, once per run."""
+        if kind == "mlp":
+            return self(model, layer, kind)[:, None, None]
+        if layer not in self._blocks:
+            names = model.spec.adapter.block_tensor_names(layer)
+            w = model.ckpt.read(names["o_w"])
+            self._blocks[layer] = P.column_gram_blocks(w, group_size=model.spec.head_dim)
+            self._full.setdefault((layer, kind), P.column_sq_norms(w))
+        return self._blocks[layer][torch.tensor(model.layers[layer].heads, dtype=torch.long)]
+
 
 def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str,
-                 columns_of: ColumnNorms | None = None) -> torch.Tensor:
+                 columns_of: ColumnNorms | None = None, fluctuation: str = "variance") -> torch.Tensor:
     """Module-level Wanda (appendix F.2), activation magnitude (F.1), weight magnitude, or FLAP's
     standardised fluctuation (already on one scale across groups, see `comparable_prior`)."""
     if kind in ("flap", "flap-parent", "flap-anchored"):
-        return flap_unit_scores(model, stats, layout, columns_of=columns_of)[0]
+        return flap_unit_scores(model, stats, layout, columns_of=columns_of, fluctuation=fluctuation)[0]
     out = torch.zeros(layout.total, dtype=torch.float64)
     hd = model.spec.head_dim
     for l, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
@@ -68,15 +81,17 @@ def prior_scores(model, stats: dict, layout: UnitLayout, *, kind: str,
 
 
 def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | None = None,
-                     anchor: dict | None = None,
-                     columns_of: ColumnNorms | None = None) -> tuple[torch.Tensor, dict, dict]:
+                     anchor: dict | None = None, columns_of: ColumnNorms | None = None,
+                     fluctuation: str = "variance") -> tuple[torch.Tensor, dict, dict]:
     """FLAP: fluctuation x squared column norm, standardised per (layer, kind); each group's
     (mean, std) of column scores, keyed (layer, kind); and each group's column scores keyed by
     checkpoint column, ``{key: (columns, scores)}``. With ``norms`` (such a dict, e.g. the
     parent's) groups are standardised with those instead of their own current mean and std. With
     ``anchor`` (such column scores, e.g. the parent's) each group's scores are first divided by
     their drift from it, the median over surviving columns of current / anchored score.
-    ``columns_of`` caches the projections' column norms across calls (one per run)."""
+    ``columns_of`` caches the projections' column norms across calls (one per run). ``fluctuation``
+    "residual" replaces each unit's input variance by what is left of it after the best prediction
+    from the other kept inputs (`priors.residual_covariances`; stats with second moments)."""
     hd = model.spec.head_dim
     columns_of = columns_of or ColumnNorms()
     scores, groups, sizes, slots, keys = torch.zeros(layout.total, dtype=torch.float64), [], [], [], []
@@ -86,7 +101,11 @@ def flap_unit_scores(model, stats: dict, layout: UnitLayout, *, norms: dict | No
             if sl.stop == sl.start:
                 continue
             # column-level fluctuation; flap_standardize averages head columns after z-scoring
-            col = P.flap_column_scores(columns_of(model, l, k), stats[(l, k)], group_size=1).double()
+            if fluctuation == "residual":
+                col = P.residual_column_scores(columns_of.blocks(model, l, k),
+                                               P.residual_covariances(stats[(l, k)], group_size=g))
+            else:
+                col = P.flap_column_scores(columns_of(model, l, k), stats[(l, k)], group_size=1).double()
             columns[(l, k)] = (checkpoint_columns(model.layers[l], k, hd), col)
             if anchor is not None and (l, k) in anchor:
                 col = col / P.group_drift(col, columns[(l, k)][0], *anchor[(l, k)])

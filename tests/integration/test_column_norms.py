@@ -58,3 +58,52 @@ def test_cached_column_norms_score_as_the_sliced_projections(tiny_models, monkey
     ref_scores = S.flap_unit_scores(model, stats, layout, columns_of=S.ColumnNorms())[0]
     torch.testing.assert_close(got, ref_scores, rtol=0, atol=0)  # a cold cache gives the same scores
     assert got.std() > 0
+
+
+@pytest.mark.parametrize("rows_per_group", [10**6, 2])  # 2: a layer's windows arrive in two row groups
+def test_residual_prior_streamed_equals_transformers_hooks(tiny_models, tiny_tokens, rows_per_group):
+    """`--fluctuation residual`: the engine's tap reduces each layer's second moments once all windows
+    are in; the residual covariances and FLAP scores equal those of o_proj/down_proj inputs captured
+    with hooks on the transformers model; on a pruned model the cached weight blocks equal the sliced
+    projections'."""
+    from transformers import AutoModelForCausalLM
+
+    from bonsai_lite.search.engine import evaluate
+    from bonsai_lite.search.observe import StatsTap
+    from test_engine import plan
+
+    path = tiny_models["llama-gqa-tied"]
+    parent = StreamedModel.open(str(path))
+    hd = parent.spec.head_dim
+    tap = StatsTap(len(parent.layers), n_samples=len(tiny_tokens), residual={"heads": hd, "mlp": 1})
+    evaluate(parent, tiny_tokens, None, plan(group_rows=rows_per_group, tile_rows=1), tap=tap)
+    assert all(s.gram is None and s.residual is not None for s in tap.stats.values())
+
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    captured, hooks = {}, []
+    for l, layer in enumerate(ref.model.layers):
+        for k, proj in (("heads", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+            hooks.append(proj.register_forward_pre_hook(
+                lambda _m, inp, key=(l, k): captured.setdefault(key, []).append(inp[0].reshape(-1, inp[0].shape[-1]))))
+    with torch.no_grad():
+        ref(tiny_tokens)
+    for h in hooks:
+        h.remove()
+    ref_stats = {}
+    for key, rows in captured.items():
+        ref_stats[key] = P.ActivationStats.empty(rows[0].shape[1], gram=True)
+        ref_stats[key].update(torch.cat(rows))
+        want = P.residual_covariances(ref_stats[key], group_size=hd if key[1] == "heads" else 1)
+        torch.testing.assert_close(tap.stats[key].residual, want, rtol=2e-3, atol=1e-6)
+    layout = UnitLayout.of(parent.layers)
+    cache = S.ColumnNorms()
+    got = S.flap_unit_scores(parent, tap.stats, layout, columns_of=cache, fluctuation="residual")[0]
+    want = S.flap_unit_scores(parent, ref_stats, layout, fluctuation="residual")[0]
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(got, S.flap_unit_scores(parent, tap.stats, layout)[0], atol=1e-2)  # not FLAP's
+
+    model = parent.with_layers(_pruned(parent.layers, torch.Generator().manual_seed(1)))
+    for l in range(len(model.layers)):  # cached blocks of a pruned model = blocks of its sliced projections
+        o, d = S.output_projections(model, l)
+        torch.testing.assert_close(cache.blocks(model, l, "heads"), P.column_gram_blocks(o, group_size=hd), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cache.blocks(model, l, "mlp"), P.column_gram_blocks(d, group_size=1), rtol=1e-6, atol=1e-6)

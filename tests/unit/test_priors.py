@@ -8,11 +8,14 @@ import torch
 from bonsai_lite.search.priors import (
     ActivationStats,
     activation_magnitude_scores,
+    column_gram_blocks,
     column_sq_norms,
     flap_bias_compensation,
     flap_scores,
     flap_standardize,
     magnitude_scores,
+    residual_column_scores,
+    residual_covariances,
     wanda_scores,
 )
 
@@ -176,3 +179,50 @@ def test_group_drift_is_the_median_ratio_on_shared_columns():
     assert group_drift(anchor[[0, 2]] * 0.3, torch.tensor([0, 2]), anchor_cols, anchor) == pytest.approx(0.3)
     # nothing comparable: no correction
     assert group_drift(now, torch.tensor([7, 8, 9, 10]), anchor_cols, anchor) == 1.0
+
+
+@pytest.mark.parametrize("group_size", [1, HEAD_DIM])
+def test_residual_fluctuation_is_the_error_a_least_squares_refit_leaves(group_size):
+    """A unit's summed residual column scores equal the squared output error (per row, n - 1) of the
+    best affine fit of the dense output from the other inputs, solved by lstsq; FLAP's variance
+    score is the same error with only a bias to fit, and is larger on correlated inputs."""
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    acts = (torch.randn(n, WIDTH, generator=g, dtype=torch.float64) @ torch.randn(WIDTH, WIDTH, generator=g,
+                                                                                    dtype=torch.float64)) + 0.3
+    w = torch.randn(OUT, WIDTH, generator=g, dtype=torch.float64)
+    stats = ActivationStats.empty(WIDTH, gram=True)
+    for chunk in acts.split(150):
+        stats.update(chunk)
+    col = residual_column_scores(column_gram_blocks(w, group_size=group_size),
+                                 residual_covariances(stats, group_size=group_size, damp=0.0))
+    unit = col.reshape(-1, group_size).sum(1)
+    flap = flap_scores(w, stats, group_size=group_size).double()
+    target = acts @ w.T
+    for u, cols in enumerate(_units(group_size)):
+        kept = [c for c in range(WIDTH) if c not in cols]
+        design = torch.cat([acts[:, kept], torch.ones(n, 1, dtype=torch.float64)], 1)
+        fit = design @ torch.linalg.lstsq(design, target).solution
+        error = (target - fit).square().sum() / (n - 1)
+        assert unit[u].item() == pytest.approx(error.item(), rel=1e-4)  # float32 tile products
+        assert flap[u] > 1.5 * unit[u]  # the inputs are correlated: a refit recovers much of the variance
+
+
+def test_second_moments_stream_merge_and_reduce():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 10, WIDTH, generator=g) * 2 + 1
+    whole = ActivationStats.empty(WIDTH, gram=True)
+    whole.update(x)
+    parts = [ActivationStats.empty(WIDTH, gram=True) for _ in range(2)]
+    parts[0].update(x[:1])
+    parts[1].update(x[1:])
+    merged = parts[0].merge(parts[1])
+    rows = x.reshape(-1, WIDTH).double()
+    torch.testing.assert_close(merged.gram, rows.T @ rows, rtol=1e-5, atol=1e-4)  # float32 tile products
+    torch.testing.assert_close(whole.gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
+    expected = residual_covariances(whole, group_size=HEAD_DIM)
+    whole.reduce_gram(group_size=HEAD_DIM)
+    assert whole.gram is None
+    torch.testing.assert_close(residual_covariances(whole, group_size=HEAD_DIM), expected)
+    with pytest.raises(ValueError, match="second moments"):
+        residual_covariances(ActivationStats.empty(WIDTH), group_size=1)
