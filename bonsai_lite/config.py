@@ -176,12 +176,14 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
     # After the search: "ls" refits the kept columns of every pruned o_proj / down_proj to the dense
     # output on `refit_samples` windows of the prior's length (prune/refit.py); "off": biases only.
+    # "loop": also after every iteration but the last, so the next iteration's priors and sub-models
+    # see the refitted model (the one the user gets), not the bias-compensated one.
     refit: str = "off"
     refit_samples: int = 32
 
     def __post_init__(self):
-        if self.refit not in ("off", "ls"):
-            raise BonsaiError(f"--refit must be off or ls, got {self.refit!r}")
+        if self.refit not in ("off", "ls", "loop"):
+            raise BonsaiError(f"--refit must be off, ls or loop, got {self.refit!r}")
         if self.refit_samples < 1:
             raise BonsaiError(f"--refit-samples must be at least 1, got {self.refit_samples}")
 
@@ -191,8 +193,9 @@ class RunConfig:
         d.pop("out")
         d.pop("spill_dir")
         d.pop("budget")  # a different budget changes speed, not results
-        d.pop("refit")  # the refit follows the search: changing it re-exports a finished search
-        d.pop("refit_samples")
+        if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
+            d.pop("refit")
+            d.pop("refit_samples")
         return d
 
     @property

@@ -75,9 +75,10 @@ def add_parser(sub) -> None:
                    help="windows of the separate dense pass for priors and compensation means (0: reuse the "
                         "search windows)")
     p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
-    p.add_argument("--refit", default="off", choices=["off", "ls"],
+    p.add_argument("--refit", default="off", choices=["off", "ls", "loop"],
                    help="after the search, ls refits the kept columns of each pruned o_proj/down_proj to the dense "
-                        "output on calibration windows (least squares, forward passes only; prune/refit.py)")
+                        "output on calibration windows (least squares, forward passes only; prune/refit.py); loop "
+                        "also refits after every iteration, so the search sees the refitted model")
     p.add_argument("--refit-samples", type=int, default=32,
                    help="windows of the refit (of --prior-seq-len, else --seq-len tokens)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")

@@ -109,6 +109,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
             cfg = replace(cfg, budget=host_budget_share(ranks, device=cfg.device, budget=cfg.budget,
                                                         default_budget=single))
+            if cfg.refit == "loop":  # the other ranks would need rank 0's refitted weights
+                raise BonsaiError("--refit loop runs on one process; under torchrun use --refit ls")
             cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)
@@ -190,7 +192,7 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
             if ranks is not None:  # the search is over: release the other ranks before the (long) export
                 ranks.close()
             biases, overlay = dict(outcome.extra_biases or {}), None
-            if cfg.refit == "ls":
+            if cfg.refit != "off":
                 overlay = state.dir / REFIT_DIR
                 biases.update(_refit(cfg, parent, outcome.layers, ids, overlay, progress))
             _remove_stale_exports(out)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import compensation as C
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
+from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.ranking import group_members, rank_candidates
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 # model that pass can take an hour, so it is split into chunks of at most this many seconds, at the
 # cost of one extra read of the weights per chunk (seconds against minutes of compute).
 CHECKPOINT_SECONDS = 600.0
+LOOP_REFIT_DIR = "loop-refit"  # --refit loop: one folder of refitted projections per iteration, in the run dir
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Pruner:
                                       checkpoint=cfg.model)
         self.dense_params = self.parent.spec.non_embedding_params()
         self.column_norms = S.ColumnNorms()  # the parent's o/down column norms, read at the first prior
+        self._overlay = None  # the --refit loop overlay the column norms were read from
 
     # ---- helpers -----------------------------------------------------------------------------
     def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
@@ -294,12 +298,35 @@ class Pruner:
                            max(self._need(it, model), 0.0), tiebreak=normalised_prior(prior, layout.groups()))
         return ~drop
 
+    def _searched(self):
+        """The parent the iterations search: with `--refit loop`, its refitted projections from the
+        last iteration's refit (an overlay folder named in the run state) read in place of its own."""
+        name = self.state.meta.get("refit_overlay") if self.state is not None else None
+        if not name:
+            return self.parent
+        if self._overlay != name:  # the kept columns' weights changed: their norms must be read again
+            self._overlay, self.column_norms = name, S.ColumnNorms()
+        return replace(self.parent, ckpt=Checkpoint(self.parent.root, overlay=self.state.dir / LOOP_REFIT_DIR / name))
+
+    def refit(self, it: int, layers) -> tuple[str, dict]:
+        """`--refit loop`: refit the structure after iteration `it` into a fresh overlay folder; returns
+        the refitted biases. The run state names the folder once the caller commits it."""
+        from bonsai_lite.prune.refit import refit_model
+
+        cfg = self.cfg
+        tokens = calibration_tokens(self.ids, samples=cfg.refit_samples, seq_len=cfg.refit_seq_len, seed=cfg.search.seed)
+        name = f"{it + 1:04d}"
+        with self.progress.stage("refit", total=len(layers), tokens=tokens.numel(), iteration=it) as bar:
+            biases = refit_model(self.parent, layers, tokens, self.state.dir / LOOP_REFIT_DIR / name,
+                                 device=self.machine.device, progress=lambda _l: bar.advance())
+        return name, biases
+
     # ---- one iteration -------------------------------------------------------------------------
     def iteration(self, it: int, layers, biases: dict | None = None) -> tuple[tuple[LayerStructure, ...], dict, dict]:
         """One iteration on the model with `layers` and the compensation `biases` folded in so far;
         returns the new layers, the biases updated by this iteration's removals, and its record."""
         cfg, s = self.cfg, self.cfg.search
-        model = self.parent.with_layers(layers).with_biases(biases or {})
+        model = self._searched().with_layers(layers).with_biases(biases or {})
         layout = UnitLayout.of(layers)
         tokens = self._tokens(it)
         self.it = it
@@ -464,6 +491,13 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         biases = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
         layers, biases, info = pruner.iteration(it, layers, biases)
         log.info("iteration %d/%d: %s", it + 1, n_iter, iteration_line(info))
+        if cfg.refit == "loop" and it + 1 < n_iter:  # the last structure is refitted by the export
+            t0 = time.perf_counter()
+            overlay, refitted = pruner.refit(it, layers)
+            biases = {**biases, **refitted}
+            state.meta["refit_overlay"] = overlay
+            info.update(refit_seconds=time.perf_counter() - t0,
+                        forward_tokens=info["forward_tokens"] + 2 * cfg.refit_samples * cfg.refit_seq_len)
         for name, bias in biases.items():  # totals so far: the next iteration's model carries them
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=layers_to_json(layers), masks_done=0, pending=None)
@@ -473,6 +507,10 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         for name in ("losses", "prior", "masks", "candidates") + tuple(k for k in state.tensors if k.startswith("mean:")):
             state.tensors.pop(name, None)
         state.commit()
+        if cfg.refit == "loop":  # older overlays are no longer named by the state
+            for old in (state.dir / LOOP_REFIT_DIR).glob("*"):
+                if old.name != state.meta.get("refit_overlay"):
+                    shutil.rmtree(old, ignore_errors=True)
         checkpoint("iteration")
         pruner.progress.record(stage="iteration", **{k: v for k, v in info.items() if k != "regression"})
         pruner.progress.iteration(it + 1, n_iter)

@@ -120,3 +120,63 @@ def test_a_finished_search_is_refitted_on_re_export_and_the_budget_is_checked_fi
     with pytest.raises(BudgetError, match="--refit ls needs about"):
         prune(replace(cfg, refit="ls", out=str(tmp_path / "out2")), run_dir=tmp_path / "run2")
     assert not (tmp_path / "run2").exists() and not (tmp_path / "out2").exists()
+
+
+def test_refit_loop_searches_the_refitted_model_and_resumes_bit_identical(tiny_models, tmp_path):
+    # --refit loop refits after every iteration but the last. Killed right after iteration 1 is
+    # committed, the run directory holds that iteration's refit, equal to refit_model run directly
+    # on the committed structure; resumed, the run ends bit-identical to an uninterrupted one, and
+    # its second iteration saw another model than --refit ls's (whose dense loss differs).
+    import os
+    import signal
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from conftest import prunable_model
+    from bonsai_lite.calib.data import calibration_tokens
+    from bonsai_lite.prune.loop import LOOP_REFIT_DIR
+    from bonsai_lite.prune.state import RunState, layers_from_json
+
+    model, text = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(out, refit="loop", fault=None):
+        argv = [sys.executable, "-m", "bonsai_lite.cli.main", "prune", str(model), "--sparsity", "0.4", "--p-iter", "0.2",
+                "--masks-per-iter", "8", "--calib-samples", "2", "--seq-len", "16", "--calib", str(text), "--out",
+                str(out), "--device", "cpu", "--seed", "3", "--refit", refit, "--refit-samples", "3"]
+        env = {k: v for k, v in os.environ.items() if k != "BONSAI_LITE_FAULT"}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TQDM_DISABLE="1", **({"BONSAI_LITE_FAULT": fault} if fault else {}))
+        return subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    killed = run(tmp_path / "out", fault="iteration:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    meta = RunState(tmp_path / "out.run").load().meta
+    assert meta["iteration"] == 1 and meta["refit_overlay"] == "0001"
+    from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
+
+    tokens = calibration_tokens(tokenize(load_tokenizer(str(model)), read_text(str(text))), samples=3, seq_len=16, seed=3)
+    parent = StreamedModel.open(model)
+    refit_model(parent, layers_from_json(meta["layers"]), tokens, tmp_path / "direct")
+    direct = load_file(tmp_path / "direct" / "refit-00000.safetensors")
+    looped = load_file(tmp_path / "out.run" / LOOP_REFIT_DIR / "0001" / "refit-00000.safetensors")
+    assert direct.keys() == looped.keys()
+    for name in direct:
+        torch.testing.assert_close(looped[name], direct[name], rtol=0, atol=0)
+
+    assert run(tmp_path / "out").returncode == 0
+    ref = run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    a = {k: v for f in sorted((tmp_path / "ref").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert list((tmp_path / "ref.run" / LOOP_REFIT_DIR).iterdir()) == [tmp_path / "ref.run" / LOOP_REFIT_DIR / "0001"]
+
+    ls = run(tmp_path / "ls", refit="ls")
+    assert ls.returncode == 0, ls.stderr[-2000:]
+    loop_hist = RunState(tmp_path / "ref.run").load().meta["history"]
+    ls_hist = RunState(tmp_path / "ls.run").load().meta["history"]
+    assert loop_hist[0]["dense_nll"] == ls_hist[0]["dense_nll"]  # the same parent in iteration 1
+    assert loop_hist[1]["dense_nll"] != ls_hist[1]["dense_nll"]  # iteration 2 searched the refitted model
