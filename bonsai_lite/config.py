@@ -53,8 +53,9 @@ class SearchConfig:
     # What FLAP's metric (the flap* priors and the flap method) weighs a unit's output columns by:
     # "variance": its inputs' variance (FLAP: what a bias cannot recover when the unit goes);
     # "residual": what is left of that variance after the best affine prediction from the other kept
-    # inputs (what the least-squares refit cannot recover; docs/search-maths.md).
-    fluctuation: str = "variance"
+    # inputs (what the least-squares refit cannot recover; docs/search-maths.md). "auto": residual
+    # when the run refits (prune.api resolves it with --refit auto; it measured better there), else variance.
+    fluctuation: str = "auto"
     penalty: str = "l1"  # paper A.1: l1 for every experiment except Phi-2
     # "relevance" | "per-param": global ranking of Bonsai's beta (eq. 2); measured, docs/RESULTS.md.
     # "within": beta orders units inside each (layer, kind) group, where it is identified, and the
@@ -139,8 +140,8 @@ class SearchConfig:
         if self.regression == "allocation" and self.prior.startswith("flap"):
             raise BonsaiError("--regression allocation scales a positive prior per group; FLAP's z-scores are not "
                               "positive: use --prior wanda or activation with it")
-        if self.fluctuation not in ("variance", "residual"):
-            raise BonsaiError(f"--fluctuation must be variance or residual, got {self.fluctuation!r}")
+        if self.fluctuation not in ("auto", "variance", "residual"):
+            raise BonsaiError(f"--fluctuation must be auto, variance or residual, got {self.fluctuation!r}")
         if self.cv_scope not in ("all", "within"):
             raise BonsaiError(f"--cv-scope must be all or within, got {self.cv_scope!r}")
         if self.candidates not in ("layer", "global"):
@@ -177,13 +178,14 @@ class RunConfig:
     # After the search: "ls" refits the kept columns of every pruned o_proj / down_proj to the dense
     # output on `refit_samples` windows of the prior's length (prune/refit.py); "off": biases only.
     # "loop": also after every iteration but the last, so the next iteration's priors and sub-models
-    # see the refitted model (the one the user gets), not the bias-compensated one.
+    # see the refitted model (the one the user gets), not the bias-compensated one. "auto" (the
+    # CLI's default): ls when its memory fits the budget, else off (prune.api resolves it).
     refit: str = "off"
     refit_samples: int = 32
 
     def __post_init__(self):
-        if self.refit not in ("off", "ls", "loop"):
-            raise BonsaiError(f"--refit must be off, ls or loop, got {self.refit!r}")
+        if self.refit not in ("auto", "off", "ls", "loop"):
+            raise BonsaiError(f"--refit must be auto, off, ls or loop, got {self.refit!r}")
         if self.refit_samples < 1:
             raise BonsaiError(f"--refit-samples must be at least 1, got {self.refit_samples}")
 

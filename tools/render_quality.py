@@ -58,8 +58,9 @@ def label(r: dict) -> str:
             if settings.get("cv_scope", "all") != "all":
                 parts.append(f"cv {settings['cv_scope']}")
     shown = f" [{', '.join(parts)}]" if parts else ""
-    refit = " +refit" if settings.get("refit", "off") != "off" else ""
-    return r["method"] + shown + (" +comp" if r.get("compensate") else "") + refit
+    residual = " +residual" if settings.get("fluctuation", "variance") == "residual" else ""
+    refit = {"off": "", "ls": " +refit", "loop": " +refit loop"}[settings.get("refit", "off")]
+    return r["method"] + shown + (" +comp" if r.get("compensate") else "") + residual + refit
 
 
 def _variant(r: dict) -> str:
@@ -68,7 +69,7 @@ def _variant(r: dict) -> str:
     The compute settings are read from the record against the preset as defined now, not from the
     variant name: a preset's definition may change between commits, and its older rows then show
     as the variant they are (e.g. `prior_samples=0` after `quick` gained its dense pass)."""
-    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=")
+    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=", "fluctuation=")
     named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS)
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})

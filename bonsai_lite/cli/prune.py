@@ -20,10 +20,10 @@ SEARCH_CHOICES = (
      "unit prior: module-level Wanda (the paper's), activation magnitude, or FLAP's standardised fluctuation "
      "(turns compensation on under --compensate auto; flap-parent: z-scored on the parent's per-layer scale in "
      "every iteration; flap-anchored: also divided by each group's median drift from the parent's scores); auto: flap-parent for bonsai, wanda otherwise"),
-    ("--fluctuation", ["variance", "residual"],
+    ("--fluctuation", ["auto", "variance", "residual"],
      "what FLAP's metric (the flap priors, the flap method) weighs a unit's output columns by: its inputs' "
      "variance (FLAP's: what a bias cannot recover) or the part of it the other kept inputs do not predict "
-     "(residual: what --refit ls cannot recover)"),
+     "(residual: what --refit ls cannot recover); auto: residual when the run refits"),
     ("--candidates", ["auto", "layer", "global"],
      "units an iteration perturbs and may remove: the bottom 2 x p_iter of every layer by prior (the paper's), or "
      "the lowest on the prior's global scale worth 2 x p_iter of the parameters; auto: global for bonsai"),
@@ -75,10 +75,11 @@ def add_parser(sub) -> None:
                    help="windows of the separate dense pass for priors and compensation means (0: reuse the "
                         "search windows)")
     p.add_argument("--prior-seq-len", type=int, default=None, help="tokens per window of that pass (0: --seq-len)")
-    p.add_argument("--refit", default="off", choices=["off", "ls", "loop"],
+    p.add_argument("--refit", default="auto", choices=["auto", "off", "ls", "loop"],
                    help="after the search, ls refits the kept columns of each pruned o_proj/down_proj to the dense "
                         "output on calibration windows (least squares, forward passes only; prune/refit.py); loop "
-                        "also refits after every iteration, so the search sees the refitted model")
+                        "also refits after every iteration, so the search sees the refitted model; auto (default): "
+                        "ls when it fits --memory-budget")
     p.add_argument("--refit-samples", type=int, default=32,
                    help="windows of the refit (of --prior-seq-len, else --seq-len tokens)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")

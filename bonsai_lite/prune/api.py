@@ -99,7 +99,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     """
     ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
     if ranks is None:
-        cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite)
+        cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, restart=restart)
         return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
                                   show_progress=show_progress, checkpoint_masks=checkpoint_masks)
     with ranks:
@@ -111,7 +111,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
                                                         default_budget=single))
             if cfg.refit == "loop":  # the other ranks would need rank 0's refitted weights
                 raise BonsaiError("--refit loop runs on one process; under torchrun use --refit ls")
-            cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root)
+            cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root,
+                                             restart=restart)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)
         except BonsaiError as e:
@@ -131,7 +132,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
         return result
 
 
-def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool = True):
+def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool = True, restart: bool = False):
     """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
 
     Returns the config (compensation possibly switched off), the parent model and the calibration
@@ -162,6 +163,7 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         cfg = replace(cfg, dtype=auto)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
+    cfg = _resolve_refit(cfg, parent.spec, machine.budget, earlier=None if restart else _earlier_fluctuation(cfg, run_dir))
     if cfg.refit != "off":
         _check_refit_memory(cfg, parent.spec, machine.budget)
     if cfg.search.fluctuation == "residual":
@@ -223,6 +225,41 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
     }
 
 
+def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None) -> RunConfig:
+    """`--refit auto`: ls when its memory fits the budget; `--fluctuation auto`: residual when the run
+    refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
+    `earlier`, what the run being resumed searched with (a finished search re-exported with another
+    --refit is not searched again)."""
+    from bonsai_lite.prune.refit import refit_peak_bytes
+
+    if cfg.refit == "auto":
+        fits = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len) <= budget
+        if not fits:
+            log.info("--refit auto: the least-squares refit does not fit the memory budget; biases only")
+        cfg = replace(cfg, refit="ls" if fits else "off")
+    if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
+        cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
+    if cfg.search.fluctuation == "auto":
+        residual = cfg.refit != "off" and _residual_peak_bytes(spec) <= budget
+        cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
+    return cfg
+
+
+def _earlier_fluctuation(cfg: RunConfig, run_dir) -> str | None:
+    """The fluctuation the run state at `run_dir` (default OUT.run) was searched with, if any."""
+    path = Path(run_dir or default_run_dir(cfg.out)) / "state.json"
+    try:
+        return json.loads(path.read_text())["meta"]["config"]["search"]["fluctuation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _residual_peak_bytes(spec) -> int:
+    """One float32 block, and the widest projection's input second moments with two float64 copies."""
+    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
+    return max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
+
+
 def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
     from bonsai_lite.prune.refit import refit_peak_bytes
     from bonsai_lite.search.planner import fmt_bytes
@@ -237,8 +274,7 @@ def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
 def _check_residual_memory(spec, budget: int) -> None:
     from bonsai_lite.search.planner import fmt_bytes
 
-    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
-    need = max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
+    need = _residual_peak_bytes(spec)
     if need > budget:
         raise BudgetError(f"--fluctuation residual needs about {fmt_bytes(need)} for this model (one float32 block, "
                           f"the widest projection's second moments and their inverse), over the {fmt_bytes(budget)} "

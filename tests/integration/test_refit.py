@@ -180,3 +180,39 @@ def test_refit_loop_searches_the_refitted_model_and_resumes_bit_identical(tiny_m
     ls_hist = RunState(tmp_path / "ls.run").load().meta["history"]
     assert loop_hist[0]["dense_nll"] == ls_hist[0]["dense_nll"]  # the same parent in iteration 1
     assert loop_hist[1]["dense_nll"] != ls_hist[1]["dense_nll"]  # iteration 2 searched the refitted model
+
+
+def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_models, monkeypatch):
+    # the CLI's defaults: --refit auto is ls when the refit fits --memory-budget, and --fluctuation auto
+    # is residual when the run refits; under a budget the refit does not fit, both fall back
+    from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+    from bonsai_lite.prune import api
+    from bonsai_lite.prune import refit as R
+
+    spec = StreamedModel.open(tiny_models["llama-gqa-tied"]).spec
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None, samples=2, seq_len=16),
+                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8), refit="auto")
+    assert cfg.search.fluctuation == "auto"
+    big = api._resolve_refit(cfg, spec, 10**12)
+    assert (big.refit, big.search.fluctuation) == ("ls", "residual")
+    need = R.refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len)
+    small = api._resolve_refit(cfg, spec, need - 1)
+    assert (small.refit, small.search.fluctuation) == ("off", "variance")
+    explicit = api._resolve_refit(replace_search(cfg, fluctuation="variance"), spec, 10**12)
+    assert (explicit.refit, explicit.search.fluctuation) == ("ls", "variance")  # an explicit choice is kept
+    off = api._resolve_refit(replace_cfg(cfg, refit="off"), spec, 10**12)
+    assert (off.refit, off.search.fluctuation) == ("off", "variance")
+    resumed = api._resolve_refit(cfg, spec, 10**12, earlier="variance")  # a run searched without the refit
+    assert (resumed.refit, resumed.search.fluctuation) == ("ls", "variance")
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def replace_search(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, search=replace(cfg.search, **kw))
