@@ -225,6 +225,9 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
     }
 
 
+RESIDUAL_TOKENS_PER_INPUT = 4  # --fluctuation auto: dense-pass tokens per input of the widest projection
+
+
 def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None) -> RunConfig:
     """`--refit auto`: ls when its memory fits the budget; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
@@ -240,7 +243,12 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
     if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
     if cfg.search.fluctuation == "auto":
-        residual = cfg.refit != "off" and _residual_peak_bytes(spec) <= budget
+        # a covariance of `width` inputs from fewer than RESIDUAL_TOKENS_PER_INPUT x width rows says more
+        # about its damping than about the inputs (a 7-8B MLP: 14,336 wide)
+        c = cfg.calib
+        rows = (c.prior_samples or c.samples) * (c.prior_seq_len or c.seq_len)
+        residual = (cfg.refit != "off" and _residual_peak_bytes(spec) <= budget
+                    and rows >= RESIDUAL_TOKENS_PER_INPUT * _widest_input(spec))
         cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
     return cfg
 
@@ -254,9 +262,13 @@ def _earlier_fluctuation(cfg: RunConfig, run_dir) -> str | None:
         return None
 
 
+def _widest_input(spec) -> int:
+    return max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
+
+
 def _residual_peak_bytes(spec) -> int:
     """One float32 block, and the widest projection's input second moments with two float64 copies."""
-    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
+    width = _widest_input(spec)
     return max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
 
 

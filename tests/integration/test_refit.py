@@ -190,7 +190,7 @@ def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_
     from bonsai_lite.prune import refit as R
 
     spec = StreamedModel.open(tiny_models["llama-gqa-tied"]).spec
-    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None, samples=2, seq_len=16),
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None, samples=2, seq_len=16, prior_samples=64),
                     search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8), refit="auto")
     assert cfg.search.fluctuation == "auto"
     big = api._resolve_refit(cfg, spec, 10**12)
@@ -204,6 +204,9 @@ def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_
     assert (off.refit, off.search.fluctuation) == ("off", "variance")
     resumed = api._resolve_refit(cfg, spec, 10**12, earlier="variance")  # a run searched without the refit
     assert (resumed.refit, resumed.search.fluctuation) == ("ls", "variance")
+    few = replace_cfg(cfg, calib=CalibConfig(text=None, samples=2, seq_len=16))  # 32 rows for a 64-wide MLP
+    assert api._widest_input(spec) * api.RESIDUAL_TOKENS_PER_INPUT > 32
+    assert api._resolve_refit(few, spec, 10**12).search.fluctuation == "variance"
 
 
 def replace_cfg(cfg, **kw):
