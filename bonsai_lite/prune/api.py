@@ -69,23 +69,32 @@ def calibration_ids(cfg: RunConfig, model_dir, *, cache_dir: str | Path | None =
     return ids
 
 
-def _check_length(cfg: RunConfig, ids) -> None:
+def _check_length(cfg: RunConfig, ids) -> RunConfig:
+    """Refuses text too short for the search's windows or the prior pass's; `--refit auto` takes as
+    many refit windows as the text holds (none: no refit), an explicit --refit must have them all."""
+    need = cfg.calib.samples * cfg.calib.seq_len
+    if ids.numel() < need:
+        raise BonsaiError(f"calibration text too short: {cfg.calib.samples} samples x {cfg.calib.seq_len} tokens "
+                          f"need {need} tokens, the text has {ids.numel()}; give more text, fewer --calib-samples "
+                          "or a shorter --seq-len")
     c = cfg.calib
     prior_need = c.prior_samples * (c.prior_seq_len or c.seq_len)
     if prior_need and ids.numel() < prior_need:
         raise BonsaiError(f"calibration text too short for the prior pass: {c.prior_samples} windows x "
                           f"{c.prior_seq_len or c.seq_len} tokens need {prior_need} tokens, the text has {ids.numel()}; "
                           "give more text or fewer --prior-samples")
+    if cfg.refit == "auto":
+        windows = min(cfg.refit_samples, ids.numel() // cfg.refit_seq_len)
+        if windows < cfg.refit_samples:
+            log.info("--refit auto: the calibration text holds %d refit windows of %d tokens (of %d)%s", windows,
+                     cfg.refit_seq_len, cfg.refit_samples, "" if windows else "; no refit")
+        return replace(cfg, refit="ls" if windows else "off", refit_samples=max(windows, 1))
     refit_need = cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0
     if ids.numel() < refit_need:
         raise BonsaiError(f"calibration text too short for the refit: {cfg.refit_samples} windows x "
                           f"{cfg.refit_seq_len} tokens need {refit_need} tokens, the text has {ids.numel()}; "
                           "give more text or fewer --refit-samples")
-    need = cfg.calib.samples * cfg.calib.seq_len
-    if ids.numel() < need:
-        raise BonsaiError(f"calibration text too short: {cfg.calib.samples} samples x {cfg.calib.seq_len} tokens "
-                          f"need {need} tokens, the text has {ids.numel()}; give more text, fewer --calib-samples "
-                          "or a shorter --seq-len")
+    return cfg
 
 
 def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: bool = False,
@@ -171,7 +180,7 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     # A text file is checked before the run directory is touched; sampled text is kept in it.
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
-        _check_length(cfg, ids)
+        cfg = _check_length(cfg, ids)
     return cfg, parent, ids
 
 
@@ -186,7 +195,7 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
             if restart:
                 (state.dir / SELF_TEXT).unlink(missing_ok=True)
             ids = calibration_ids(cfg, cfg.model, cache_dir=state.dir)
-            _check_length(cfg, ids)
+            cfg = _check_length(cfg, ids)
         progress = make_progress(show=show_progress, metrics_path=state.dir / METRICS_NAME)
         try:
             outcome = run_pruning(cfg, ids=ids, run_dir=state.dir, restart=restart, progress=progress,
@@ -229,7 +238,8 @@ RESIDUAL_TOKENS_PER_INPUT = 4  # --fluctuation auto: dense-pass tokens per input
 
 
 def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None) -> RunConfig:
-    """`--refit auto`: ls when its memory fits the budget; `--fluctuation auto`: residual when the run
+    """`--refit auto`: stays auto (ls once `_check_length` has the text) when its memory fits the
+    budget, else off; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
     --refit is not searched again)."""
@@ -239,7 +249,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         fits = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len) <= budget
         if not fits:
             log.info("--refit auto: the least-squares refit does not fit the memory budget; biases only")
-        cfg = replace(cfg, refit="ls" if fits else "off")
+        cfg = replace(cfg, refit="auto" if fits else "off")  # the text's length decides the rest (_check_length)
     if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
     if cfg.search.fluctuation == "auto":

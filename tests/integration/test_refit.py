@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bonsai_lite.errors import CheckpointError
+from bonsai_lite.errors import BonsaiError, CheckpointError
 from bonsai_lite.export import export_pruned
 from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.io.model import StreamedModel
@@ -194,16 +194,26 @@ def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_
                     search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8), refit="auto")
     assert cfg.search.fluctuation == "auto"
     big = api._resolve_refit(cfg, spec, 10**12)
-    assert (big.refit, big.search.fluctuation) == ("ls", "residual")
+    assert (big.refit, big.search.fluctuation) == ("auto", "residual")  # the text's length decides the rest
+    # the length check: 2 search windows of 16 tokens, refit windows of 64 (the prior pass's length)
+    text = api._resolve_refit(replace_cfg(cfg, calib=CalibConfig(text=None, samples=2, seq_len=16, prior_seq_len=64)),
+                              spec, 10**12)
+    assert text.refit == "auto" and text.refit_seq_len == 64
+    assert api._check_length(text, torch.zeros(10**5, dtype=torch.long)).refit == "ls"
+    short = api._check_length(text, torch.zeros(3 * 64 + 1, dtype=torch.long))
+    assert (short.refit, short.refit_samples) == ("ls", 3)  # as many refit windows as the text holds
+    assert api._check_length(text, torch.zeros(40, dtype=torch.long)).refit == "off"  # not one: no refit
+    with pytest.raises(BonsaiError, match="too short for the refit"):  # an explicit --refit ls needs them all
+        api._check_length(replace_cfg(text, refit="ls"), torch.zeros(3 * 64, dtype=torch.long))
     need = R.refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len)
     small = api._resolve_refit(cfg, spec, need - 1)
     assert (small.refit, small.search.fluctuation) == ("off", "variance")
     explicit = api._resolve_refit(replace_search(cfg, fluctuation="variance"), spec, 10**12)
-    assert (explicit.refit, explicit.search.fluctuation) == ("ls", "variance")  # an explicit choice is kept
+    assert (explicit.refit, explicit.search.fluctuation) == ("auto", "variance")  # an explicit choice is kept
     off = api._resolve_refit(replace_cfg(cfg, refit="off"), spec, 10**12)
     assert (off.refit, off.search.fluctuation) == ("off", "variance")
     resumed = api._resolve_refit(cfg, spec, 10**12, earlier="variance")  # a run searched without the refit
-    assert (resumed.refit, resumed.search.fluctuation) == ("ls", "variance")
+    assert (resumed.refit, resumed.search.fluctuation) == ("auto", "variance")
     few = replace_cfg(cfg, calib=CalibConfig(text=None, samples=2, seq_len=16))  # 32 rows for a 64-wide MLP
     assert api._widest_input(spec) * api.RESIDUAL_TOKENS_PER_INPUT > 32
     assert api._resolve_refit(few, spec, 10**12).search.fluctuation == "variance"
