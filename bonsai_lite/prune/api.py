@@ -243,7 +243,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
     --refit is not searched again)."""
-    from bonsai_lite.prune.refit import refit_peak_bytes
+    from bonsai_lite.prune.refit import refit_peak_bytes, widest_input
 
     if cfg.refit == "auto":
         fits = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len) <= budget
@@ -258,7 +258,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         c = cfg.calib
         rows = (c.prior_samples or c.samples) * (c.prior_seq_len or c.seq_len)
         residual = (cfg.refit != "off" and _residual_peak_bytes(spec) <= budget
-                    and rows >= RESIDUAL_TOKENS_PER_INPUT * _widest_input(spec))
+                    and rows >= RESIDUAL_TOKENS_PER_INPUT * widest_input(spec))
         cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
     return cfg
 
@@ -272,13 +272,11 @@ def _earlier_fluctuation(cfg: RunConfig, run_dir) -> str | None:
         return None
 
 
-def _widest_input(spec) -> int:
-    return max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
-
-
 def _residual_peak_bytes(spec) -> int:
     """One float32 block, and the widest projection's input second moments with two float64 copies."""
-    width = _widest_input(spec)
+    from bonsai_lite.prune.refit import widest_input
+
+    width = widest_input(spec)
     return max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
 
 

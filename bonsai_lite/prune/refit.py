@@ -51,11 +51,16 @@ def refit_projection(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return new, beta[-1]
 
 
+def widest_input(spec) -> int:
+    """Input width of the widest output projection (o_proj: heads x head_dim; down_proj: MLP units)."""
+    return max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
+
+
 def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
     """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
     hidden states twice (before and after the attention), one batch's MLP activations, and the
     widest projection's second moments in float64 with the solver's copy of them."""
-    width = max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers)) + 1
+    width = widest_input(spec) + 1
     block = max(spec.block_params(s) for s in spec.layers) * 4
     return block + 2 * tokens * spec.hidden * 4 + 3 * batch * seq_len * width * 4 + 3 * width * width * 8
 
