@@ -128,9 +128,10 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "eval_tokens": ev["tokens"], "eval_windows": ev["windows"], "seq_len": args.seq_len,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
         "prune_seconds": prune_s, "prune_resumed": resumed,
-        # the refit runs each block twice over its windows (attention, then MLP)
+        # the refit passes each block once over its windows (it ran each twice before 2026-12-02:
+        # records of earlier commits count 2x its tokens)
         "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist))
-        + (2 * cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0),
+        + (cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0),
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
         "regression": [h["regression"] for h in hist if "regression" in h],
         # the guard's choice per iteration, and the prior's own pair tau it was compared with

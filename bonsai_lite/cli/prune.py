@@ -142,7 +142,8 @@ def _fit_time_budget(args) -> dict:
     machine = detect_machine(device=args.device, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                              spill_dir=args.spill_dir, checkpoint=args.model_dir)
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
-                        machine=machine, dtype=args.dtype)
+                        machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
+                        refit_samples=getattr(args, "refit_samples", 32), fluctuation=args.fluctuation)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings

@@ -234,16 +234,13 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
     }
 
 
-RESIDUAL_TOKENS_PER_INPUT = 4  # --fluctuation auto: dense-pass tokens per input of the widest projection
-
-
 def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None) -> RunConfig:
     """`--refit auto`: stays auto (ls once `_check_length` has the text) when its memory fits the
     budget, else off; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
     --refit is not searched again)."""
-    from bonsai_lite.prune.refit import refit_peak_bytes, widest_input
+    from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 
     if cfg.refit == "auto":
         fits = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len) <= budget
@@ -253,12 +250,9 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
     if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
     if cfg.search.fluctuation == "auto":
-        # a covariance of `width` inputs from fewer than RESIDUAL_TOKENS_PER_INPUT x width rows says more
-        # about its damping than about the inputs (a 7-8B MLP: 14,336 wide)
         c = cfg.calib
         rows = (c.prior_samples or c.samples) * (c.prior_seq_len or c.seq_len)
-        residual = (cfg.refit != "off" and _residual_peak_bytes(spec) <= budget
-                    and rows >= RESIDUAL_TOKENS_PER_INPUT * widest_input(spec))
+        residual = cfg.refit != "off" and residual_fits(spec, rows, budget)
         cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
     return cfg
 
@@ -270,14 +264,6 @@ def _earlier_fluctuation(cfg: RunConfig, run_dir) -> str | None:
         return json.loads(path.read_text())["meta"]["config"]["search"]["fluctuation"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _residual_peak_bytes(spec) -> int:
-    """One float32 block, and the widest projection's input second moments with two float64 copies."""
-    from bonsai_lite.prune.refit import widest_input
-
-    width = widest_input(spec)
-    return max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
 
 
 def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
@@ -292,9 +278,10 @@ def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
 
 
 def _check_residual_memory(spec, budget: int) -> None:
+    from bonsai_lite.prune.refit import residual_peak_bytes
     from bonsai_lite.search.planner import fmt_bytes
 
-    need = _residual_peak_bytes(spec)
+    need = residual_peak_bytes(spec)
     if need > budget:
         raise BudgetError(f"--fluctuation residual needs about {fmt_bytes(need)} for this model (one float32 block, "
                           f"the widest projection's second moments and their inverse), over the {fmt_bytes(budget)} "
@@ -305,10 +292,13 @@ def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, pro
     """The least-squares refit of the chosen structure (prune/refit.py): weights under `folder`,
     biases returned. Redone on every export, so it always matches the structure being exported."""
     from bonsai_lite.prune.refit import refit_model
+    from bonsai_lite.search.planner import refit_seconds
 
     tokens = calibration_tokens(ids, samples=cfg.refit_samples, seq_len=cfg.refit_seq_len, seed=cfg.search.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with progress.stage("refit", total=len(layers), tokens=tokens.numel()) as bar:
+    machine = detect_machine(device=device, budget=cfg.budget, spill_dir=cfg.spill_dir, checkpoint=cfg.model)
+    predicted = refit_seconds(parent.spec, layers, tokens.numel(), tokens.shape[1], machine)
+    with progress.stage("refit", total=len(layers), predicted=predicted, tokens=tokens.numel()) as bar:
         return refit_model(parent, layers, tokens, folder, device=device, progress=lambda _l: bar.advance())
 
 

@@ -44,7 +44,8 @@ from bonsai_lite.prune.state import (RunState, group_key, jsonable, layers_from_
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
-from bonsai_lite.search.planner import Work, column_norm_seconds, detect_machine, make_plan
+from bonsai_lite.search.planner import (Work, column_norm_seconds, detect_machine, make_plan, refit_seconds,
+                                       second_moment_seconds)
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout
@@ -206,8 +207,11 @@ class Pruner:
         predicted = plan.predicted_seconds
         if kind.startswith("flap") and not self.column_norms.loaded:
             predicted += column_norm_seconds(model.spec, self.machine)
+        residual = self._residual_groups(model)
+        if residual:
+            predicted += second_moment_seconds(model.spec, model.layers, tokens.numel(), self.machine)
         while True:
-            tap = StatsTap(len(model.layers), n_samples=len(tokens), residual=self._residual_groups(model))
+            tap = StatsTap(len(model.layers), n_samples=len(tokens), residual=residual)
             with self.progress.stage("priors", total=len(model.layers), predicted=predicted,
                                      iteration=self.it) as bar:
                 dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
@@ -316,7 +320,9 @@ class Pruner:
         cfg = self.cfg
         tokens = calibration_tokens(self.ids, samples=cfg.refit_samples, seq_len=cfg.refit_seq_len, seed=cfg.search.seed)
         name = f"{it + 1:04d}"
-        with self.progress.stage("refit", total=len(layers), tokens=tokens.numel(), iteration=it) as bar:
+        predicted = refit_seconds(self.parent.spec, layers, tokens.numel(), tokens.shape[1], self.machine)
+        with self.progress.stage("refit", total=len(layers), predicted=predicted, tokens=tokens.numel(),
+                                 iteration=it) as bar:
             biases = refit_model(self.parent, layers, tokens, self.state.dir / LOOP_REFIT_DIR / name,
                                  device=self.machine.device, progress=lambda _l: bar.advance())
         return name, biases
@@ -497,7 +503,7 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
             biases = {**biases, **refitted}
             state.meta["refit_overlay"] = overlay
             info.update(refit_seconds=time.perf_counter() - t0,
-                        forward_tokens=info["forward_tokens"] + 2 * cfg.refit_samples * cfg.refit_seq_len)
+                        forward_tokens=info["forward_tokens"] + cfg.refit_samples * cfg.refit_seq_len)
         for name, bias in biases.items():  # totals so far: the next iteration's model carries them
             state.tensors[f"bias:{name}"] = bias
         state.meta.update(iteration=it + 1, layers=layers_to_json(layers), masks_done=0, pending=None)

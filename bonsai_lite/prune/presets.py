@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from bonsai_lite.config import PRESETS
 from bonsai_lite.errors import BonsaiError
-from bonsai_lite.search.planner import Machine, Work, column_norm_seconds, make_plan
+from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
+from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
+                                       second_moment_seconds)
 from bonsai_lite.structure import ModelSpec
 
 LADDER: tuple[tuple[str, dict], ...] = (
@@ -50,14 +52,26 @@ class Estimate:
 
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
-             dtype: str | None = None) -> Estimate:
-    """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded)."""
+             dtype: str | None = None, refit: str = "off", refit_samples: int = 32,
+             fluctuation: str = "variance") -> Estimate:
+    """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
+
+    `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
+    on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
+    `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
+    metric's second moments to each dense pass of the methods that use FLAP's metric."""
     p_iter = min(settings["p_iter"], sparsity)
     n_iter = 1 if method == "flap" else math.ceil(sparsity / p_iter - 1e-9)
     prior_n = settings.get("prior_samples") or settings["samples"]
     prior_t = settings.get("prior_seq_len") or settings["seq_len"]
-    # FLAP's scores (bonsai's default prior, and flap itself) read every o/down projection once per run
-    seconds = column_norm_seconds(spec, machine) if method in ("bonsai", "flap") else 0.0
+    if refit == "auto":
+        fits = refit_peak_bytes(spec, refit_samples * prior_t, prior_t) <= machine.budget
+        refit = "ls" if fits else "off"
+    flap_metric = method in ("bonsai", "flap")  # FLAP's scores: bonsai's default prior, and flap itself
+    residual = flap_metric and (fluctuation == "residual" or (
+        fluctuation == "auto" and refit != "off" and residual_fits(spec, prior_n * prior_t, machine.budget)))
+    # FLAP's scores read every o/down projection once per run
+    seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
     tokens = 0
     for it in range(n_iter):
         # the structure at iteration `it` keeps ~(1 - it p_iter) of the prunable parameters: scale
@@ -65,22 +79,27 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
         left = max(0.05, 1.0 - it * p_iter)
         dense = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype)
         seconds += dense.predicted_seconds * left
+        if residual:
+            seconds += second_moment_seconds(spec, spec.layers, prior_n * prior_t, machine) * left
         tokens += prior_n * prior_t
         if method in SEARCH_METHODS:
             k = settings["masks_per_iter"]
             ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
             seconds += ev.predicted_seconds * left
             tokens += k * settings["samples"] * settings["seq_len"]
+    refits = 0 if refit == "off" else (n_iter if refit == "loop" else 1)
+    seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine)
+    tokens += refits * refit_samples * prior_t  # the refit passes each block once, as the loop counts it
     return Estimate("", dict(settings), seconds, tokens)
 
 
 def fit_time_budget(spec: ModelSpec, budget_seconds: float, *, method: str, sparsity: float, machine: Machine,
-                    dtype: str | None = None) -> Estimate:
+                    dtype: str | None = None, **extra) -> Estimate:
     """The most expensive rung of LADDER predicted to fit; BonsaiError naming the cheapest otherwise."""
     best = None
     cheapest = None
     for name, settings in LADDER:
-        e = estimate(spec, settings, method=method, sparsity=sparsity, machine=machine, dtype=dtype)
+        e = estimate(spec, settings, method=method, sparsity=sparsity, machine=machine, dtype=dtype, **extra)
         e = Estimate(name, e.settings, e.seconds, e.forward_tokens)
         cheapest = cheapest or e
         if e.seconds <= budget_seconds:

@@ -16,9 +16,11 @@ returns the new biases (small; they go where the compensation biases go).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bonsai_lite.ops import attention, mlp, rms_norm, rotary_cos_sin
 from bonsai_lite.structure import LayerStructure
@@ -56,13 +58,33 @@ def widest_input(spec) -> int:
     return max(spec.n_heads * spec.head_dim, max(len(s.mlp) for s in spec.layers))
 
 
+RESIDUAL_TOKENS_PER_INPUT = 4  # --fluctuation auto: dense-pass tokens per input of the widest projection
+
+
+def residual_peak_bytes(spec) -> int:
+    """What --fluctuation residual holds beside the dense pass: one float32 block, and the widest
+    projection's input second moments with two float64 copies (their inverse, a solve's)."""
+    width = widest_input(spec)
+    return max(spec.block_params(s) for s in spec.layers) * 4 + 3 * width * width * 8
+
+
+def residual_fits(spec, rows: int, budget: int) -> bool:
+    """Whether --fluctuation auto picks the residual metric for a dense pass of `rows` tokens (in a
+    run that refits): its memory fits `budget`, and there are RESIDUAL_TOKENS_PER_INPUT rows per
+    input of the widest projection; a covariance of `width` inputs from fewer says more about its
+    damping than about the inputs (a 7-8B MLP is 14,336 wide)."""
+    return residual_peak_bytes(spec) <= budget and rows >= RESIDUAL_TOKENS_PER_INPUT * widest_input(spec)
+
+
 def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
     """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
-    hidden states twice (before and after the attention), one batch's MLP activations, and the
-    widest projection's second moments in float64 with the solver's copy of them."""
+    hidden states twice (before and after the attention), the refitted projection's inputs over all
+    windows (kept so the block is not computed twice), one batch's MLP activations, and the widest
+    projection's second moments in float64 with the solver's copy of them."""
     width = widest_input(spec) + 1
     block = max(spec.block_params(s) for s in spec.layers) * 4
-    return block + 2 * tokens * spec.hidden * 4 + 3 * batch * seq_len * width * 4 + 3 * width * width * 8
+    return (block + 2 * tokens * spec.hidden * 4 + tokens * width * 4 + 3 * batch * seq_len * width * 4
+            + 3 * width * width * 8)
 
 
 def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,17 +93,29 @@ def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.T
 
 
 def _gram(d: int, device) -> tuple[torch.Tensor, callable]:
+    """Second moments of [inputs, 1], and the tap that adds a tile to them: a float32 product per
+    tile summed in float64 (as the priors' residual covariances are), which the ridge's 1% damping
+    leaves no trace of; a float64 product was 1.7-5x slower on a CPU."""
     g = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
 
     def add(_kind, x):
-        x = x.reshape(-1, d).double()
+        x = x.reshape(-1, d).float()
         g[:d, :d] += x.T @ x
-        s = x.sum(0)
+        s = x.sum(0, dtype=torch.float64)
         g[:d, d] += s
         g[d, :d] += s
         g[d, d] += len(x)
 
     return g, add
+
+
+def _kept_inputs(add, inputs: list):
+    """A tap that feeds `add` and keeps each tile's projection input (to apply the refitted weight)."""
+    def tap(kind, x):
+        add(kind, x)
+        inputs.append(x)
+
+    return tap
 
 
 @torch.no_grad()
@@ -90,8 +124,9 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
     """Refit every layer that lost units; `parent` is the unpruned StreamedModel, `tokens` [n, T].
 
     Writes the new o_proj / down_proj weights of those layers under `folder` (its old refit files
-    are replaced) and returns {bias name: float32 bias}. Runs in float32, two passes of each block
-    over the windows (attention, then the MLP on the refitted attention), one block at a time."""
+    are replaced) and returns {bias name: float32 bias}. Runs in float32, one block at a time: the
+    attention over all windows, its o_proj refitted, then the MLP on the refitted attention's output
+    and its down_proj refitted; each projection's inputs are computed once and kept until it is refitted."""
     from safetensors.torch import save_file
     from transformers.activations import ACT2FN
 
@@ -114,25 +149,31 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
         window = spec.window(l)
         heads, units = _columns(kept, spec.head_dim)
         pruned = len(kept.heads) < len(spec.layers[l].heads) or len(kept.mlp) < len(spec.layers[l].mlp)
-        if pruned:
+        if not pruned:
+            mids = [h + attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window) for h in hs]
+            hs = [h + mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act) for h in mids]
+        else:  # each projection's inputs are computed once: its statistics, then the refitted output
+            bare = replace(w, o_w=w.o_w[:0], o_b=None, down_w=w.down_w[:0], down_b=None)  # inputs only
             g, add = _gram(w.o_w.shape[1], device)
+            inputs: list[torch.Tensor] = []
             for h in hs:
-                attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window, tap=add)
+                attention(bare, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window, tap=_kept_inputs(add, inputs))
             o_w, o_b = refit_projection(g, w.o_w, w.o_b, heads.to(device), damp=damp)
             w.o_w, w.o_b = o_w.float(), o_b.float()
-        mids = [h + attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window) for h in hs]
-        if pruned:
+            mids = [h + F.linear(a, w.o_w, w.o_b) for h, a in zip(hs, inputs)]
             g, add = _gram(w.down_w.shape[1], device)
+            inputs = []
             for h in mids:
-                mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act, tap=add)
+                mlp(bare, rms_norm(h, w.mlp_norm, spec.eps), act, tap=_kept_inputs(add, inputs))
             down_w, down_b = refit_projection(g, w.down_w, w.down_b, units.to(device), damp=damp)
             w.down_w, w.down_b = down_w.float(), down_b.float()
+            hs = [h + F.linear(m, w.down_w, w.down_b) for h, m in zip(mids, inputs)]
+            del inputs
             dtype = {k: parent.ckpt.info(names[k]).dtype for k in ("o_w", "down_w")}
             save_file({names["o_w"]: o_w.to("cpu", dtype["o_w"]).contiguous(),
                        names["down_w"]: down_w.to("cpu", dtype["down_w"]).contiguous()},
                       str(folder / f"refit-{l:05d}.safetensors"))
             biases[names["o_b"]], biases[names["down_b"]] = o_b.float().cpu(), down_b.float().cpu()
-        hs = [h + mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act) for h in mids]
         del w, mids
         if progress is not None:
             progress(l)

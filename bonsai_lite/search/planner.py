@@ -479,6 +479,43 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
     return _first_read_seconds(src, cached, machine) + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
 
 
+# float64 work on a CPU (the second moments' inverses and solves) at half the planned fp32 rate; a
+# GPU's fp32 (no tensor cores: the refit runs in float32) at 7% of its bf16 peak (H100: 67 of 989 TFLOP/s).
+FP64_CPU_FACTOR = 0.5
+FP32_GPU_FACTOR = 0.07
+
+
+def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *, solves: int = 1) -> float:
+    """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
+    layer of `layers` (float32 tile products; `ActivationStats` with a gram, `refit._gram`) and of
+    `solves` float64 factorisations of each (2 d^3 flops: an inverse, or a solve with d outputs).
+    The --fluctuation residual metric pays this in each dense pass; the refit pays it once."""
+    widths = [(len(s.heads) * spec.head_dim, len(s.mlp)) for s in layers]
+    products = sum(2 * rows * (o * o + m * m) for o, m in widths)
+    factor = sum(2 * (o**3 + m**3) for o, m in widths) * solves
+    fp32 = machine.flops * (FP32_GPU_FACTOR if machine.is_cuda else 1.0)
+    return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
+
+
+def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: Machine) -> float:
+    """Predicted time of the least-squares refit (`refit.refit_model`) of the structure `layers` on
+    `tokens` calibration tokens in windows of `seq_len`: one float32 pass of every unpruned block
+    (each pruned layer's o_proj and down_proj applied once more after their refit), the pruned
+    layers' second moments and solves, and one read of the parent's blocks. `layers` None: a
+    structure not chosen yet, every layer pruned."""
+    pruned = spec.layers if layers is None else [
+        p for p, s in zip(spec.layers, layers) if len(s.heads) < len(p.heads) or len(s.mlp) < len(p.mlp)]
+    m = _Shape.of(spec, spec.layers)
+    forward = tokens * (m.flops_per_token(seq_len) - 2 * m.hidden * m.vocab)
+    forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
+    fp32 = machine.flops * (FP32_GPU_FACTOR if machine.is_cuda else 1.0)
+    weights = sum(m.block_params) * spec.dtype.itemsize
+    ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
+    cached = 1.0 if ckpt <= machine.page_cache else machine.cached
+    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine)
+            + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS)
+
+
 def _first_read_seconds(nbytes: float, cached: float, machine: Machine) -> float:
     """Reading `nbytes` of which the share `cached` is in the page cache and the rest on disk."""
     return nbytes * (cached / PAGE_CACHE_BPS + (1 - cached) / machine.disk_bps)

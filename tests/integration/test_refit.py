@@ -215,7 +215,7 @@ def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_
     resumed = api._resolve_refit(cfg, spec, 10**12, earlier="variance")  # a run searched without the refit
     assert (resumed.refit, resumed.search.fluctuation) == ("auto", "variance")
     few = replace_cfg(cfg, calib=CalibConfig(text=None, samples=2, seq_len=16))  # 32 rows for a 64-wide MLP
-    assert R.widest_input(spec) * api.RESIDUAL_TOKENS_PER_INPUT > 32
+    assert R.widest_input(spec) * R.RESIDUAL_TOKENS_PER_INPUT > 32
     assert api._resolve_refit(few, spec, 10**12).search.fluctuation == "variance"
 
 

@@ -36,3 +36,39 @@ def test_picks_most_expensive_rung_that_fits(tiny_models):
     assert "standard" in [n for n, f in zip(names, flap) if f.seconds <= budget]
     # FLAP pays one dense pass: any rung costs it less than Bonsai's
     assert estimate(spec, LADDER[-1][1], method="flap", sparsity=0.5, machine=machine).seconds < est[-1].seconds
+
+
+def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
+    # --refit and --fluctuation residual cost time the search's passes do not: the estimate adds the
+    # planner's refit time once (after every iteration with loop) and the second moments to every dense pass
+    from bonsai_lite.prune.refit import refit_peak_bytes
+    from bonsai_lite.search.planner import refit_seconds, second_moment_seconds
+
+    spec = load_spec(tiny_models["llama-gqa-tied"])
+    machine = nominal_machine(device="cpu", budget=2**30)
+    settings = dict(LADDER[0][1])
+    kw = dict(method="bonsai", sparsity=0.5, machine=machine)
+    n_iter = 5  # quick: p_iter 0.1 to 0.5
+    rows = settings["prior_samples"] * (settings["prior_seq_len"] or settings["seq_len"])
+    t = settings["prior_seq_len"] or settings["seq_len"]
+    base = estimate(spec, settings, **kw)
+    ls = estimate(spec, settings, refit="ls", refit_samples=4, **kw)
+    assert ls.seconds == pytest.approx(base.seconds + refit_seconds(spec, None, 4 * t, t, machine))
+    assert ls.forward_tokens == base.forward_tokens + 4 * t
+    loop = estimate(spec, settings, refit="loop", refit_samples=4, **kw)
+    assert loop.seconds == pytest.approx(base.seconds + n_iter * refit_seconds(spec, None, 4 * t, t, machine))
+    residual = estimate(spec, settings, fluctuation="residual", **kw)
+    per_pass = second_moment_seconds(spec, spec.layers, rows, machine)
+    shares = sum(max(0.05, 1 - it * settings["p_iter"]) for it in range(n_iter))
+    assert residual.seconds == pytest.approx(base.seconds + shares * per_pass)
+    # auto: the refit where its memory fits, the residual metric with it where the dense pass has the rows
+    auto = estimate(spec, settings, refit="auto", refit_samples=4, fluctuation="auto", **kw)
+    assert auto.seconds == pytest.approx(ls.seconds + shares * per_pass)
+    many = 2**30 // t  # windows whose refit cannot fit the 1 GiB budget
+    assert refit_peak_bytes(spec, many * t, t) > machine.budget
+    off = estimate(spec, settings, refit="auto", refit_samples=many, fluctuation="auto", **kw)
+    assert (off.seconds, off.forward_tokens) == (base.seconds, base.forward_tokens)
+    # a chosen structure's refit only grams the layers that lost units
+    one = tuple(s if l else type(s)(s.heads[:1], s.kv_of_head[:1], s.mlp) for l, s in enumerate(spec.layers))
+    assert 0 < refit_seconds(spec, spec.layers, 64, 16, machine) < refit_seconds(spec, one, 64, 16, machine)
+    assert refit_seconds(spec, one, 64, 16, machine) < refit_seconds(spec, None, 64, 16, machine)
