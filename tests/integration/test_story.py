@@ -103,7 +103,7 @@ def test_report_of_the_demo_run(demo, tiny, capsys):
     assert rep["widths_after"] == {"heads": [len(s.heads) for s in pruned.layers],
                                    "mlp": [len(s.mlp) for s in pruned.layers]}
     assert len(rep["history"]) == report["prune"]["iterations"] == 2
-    assert set(rep["stage_seconds"]) == {"0", "1", "-"} and set(rep["stage_seconds"]["-"]) == {"export"}
+    assert set(rep["stage_seconds"]) == {"0", "1", "-"} and set(rep["stage_seconds"]["-"]) == {"refit", "export"}
     assert {"priors", "evaluate", "regression"} <= set(rep["stage_seconds"]["0"])
     assert is_png(rep["plot"])
     assert cli.main(["report", run_dir, "--no-plot"]) == 0
@@ -116,9 +116,10 @@ def test_metrics_file_lists_every_stage(demo):
     lines = [json.loads(x) for x in (open(f"{report['prune']['run_dir']}/metrics.jsonl").read().splitlines())]
     stages = [(m["stage"], m.get("iteration")) for m in lines]
     assert stages == [("priors", 0), ("evaluate", 0), ("regression", 0), ("iteration", 0),
-                      ("priors", 1), ("evaluate", 1), ("regression", 1), ("iteration", 1), ("export", None)]
+                      ("priors", 1), ("evaluate", 1), ("regression", 1), ("iteration", 1), ("refit", None),
+                      ("export", None)]
     for m in lines:
-        if m["stage"] in ("priors", "evaluate"):
+        if m["stage"] in ("priors", "evaluate", "refit"):
             assert m["seconds"] > 0 and m["tokens"] > 0 and m["predicted_seconds"] > 0
             assert m["peak_rss_bytes"] is None or m["peak_rss_bytes"] > 0
     adapted = report["models"][2]["dir"]
