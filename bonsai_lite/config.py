@@ -41,6 +41,10 @@ class SearchConfig:
     method: str = "bonsai"
     sparsity: float = 0.5
     p_iter: float = 0.05  # paper appendix A.2
+    # The first iteration's step (a fraction of the non-embedding parameters); 0 = p_iter, the paper's
+    # equal steps. Pruning changes the activations the priors are measured on less at first than
+    # later, so one larger first step costs little there and saves iterations (`removal_schedule`).
+    first_step: float = 0.0
     masks_per_iter: int = 200  # paper appendix A.2
     # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
@@ -125,6 +129,9 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
+        if not 0.0 <= self.first_step <= self.sparsity or self.first_step >= 0.5:
+            raise BonsaiError(f"--first-step must be 0 (= --p-iter) or in (0, sparsity={self.sparsity}] and below 0.5 "
+                              f"(the sampler perturbs twice a step of each layer), got {self.first_step}")
         if not 0.0 <= self.keep_spread <= 1.0:
             raise BonsaiError(f"--keep-spread must be in [0, 1] (1: any kept count from none to all), "
                               f"got {self.keep_spread}")
@@ -160,8 +167,27 @@ class SearchConfig:
 
     @property
     def iterations(self) -> int:
-        # tolerance: 0.5 / 0.05 is 10.000000000000002 in floating point
-        return math.ceil(self.sparsity / self.p_iter - 1e-9)
+        return len(self.schedule)
+
+    @property
+    def schedule(self) -> tuple[float, ...]:
+        return removal_schedule(self.sparsity, self.p_iter, self.first_step)
+
+    def step(self, iteration: int) -> float:
+        """Share of the parent's non-embedding parameters iteration `iteration` removes."""
+        s = self.schedule
+        return s[iteration] - (s[iteration - 1] if iteration else 0.0)
+
+
+def removal_schedule(sparsity: float, p_iter: float, first_step: float = 0.0) -> tuple[float, ...]:
+    """Share of the parent's non-embedding parameters removed after each iteration: a first step of
+    `first_step` (0: `p_iter`), then steps of `p_iter`, the last one cut at `sparsity`."""
+    # tolerance: 0.5 / 0.05 is 10.000000000000002 in floating point
+    if not first_step:  # (i + 1) p_iter, as runs before the setting computed it, to the last bit
+        return tuple(min(sparsity, (i + 1) * p_iter) for i in range(math.ceil(sparsity / p_iter - 1e-9)))
+    first = min(first_step, sparsity)
+    rest = max(0, math.ceil((sparsity - first) / p_iter - 1e-9))
+    return tuple(min(sparsity, first + i * p_iter) for i in range(rest + 1))
 
 
 @dataclass(frozen=True)
@@ -195,6 +221,8 @@ class RunConfig:
         d.pop("out")
         d.pop("spill_dir")
         d.pop("budget")  # a different budget changes speed, not results
+        if not self.search.first_step:  # runs from before the setting existed resume
+            d["search"].pop("first_step")
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")
             d.pop("refit_samples")

@@ -14,7 +14,7 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, refit=off|ls (the least-squares refit after the search),
-refit_samples=N, masks=N, p_iter=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
+refit_samples=N, masks=N, p_iter=X, first_step=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
 alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
 it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
 prior=wanda|activation|flap|flap-parent|flap-anchored, fluctuation=variance|residual, guard=on|off,
@@ -45,7 +45,7 @@ SEARCH_METHODS = {"bonsai", "bonsai-noregress"}  # methods that evaluate sub-mod
 # variant name -> (config field, parser, where it lives)
 VARIANTS = {
     "compensate": ("compensate", str, "search"), "masks": ("masks_per_iter", int, "preset"),
-    "p_iter": ("p_iter", float, "preset"), "samples": ("samples", int, "preset"), "seq": ("seq_len", int, "preset"),
+    "p_iter": ("p_iter", float, "preset"), "first_step": ("first_step", float, "search"), "samples": ("samples", int, "preset"), "seq": ("seq_len", int, "preset"),
     "prior_samples": ("prior_samples", int, "preset"), "prior_seq": ("prior_seq_len", int, "preset"),
     "rank": ("rank", str, "search"), "spread": ("keep_spread", float, "search"),
     "regression": ("regression", str, "search"), "gqa": ("gqa", str, "search"),

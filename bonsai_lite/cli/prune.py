@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
                    help="wall-clock budget for the search (e.g. 20m): picks masks/tokens/p_iter from the planner's "
                         "time model (bonsai_lite/prune/presets.py); explicit flags still win")
     p.add_argument("--p-iter", type=float, default=None, help="fraction pruned per iteration (paper: 0.05)")
+    p.add_argument("--first-step", type=float, default=0.0, metavar="X",
+                   help="fraction the first iteration prunes, then --p-iter per iteration (default 0: --p-iter, the "
+                        "paper's equal steps)")
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
@@ -119,6 +122,7 @@ def config_from_args(args) -> RunConfig:
                         prior_samples=pick(args.prior_samples, "prior_samples"),
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
+                          first_step=args.first_step,
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
                           fluctuation=args.fluctuation,
                           candidates=args.candidates, cv_scope=args.cv_scope,
@@ -143,7 +147,8 @@ def _fit_time_budget(args) -> dict:
                              spill_dir=args.spill_dir, checkpoint=args.model_dir)
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
-                        refit_samples=getattr(args, "refit_samples", 32), fluctuation=args.fluctuation)
+                        refit_samples=getattr(args, "refit_samples", 32), fluctuation=args.fluctuation,
+                        first_step=args.first_step)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings

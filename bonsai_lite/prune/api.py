@@ -172,7 +172,8 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         cfg = replace(cfg, dtype=auto)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
-    cfg = _resolve_refit(cfg, parent.spec, machine.budget, earlier=None if restart else _earlier_fluctuation(cfg, run_dir))
+    cfg = _resolve_refit(cfg, parent.spec, machine.budget, earlier=None if restart else _earlier_fluctuation(cfg, run_dir),
+                         seconds=_search_and_refit_seconds(cfg, parent.spec, machine) if cfg.refit == "auto" else None)
     if cfg.refit != "off":
         _check_refit_memory(cfg, parent.spec, machine.budget)
     if cfg.search.fluctuation == "residual":
@@ -234,9 +235,33 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
     }
 
 
-def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None) -> RunConfig:
+# --refit auto leaves the refit out when it is predicted to take longer than this many times the
+# search itself (an 8B model's float32 refit on a 2-core CPU: hours, against a 36-minute quick search)
+REFIT_TIME_RATIO = 2.0
+
+
+def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, float] | None:
+    """(the search's, the refit's) predicted seconds on `machine`, or None where the planner cannot
+    plan the search (the budget check that follows says why)."""
+    from bonsai_lite.prune.presets import estimate
+    from bonsai_lite.search.planner import refit_seconds
+
+    c, s = cfg.calib, cfg.search
+    settings = dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
+                    prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+    try:
+        search = estimate(spec, settings, method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
+                          first_step=s.first_step)
+    except BudgetError:
+        return None
+    return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine)
+
+
+def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None,
+                   seconds: tuple[float, float] | None = None) -> RunConfig:
     """`--refit auto`: stays auto (ls once `_check_length` has the text) when its memory fits the
-    budget, else off; `--fluctuation auto`: residual when the run
+    budget and its predicted time (`seconds`: the search's and its own) is at most REFIT_TIME_RATIO
+    times the search's, else off; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
     --refit is not searched again)."""
@@ -246,6 +271,11 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         fits = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len) <= budget
         if not fits:
             log.info("--refit auto: the least-squares refit does not fit the memory budget; biases only")
+        elif seconds is not None and seconds[1] > REFIT_TIME_RATIO * seconds[0]:
+            log.info("--refit auto: the least-squares refit is predicted to take %.0f s, over %.0fx the search's "
+                     "%.0f s on this machine; biases only (--refit ls runs it anyway)", seconds[1], REFIT_TIME_RATIO,
+                     seconds[0])
+            fits = False
         cfg = replace(cfg, refit="auto" if fits else "off")  # the text's length decides the rest (_check_length)
     if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))

@@ -106,7 +106,7 @@ class Pruner:
 
     def _target_removed(self, iteration: int) -> float:
         s = self.cfg.search
-        frac = s.sparsity if s.method == "flap" else min(s.sparsity, (iteration + 1) * s.p_iter)
+        frac = s.sparsity if s.method == "flap" else s.schedule[min(iteration, s.iterations - 1)]
         return frac * self.dense_params
 
     def _need(self, iteration: int, model) -> float:
@@ -278,8 +278,8 @@ class Pruner:
             head_p, mlp_p = model.spec.unit_params()
             chosen = global_candidates(comparable_prior(prior, layout.groups(), s.prior),
                                        unit_costs(layout, head_params=head_p, mlp_params=mlp_p),
-                                       2 * s.p_iter * self.dense_params, layout.groups())
-        sample = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=s.masks_per_iter, generator=g,
+                                       2 * s.step(it) * self.dense_params, layout.groups())
+        sample = sample_masks(prior, groups=layout.groups(), p_iter=s.step(it), n_masks=s.masks_per_iter, generator=g,
                               keep_spread=s.sampling_spread, candidates=chosen)
         masks = sample.masks
         if s.regression.startswith("best"):  # the prior's own proposal is evaluated beside the sampled masks, last
@@ -396,7 +396,7 @@ class Pruner:
                 # A global ranking of raw module-level Wanda scores is not comparable across layers
                 # (activation scale grows with depth) and strips whole layers.
                 g = torch.Generator().manual_seed(_seed(cfg, it, 3))
-                perturbable = sample_masks(prior, groups=layout.groups(), p_iter=s.p_iter, n_masks=2,
+                perturbable = sample_masks(prior, groups=layout.groups(), p_iter=s.step(it), n_masks=2,
                                            generator=g).candidates
                 scores = torch.where(perturbable, prior, torch.full_like(prior, math.inf))
             else:  # flap

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from bonsai_lite.config import PRESETS
+from bonsai_lite.config import PRESETS, removal_schedule
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
@@ -53,15 +53,17 @@ class Estimate:
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
              dtype: str | None = None, refit: str = "off", refit_samples: int = 32,
-             fluctuation: str = "variance") -> Estimate:
+             fluctuation: str = "variance", first_step: float = 0.0) -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
     on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
-    metric's second moments to each dense pass of the methods that use FLAP's metric."""
+    metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
+    is --first-step (`config.removal_schedule`)."""
     p_iter = min(settings["p_iter"], sparsity)
-    n_iter = 1 if method == "flap" else math.ceil(sparsity / p_iter - 1e-9)
+    schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
+    n_iter = len(schedule)
     prior_n = settings.get("prior_samples") or settings["samples"]
     prior_t = settings.get("prior_seq_len") or settings["seq_len"]
     if refit == "auto":
@@ -74,9 +76,9 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
     tokens = 0
     for it in range(n_iter):
-        # the structure at iteration `it` keeps ~(1 - it p_iter) of the prunable parameters: scale
-        # the parent's compute by it (the planner's time is dominated by compute on a CPU)
-        left = max(0.05, 1.0 - it * p_iter)
+        # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
+        # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
+        left = max(0.05, 1.0 - (schedule[it - 1] if it else 0.0))
         dense = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype)
         seconds += dense.predicted_seconds * left
         if residual:

@@ -485,14 +485,20 @@ FP64_CPU_FACTOR = 0.5
 FP32_GPU_FACTOR = 0.07
 
 
-def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *, solves: int = 1) -> float:
+def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *,
+                          solve_outputs: int | None = None) -> float:
     """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
-    layer of `layers` (float32 tile products; `ActivationStats` with a gram, `refit._gram`) and of
-    `solves` float64 factorisations of each (2 d^3 flops: an inverse, or a solve with d outputs).
-    The --fluctuation residual metric pays this in each dense pass; the refit pays it once."""
-    widths = [(len(s.heads) * spec.head_dim, len(s.mlp)) for s in layers]
-    products = sum(2 * rows * (o * o + m * m) for o, m in widths)
-    factor = sum(2 * (o**3 + m**3) for o, m in widths) * solves
+    layer of `layers` (float32 tile products: `ActivationStats` with a gram, `refit._gram`), and of
+    one float64 factorisation of each: the inverse (Cholesky and its inverse, d^3 flops, counted
+    twice: they ran at half a float64 GEMM's rate here) that the --fluctuation residual metric pays
+    in each dense pass, or with `solve_outputs` = h the refit's solve for h outputs (LU, 2/3 d^3,
+    and the right-hand side's product and solves, 4 d^2 h)."""
+    widths = [d for s in layers for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
+    products = sum(2 * rows * d * d for d in widths)
+    if solve_outputs is None:
+        factor = sum(2 * d**3 for d in widths)
+    else:
+        factor = sum(2 * d**3 / 3 + 4 * d * d * solve_outputs for d in widths)
     fp32 = machine.flops * (FP32_GPU_FACTOR if machine.is_cuda else 1.0)
     return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
 
@@ -512,7 +518,7 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     weights = sum(m.block_params) * spec.dtype.itemsize
     ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
     cached = 1.0 if ckpt <= machine.page_cache else machine.cached
-    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine)
+    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden)
             + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS)
 
 

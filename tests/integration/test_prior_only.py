@@ -245,3 +245,31 @@ def test_best_confirmed_keeps_the_winner_only_if_it_wins_again_on_fresh_windows(
     monkeypatch.setattr(L.Pruner, "_confirm_losses", confirm)
     _run(model_dir, tmp_path, "bp", "best-confirmed", **kw)
     assert not calls
+
+
+def test_a_first_step_removes_its_share_in_one_iteration(tiny_models, tmp_path):
+    # --first-step 0.2 then p_iter 0.1 to 0.4: two iterations removing 0.2 and 0.1 + 0.1 of the parent's
+    # non-embedding parameters; a first step equal to p_iter is the paper's schedule, the same model
+    from dataclasses import replace
+
+    model_dir = tiny_models["llama-gqa-tied"]
+    ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
+
+    def run(name, first, p_iter=0.1):
+        cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
+                        search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=p_iter, first_step=first,
+                                            masks_per_iter=8, seed=1), device="cpu")
+        return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+
+    dense = StreamedModel.open(model_dir).spec.non_embedding_params()
+    stepped = run("stepped", 0.2)
+    assert len(stepped.history) == 3
+    left = [dense] + [h["params_non_embedding"] for h in stepped.history]
+    removed = [(a - b) / dense for a, b in zip(left, left[1:])]
+    unit = 3 * StreamedModel.open(model_dir).spec.hidden / dense  # one MLP unit, the smallest step
+    assert removed[0] == pytest.approx(0.2, abs=2 * unit) and removed[1] == pytest.approx(0.1, abs=4 * unit)
+    assert (dense - left[-1]) / dense == pytest.approx(0.4, abs=2 * unit)
+    same = run("same", 0.1)
+    paper = run("paper", 0.0)
+    assert [h["removed_units"] for h in same.history] == [h["removed_units"] for h in paper.history]
+    assert same.layers == paper.layers

@@ -1,0 +1,41 @@
+"""--first-step: the share each iteration removes (`config.removal_schedule`)."""
+import math
+
+import pytest
+
+from bonsai_lite.config import SearchConfig, removal_schedule
+from bonsai_lite.errors import BonsaiError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("sparsity,p_iter", [(0.5, 0.05), (0.2, 0.05), (0.35, 0.05), (0.3, 0.1), (0.22, 0.05)])
+def test_equal_steps_are_the_paper_s_to_the_last_bit(sparsity, p_iter):
+    # what runs before --first-step computed: (i + 1) p_iter, capped at the sparsity
+    old = [min(sparsity, (i + 1) * p_iter) for i in range(math.ceil(sparsity / p_iter - 1e-9))]
+    assert list(removal_schedule(sparsity, p_iter)) == old
+    assert SearchConfig(sparsity=sparsity, p_iter=p_iter).iterations == len(old)
+
+
+def test_a_first_step_then_p_iter_steps():
+    assert removal_schedule(0.5, 0.05, 0.2) == pytest.approx((0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5))
+    assert removal_schedule(0.2, 0.05, 0.2) == (0.2,)
+    assert removal_schedule(0.22, 0.05, 0.2) == pytest.approx((0.2, 0.22))
+    s = SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.2)
+    assert s.iterations == 4 and [round(s.step(i), 9) for i in range(4)] == [0.2, 0.05, 0.05, 0.05]
+    assert sum(s.step(i) for i in range(s.iterations)) == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize("first", [-0.1, 0.6, 0.5])
+def test_bad_first_steps_are_refused(first):
+    with pytest.raises(BonsaiError, match="--first-step"):
+        SearchConfig(sparsity=0.55, p_iter=0.05, first_step=first)
+
+
+def test_runs_without_a_first_step_keep_their_resume_key():
+    from bonsai_lite.config import CalibConfig, RunConfig
+
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig())
+    assert "first_step" not in cfg.resume_key()["search"]
+    stepped = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(first_step=0.2))
+    assert stepped.resume_key()["search"]["first_step"] == 0.2
