@@ -276,6 +276,9 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
                      "%.0f s on this machine; biases only (--refit ls runs it anyway)", seconds[1], REFIT_TIME_RATIO,
                      seconds[0])
             fits = False
+        elif seconds is not None:
+            log.info("--refit auto: the least-squares refit follows the search (predicted %.0f s on this machine, "
+                     "the search %.0f s; --refit off leaves it out)", seconds[1], seconds[0])
         cfg = replace(cfg, refit="auto" if fits else "off")  # the text's length decides the rest (_check_length)
     if cfg.search.fluctuation == "auto" and earlier in ("variance", "residual"):
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
