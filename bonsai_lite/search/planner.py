@@ -485,6 +485,14 @@ FP64_CPU_FACTOR = 0.5
 FP32_GPU_FACTOR = 0.07
 
 
+def _large_gemm_flops(machine: Machine) -> float:
+    """float32 rate of the few large GEMMs of the second moments and the refit (thousands of rows
+    each): on a CPU the probe's own rate, not the engine's CPU_ENGINE_FRACTION of it (the refit of
+    SmolLM2 was predicted at 162-164 s with the engine's rate and took 95-100 s); on a GPU its
+    float32 rate."""
+    return machine.flops * FP32_GPU_FACTOR if machine.is_cuda else machine.flops / CPU_ENGINE_FRACTION
+
+
 def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *,
                           solve_outputs: int | None = None) -> float:
     """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
@@ -499,7 +507,7 @@ def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, 
         factor = sum(2 * d**3 for d in widths)
     else:
         factor = sum(2 * d**3 / 3 + 4 * d * d * solve_outputs for d in widths)
-    fp32 = machine.flops * (FP32_GPU_FACTOR if machine.is_cuda else 1.0)
+    fp32 = _large_gemm_flops(machine)
     return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
 
 
@@ -514,7 +522,7 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     m = _Shape.of(spec, spec.layers)
     forward = tokens * (m.flops_per_token(seq_len) - 2 * m.hidden * m.vocab)
     forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
-    fp32 = machine.flops * (FP32_GPU_FACTOR if machine.is_cuda else 1.0)
+    fp32 = _large_gemm_flops(machine)
     weights = sum(m.block_params) * spec.dtype.itemsize
     ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
     cached = 1.0 if ckpt <= machine.page_cache else machine.cached
