@@ -148,7 +148,7 @@ def _fit_time_budget(args) -> dict:
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
                         refit_samples=getattr(args, "refit_samples", 32), fluctuation=args.fluctuation,
-                        first_step=args.first_step)
+                        first_step=args.first_step, regression=args.regression)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings

@@ -251,7 +251,7 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
                     prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
     try:
         search = estimate(spec, settings, method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
-                          first_step=s.first_step)
+                          first_step=s.first_step, regression=s.regression)
     except BudgetError:
         return None
     return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine)

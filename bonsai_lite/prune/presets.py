@@ -53,14 +53,14 @@ class Estimate:
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
              dtype: str | None = None, refit: str = "off", refit_samples: int = 32,
-             fluctuation: str = "variance", first_step: float = 0.0) -> Estimate:
+             fluctuation: str = "variance", first_step: float = 0.0, regression: str = "unit") -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
     on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
     metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
-    is --first-step (`config.removal_schedule`)."""
+    is --first-step (`config.removal_schedule`); `regression` "none" evaluates no sub-models."""
     p_iter = min(settings["p_iter"], sparsity)
     schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
     n_iter = len(schedule)
@@ -84,7 +84,7 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
         if residual:
             seconds += second_moment_seconds(spec, spec.layers, prior_n * prior_t, machine) * left
         tokens += prior_n * prior_t
-        if method in SEARCH_METHODS:
+        if method in SEARCH_METHODS and regression != "none":
             k = settings["masks_per_iter"]
             ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
             seconds += ev.predicted_seconds * left

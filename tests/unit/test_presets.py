@@ -68,6 +68,10 @@ def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
     assert refit_peak_bytes(spec, many * t, t) > machine.budget
     off = estimate(spec, settings, refit="auto", refit_samples=many, fluctuation="auto", **kw)
     assert (off.seconds, off.forward_tokens) == (base.seconds, base.forward_tokens)
+    # --regression none evaluates no sub-models: only the dense passes (and the refit) are left
+    none = estimate(spec, settings, regression="none", **kw)
+    flap_like = estimate(spec, settings, **dict(kw, method="wanda-sp"))  # the same dense passes, no column read
+    assert none.seconds < base.seconds and none.forward_tokens == flap_like.forward_tokens
     # a chosen structure's refit only grams the layers that lost units
     one = tuple(s if l else type(s)(s.heads[:1], s.kv_of_head[:1], s.mlp) for l, s in enumerate(spec.layers))
     assert 0 < refit_seconds(spec, spec.layers, 64, 16, machine) < refit_seconds(spec, one, 64, 16, machine)
