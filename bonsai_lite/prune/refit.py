@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from bonsai_lite.ops import attention, mlp, rms_norm, rotary_cos_sin
+from bonsai_lite.search.priors import RIDGE_DAMP
 from bonsai_lite.structure import LayerStructure
 
 # Ridge weight, times the mean diagonal of the kept inputs' second moments. 0.01 is SparseGPT's
 # dampening; 0.1 shrinks too far (SmolLM2-135M, 20%, seed 0: 31.0 against FLAP's bias alone 40.2;
-# docs/RESULTS.md).
-DAMP = 0.01
+# docs/RESULTS.md). Defined beside the residual fluctuation, which damps its covariances the same way.
+DAMP = RIDGE_DAMP
 
 
 def refit_projection(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, *,

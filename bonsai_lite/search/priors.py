@@ -29,7 +29,13 @@ __all__ = [
     "flap_standardize",
     "flap_bias_compensation",
     "bias_compensation",
+    "RIDGE_DAMP",
 ]
+
+# Ridge damping of the least-squares refit (prune/refit.py, which takes it from here), times the mean
+# diagonal of the second moments; the residual fluctuation models what that refit cannot recover,
+# so it damps the inputs' covariance the same way.
+RIDGE_DAMP = 0.01
 
 
 @dataclass
@@ -92,7 +98,7 @@ class ActivationStats:
             gram=None if self.gram is None or other.gram is None else self.gram + other.gram.to(dev),
         )
 
-    def reduce_gram(self, *, group_size: int, damp: float = 0.01) -> None:
+    def reduce_gram(self, *, group_size: int, damp: float = RIDGE_DAMP) -> None:
         """Replace the second moments (width^2 floats) by the residual covariances (width x g)."""
         self.residual = residual_covariances(self, group_size=group_size, damp=damp)
         self.gram = None
@@ -220,7 +226,7 @@ def column_gram_blocks(w_out: torch.Tensor, *, group_size: int) -> torch.Tensor:
     return torch.einsum("oui,ouj->uij", w, w)
 
 
-def residual_covariances(stats: ActivationStats, *, group_size: int, damp: float = 0.01) -> torch.Tensor:
+def residual_covariances(stats: ActivationStats, *, group_size: int, damp: float = RIDGE_DAMP) -> torch.Tensor:
     """Covariance of each unit's inputs left after the best affine prediction from all the other
     inputs, ``[units, g, g]`` float64: ``inv(inv(Sigma)[G, G])`` with Sigma the inputs' covariance,
     ridge-damped by ``damp`` times its mean diagonal (the refit's `DAMP`). Where FLAP's variance is
