@@ -74,21 +74,20 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
         fluctuation == "auto" and refit != "off" and residual_fits(spec, prior_n * prior_t, machine.budget)))
     # FLAP's scores read every o/down projection once per run
     seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
-    tokens = 0
-    for it in range(n_iter):
-        # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
-        # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
-        left = max(0.05, 1.0 - (schedule[it - 1] if it else 0.0))
-        dense = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype)
-        seconds += dense.predicted_seconds * left
-        if residual:
-            seconds += second_moment_seconds(spec, spec.layers, prior_n * prior_t, machine) * left
-        tokens += prior_n * prior_t
-        if method in SEARCH_METHODS and regression != "none":
-            k = settings["masks_per_iter"]
-            ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
-            seconds += ev.predicted_seconds * left
-            tokens += k * settings["samples"] * settings["seq_len"]
+    # one iteration on the parent: its dense pass (with the residual metric's second moments) and its sub-models
+    per_iter = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype).predicted_seconds
+    if residual:
+        per_iter += second_moment_seconds(spec, spec.layers, prior_n * prior_t, machine)
+    tokens_per_iter = prior_n * prior_t
+    if method in SEARCH_METHODS and regression != "none":
+        k = settings["masks_per_iter"]
+        ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
+        per_iter += ev.predicted_seconds
+        tokens_per_iter += k * settings["samples"] * settings["seq_len"]
+    # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
+    # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
+    seconds += per_iter * sum(max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) for it in range(n_iter))
+    tokens = tokens_per_iter * n_iter
     refits = 0 if refit == "off" else (n_iter if refit == "loop" else 1)
     seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine)
     tokens += refits * refit_samples * prior_t  # the refit passes each block once, as the loop counts it

@@ -474,8 +474,7 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
     plus the read buffers' fresh pages and the float32 slabs."""
     params = sum(spec.hidden * (len(s.heads) * spec.head_dim + len(s.mlp)) for s in spec.layers)
     src = params * spec.dtype.itemsize
-    ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
-    cached = 1.0 if ckpt <= machine.page_cache else machine.cached
+    cached = _cached_share(spec, machine)
     return _first_read_seconds(src, cached, machine) + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
 
 
@@ -524,10 +523,16 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
     fp32 = _large_gemm_flops(machine)
     weights = sum(m.block_params) * spec.dtype.itemsize
-    ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
-    cached = 1.0 if ckpt <= machine.page_cache else machine.cached
+    cached = _cached_share(spec, machine)
     return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden)
             + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS)
+
+
+def _cached_share(spec: ModelSpec, machine: Machine) -> float:
+    """Share of the checkpoint a first read finds in the page cache: all of it when the whole
+    checkpoint fits there, else what was cached at the start."""
+    ckpt = (spec.non_embedding_params() + spec.embedding_params()) * spec.dtype.itemsize
+    return 1.0 if ckpt <= machine.page_cache else machine.cached
 
 
 def _first_read_seconds(nbytes: float, cached: float, machine: Machine) -> float:
