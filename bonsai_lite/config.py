@@ -16,6 +16,17 @@ METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "rando
 COMPENSATE_AUTO = frozenset({"flap", "wanda-sp"})
 MIN_REGRESSION_MASKS = 4  # two (mask, complement) pairs: the fewest the pair-aware cross-validation can split
 REGRESSIONS = ("unit", "allocation", "none", "best", "best-confirmed")
+# `--regression auto` (the CLI's default) keeps the paper's regression only when each sub-model is
+# evaluated on at least this many tokens. Below it the sub-model losses were measured to add nothing
+# over the prior (SmolLM2-135M, 4 x 128 tokens per sub-model, 3 seeds at 20/35/50%, with and without
+# the refit; docs/RESULTS.md), for 2-3x the forward tokens; above it nothing was measured on a CPU.
+REGRESSION_MIN_TOKENS = 2048
+
+
+def auto_regression(method: str, samples: int, seq_len: int) -> str:
+    """What `--regression auto` runs: the paper's per-unit regression when `samples` x `seq_len`
+    tokens per sub-model reach REGRESSION_MIN_TOKENS, else none (Bonsai's frame on the prior alone)."""
+    return "none" if method == "bonsai" and samples * seq_len < REGRESSION_MIN_TOKENS else "unit"
 ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 
 
@@ -177,6 +188,20 @@ class SearchConfig:
         """Share of the parent's non-embedding parameters iteration `iteration` removes."""
         s = self.schedule
         return s[iteration] - (s[iteration - 1] if iteration else 0.0)
+
+    def dense_scale(self, iteration: int) -> int:
+        """How many times --prior-samples windows iteration `iteration`'s dense pass draws (`dense_scale`)."""
+        return dense_scale(self.method, self.step(iteration), self.p_iter, self.first_step)
+
+
+def dense_scale(method: str, step: float, p_iter: float, first_step: float) -> int:
+    """A step of k x p_iter gets k times the dense-pass windows (rounded, at least 1), so the priors
+    cost the same forward tokens per parameter removed whatever the schedule: a first step of 0.2 at
+    p_iter 0.05 measures its priors on 4x the windows, the tokens of the four steps it replaces.
+    With equal steps (first_step 0) and for flap (one pass, whatever the schedule) it is 1."""
+    if not first_step or method == "flap":
+        return 1
+    return max(1, round(step / p_iter))
 
 
 def removal_schedule(sparsity: float, p_iter: float, first_step: float = 0.0) -> tuple[float, ...]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.config import METHODS, PRESETS, REGRESSIONS, CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.config import (METHODS, PRESETS, REGRESSION_MIN_TOKENS, REGRESSIONS, CalibConfig, RunConfig,
+                                SearchConfig, auto_regression)
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.search.planner import parse_bytes
 
@@ -33,7 +34,9 @@ SEARCH_CHOICES = (
     ("--rank", ["auto", "relevance", "per-param", "within"],
      "how Bonsai's relevances rank units: globally as they are (the paper's), per parameter removed, or within: "
      "they order each (layer, kind) group and the prior decides how many units each group loses (auto: within)"),
-    ("--regression", list(REGRESSIONS),
+    ("--regression", ["auto", *REGRESSIONS],
+     f"auto: unit when each sub-model is evaluated on at least {REGRESSION_MIN_TOKENS} tokens (--calib-samples x "
+     "--seq-len), else none (below it the sub-models measured no better than the prior alone, docs/RESULTS.md); "
      "unit: one relevance per unit (paper eq. 3); allocation: prior order within each (layer, kind), learned "
      "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone; best: "
      "remove what the lowest-loss sub-model removed (the prior's proposal evaluated among them); best-confirmed: "
@@ -121,13 +124,20 @@ def config_from_args(args) -> RunConfig:
                         samples=pick(args.calib_samples, "samples"), seq_len=pick(args.seq_len, "seq_len"),
                         prior_samples=pick(args.prior_samples, "prior_samples"),
                         prior_seq_len=pick(args.prior_seq_len, "prior_seq_len"))
+    regression = args.regression
+    if regression == "auto":
+        regression = auto_regression(args.method, calib.samples, calib.seq_len)
+        if regression == "none" and args.method == "bonsai":
+            log.info("--regression auto: none: sub-models of %d x %d tokens (under %d) measured no better than the "
+                     "prior alone (docs/RESULTS.md), so the iterations rank by the prior; --regression unit "
+                     "evaluates them", calib.samples, calib.seq_len, REGRESSION_MIN_TOKENS)
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
                           first_step=args.first_step,
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
                           fluctuation=args.fluctuation,
                           candidates=args.candidates, cv_scope=args.cv_scope,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
-                          compensate=args.compensate, regression=args.regression, multiple_of=_multiple_of(args),
+                          compensate=args.compensate, regression=regression, multiple_of=_multiple_of(args),
                           gqa=args.gqa)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,

@@ -284,7 +284,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         cfg = replace(cfg, search=replace(cfg.search, fluctuation=earlier))
     if cfg.search.fluctuation == "auto":
         c = cfg.calib
-        rows = (c.prior_samples or c.samples) * (c.prior_seq_len or c.seq_len)
+        rows = c.prior_samples * (c.prior_seq_len or c.seq_len) if c.prior_samples else c.samples * c.seq_len
         residual = cfg.refit != "off" and residual_fits(spec, rows, budget)
         cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
     return cfg

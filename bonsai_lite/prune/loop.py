@@ -101,8 +101,11 @@ class Pruner:
         c = self.cfg.calib
         if not c.prior_samples:
             return tokens
-        return calibration_tokens(self.ids, samples=c.prior_samples, seq_len=c.prior_seq_len or c.seq_len,
-                                  seed=_seed(self.cfg, iteration, 5))
+        seq = c.prior_seq_len or c.seq_len
+        # a larger step draws more windows (config.dense_scale), as many as the text holds (prune.api
+        # checked it holds --prior-samples)
+        n = min(c.prior_samples * self.cfg.search.dense_scale(iteration), max(c.prior_samples, self.ids.numel() // seq))
+        return calibration_tokens(self.ids, samples=n, seq_len=seq, seed=_seed(self.cfg, iteration, 5))
 
     def _target_removed(self, iteration: int) -> float:
         s = self.cfg.search

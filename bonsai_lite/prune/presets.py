@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from bonsai_lite.config import PRESETS, removal_schedule
+from bonsai_lite.config import PRESETS, auto_regression, dense_scale, removal_schedule
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
@@ -60,34 +60,44 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
     metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
-    is --first-step (`config.removal_schedule`); `regression` "none" evaluates no sub-models."""
+    is --first-step (`config.removal_schedule`); `regression` "none" evaluates no sub-models ("auto":
+    `config.auto_regression` of the rung's windows)."""
     p_iter = min(settings["p_iter"], sparsity)
+    if regression == "auto":
+        regression = auto_regression(method, settings["samples"], settings["seq_len"])
     schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
     n_iter = len(schedule)
     prior_n = settings.get("prior_samples") or settings["samples"]
-    prior_t = settings.get("prior_seq_len") or settings["seq_len"]
+    prior_t = settings.get("prior_seq_len") or settings["seq_len"]  # the refit's windows
+    dense_t = prior_t if settings.get("prior_samples") else settings["seq_len"]  # without its own: the search's
     if refit == "auto":
         fits = refit_peak_bytes(spec, refit_samples * prior_t, prior_t) <= machine.budget
         refit = "ls" if fits else "off"
     flap_metric = method in ("bonsai", "flap")  # FLAP's scores: bonsai's default prior, and flap itself
     residual = flap_metric and (fluctuation == "residual" or (
-        fluctuation == "auto" and refit != "off" and residual_fits(spec, prior_n * prior_t, machine.budget)))
+        fluctuation == "auto" and refit != "off" and residual_fits(spec, prior_n * dense_t, machine.budget)))
     # FLAP's scores read every o/down projection once per run
     seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
-    # one iteration on the parent: its dense pass (with the residual metric's second moments) and its sub-models
-    per_iter = make_plan(spec, spec.layers, Work(1, prior_n, prior_t), machine, dtype=dtype).predicted_seconds
-    if residual:
-        per_iter += second_moment_seconds(spec, spec.layers, prior_n * prior_t, machine)
-    tokens_per_iter = prior_n * prior_t
-    if method in SEARCH_METHODS and regression != "none":
+    def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments
+        rows = prior_n * scale
+        t = make_plan(spec, spec.layers, Work(1, rows, dense_t), machine, dtype=dtype).predicted_seconds
+        return t + (second_moment_seconds(spec, spec.layers, rows * dense_t, machine) if residual else 0.0)
+
+    # a step larger than p_iter draws more dense-pass windows (config.dense_scale), when it has its own
+    steps = [schedule[it] - (schedule[it - 1] if it else 0.0) for it in range(n_iter)]
+    scales = [dense_scale(method, st, p_iter, first_step) if settings.get("prior_samples") else 1 for st in steps]
+    per_scale = {k: dense(k) for k in set(scales)}
+    ev_seconds, ev_tokens = 0.0, 0
+    if method in SEARCH_METHODS and regression != "none":  # one iteration's sub-models on the parent
         k = settings["masks_per_iter"]
-        ev = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine, dtype=dtype)
-        per_iter += ev.predicted_seconds
-        tokens_per_iter += k * settings["samples"] * settings["seq_len"]
+        ev_seconds = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine,
+                               dtype=dtype).predicted_seconds
+        ev_tokens = k * settings["samples"] * settings["seq_len"]
     # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
     # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
-    seconds += per_iter * sum(max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) for it in range(n_iter))
-    tokens = tokens_per_iter * n_iter
+    seconds += sum(max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) * (per_scale[scales[it]] + ev_seconds)
+                   for it in range(n_iter))
+    tokens = sum(prior_n * dense_t * k + ev_tokens for k in scales)
     refits = 0 if refit == "off" else (n_iter if refit == "loop" else 1)
     seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine)
     tokens += refits * refit_samples * prior_t  # the refit passes each block once, as the loop counts it

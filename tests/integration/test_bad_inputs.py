@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 def prune_args(model, calib, out, *extra) -> list[str]:
     return ["prune", str(model), "--sparsity", "0.3", "--p-iter", "0.1", "--masks-per-iter", "8",
             "--calib-samples", "2", "--seq-len", "16", "--calib", str(calib), "--out", str(out), "--device", "cpu",
-            "--checkpoint-masks", "4", *extra]
+            "--checkpoint-masks", "4", "--regression", "unit", *extra]
 
 
 def snapshot(*dirs: Path) -> dict:

@@ -29,7 +29,7 @@ def run(model, calib, out, *, ranks: int, fault: str | None = None, env_extra: d
     # 2 iterations x 8 sub-models, a commit every 4 sub-models (2 per rank under 2 ranks)
     args = ["prune", str(model), "--sparsity", "0.2", "--p-iter", "0.1", "--masks-per-iter", "8", "--calib-samples",
             "2", "--seq-len", "16", "--calib", str(calib), "--out", str(out), "--device", "cpu", "--seed", "7",
-            "--checkpoint-masks", "4", "--dist-timeout", "60", "--json"]
+            "--checkpoint-masks", "4", "--dist-timeout", "60", "--json", "--regression", "unit"]
     if ranks == 1:
         argv = [sys.executable, "-m", "bonsai_lite", *args]
     else:
@@ -129,7 +129,7 @@ def test_lost_rank_ends_the_other_with_a_message(setup, tmp_path, how):
     timeout = "120" if how == "dies" else "5"
     args = ["prune", str(model), "--sparsity", "0.2", "--p-iter", "0.1", "--masks-per-iter", "8", "--calib-samples",
             "2", "--seq-len", "16", "--calib", str(calib), "--out", str(tmp_path / "out"), "--device", "cpu",
-            "--checkpoint-masks", "4", "--dist-timeout", timeout]
+            "--checkpoint-masks", "4", "--dist-timeout", timeout, "--regression", "unit"]
     base = {k: v for k, v in os.environ.items() if k != "BONSAI_LITE_FAULT"}
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TQDM_DISABLE="1", WORLD_SIZE="2",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -273,3 +273,26 @@ def test_a_first_step_removes_its_share_in_one_iteration(tiny_models, tmp_path):
     paper = run("paper", 0.0)
     assert [h["removed_units"] for h in same.history] == [h["removed_units"] for h in paper.history]
     assert same.layers == paper.layers
+
+
+def test_one_step_prior_only_is_flap_on_the_steps_windows(tiny_models, tmp_path):
+    # A first step of the whole target with --regression none is one pass of FLAP's global ranking
+    # (flap-parent z-scores on the first pass are FLAP's): it draws 4x --prior-samples windows for a
+    # step of 4 x p_iter (config.dense_scale), so it is FLAP given those windows, model for model.
+    model_dir = tiny_models["llama-gqa-tied"]
+    ids = torch.randint(0, 211, (4000,), generator=torch.Generator().manual_seed(0))
+
+    def run(name, method, prior_samples, **search):
+        cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name),
+                        calib=CalibConfig(text=None, samples=2, seq_len=16, prior_samples=prior_samples, prior_seq_len=32),
+                        search=SearchConfig(method=method, sparsity=0.4, p_iter=0.1, seed=2, **search), device="cpu")
+        return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+
+    one = run("one", "bonsai", 3, first_step=0.4, regression="none", fluctuation="variance")
+    assert len(one.history) == 1 and one.history[0]["forward_tokens"] == 4 * 3 * 32
+    flap = run("flap", "flap", 12, fluctuation="variance")
+    assert one.layers == flap.layers
+    assert one.extra_biases.keys() == flap.extra_biases.keys()
+    for k, v in one.extra_biases.items():
+        torch.testing.assert_close(v, flap.extra_biases[k])
+    assert run("small", "flap", 3, fluctuation="variance").layers != one.layers  # the windows matter here

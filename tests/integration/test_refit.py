@@ -144,7 +144,7 @@ def test_refit_loop_searches_the_refitted_model_and_resumes_bit_identical(tiny_m
     def run(out, refit="loop", fault=None):
         argv = [sys.executable, "-m", "bonsai_lite.cli.main", "prune", str(model), "--sparsity", "0.4", "--p-iter", "0.2",
                 "--masks-per-iter", "8", "--calib-samples", "2", "--seq-len", "16", "--calib", str(text), "--out",
-                str(out), "--device", "cpu", "--seed", "3", "--refit", refit, "--refit-samples", "3"]
+                str(out), "--device", "cpu", "--seed", "3", "--refit", refit, "--refit-samples", "3", "--regression", "unit"]
         env = {k: v for k, v in os.environ.items() if k != "BONSAI_LITE_FAULT"}
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TQDM_DISABLE="1", **({"BONSAI_LITE_FAULT": fault} if fault else {}))
         return subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

@@ -38,7 +38,7 @@ def run_cli(model, calib, out, *, fault: str | None = None) -> subprocess.Comple
     # 3 iterations x 8 sub-models in chunks of 2 (4 commits per iteration)
     argv = [sys.executable, "-m", "bonsai_lite.cli.main", "prune", str(model), "--sparsity", "0.3", "--p-iter", "0.1",
             "--masks-per-iter", "8", "--calib-samples", "2", "--seq-len", "16", "--calib", str(calib), "--out", str(out),
-            "--device", "cpu", "--seed", "7", "--checkpoint-masks", "2"]
+            "--device", "cpu", "--seed", "7", "--checkpoint-masks", "2", "--regression", "unit"]
     env = {k: v for k, v in os.environ.items() if k != "BONSAI_LITE_FAULT"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), TQDM_DISABLE="1")
     if fault:

@@ -76,3 +76,50 @@ def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
     one = tuple(s if l else type(s)(s.heads[:1], s.kv_of_head[:1], s.mlp) for l, s in enumerate(spec.layers))
     assert 0 < refit_seconds(spec, spec.layers, 64, 16, machine) < refit_seconds(spec, one, 64, 16, machine)
     assert refit_seconds(spec, one, 64, 16, machine) < refit_seconds(spec, None, 64, 16, machine)
+
+
+def test_regression_auto_drops_sub_models_below_the_measured_size(tiny_models, tmp_path):
+    # `prune`'s default --regression auto: the paper's regression where each sub-model gets at least
+    # REGRESSION_MIN_TOKENS tokens, the prior alone below (what the quick and standard presets give)
+    from bonsai_lite.cli.main import build_parser
+    from bonsai_lite.cli.prune import config_from_args
+    from bonsai_lite.config import PRESETS, REGRESSION_MIN_TOKENS
+
+    model = str(tiny_models["llama-gqa-tied"])
+
+    def regression(*flags):
+        args = build_parser().parse_args(["prune", model, "--sparsity", "0.5", "--out", str(tmp_path / "o"), *flags])
+        return config_from_args(args).search.regression
+
+    for preset in ("quick", "standard"):
+        assert PRESETS[preset]["samples"] * PRESETS[preset]["seq_len"] < REGRESSION_MIN_TOKENS
+        assert regression("--preset", preset) == "none"
+        assert regression("--preset", preset, "--regression", "unit") == "unit"
+    assert regression("--preset", "paper") == regression() == "unit"  # 32 x 2048 per sub-model
+    assert regression("--calib-samples", "16", "--seq-len", "128") == "unit"  # 2048: at the threshold
+    assert regression("--calib-samples", "15", "--seq-len", "128") == "none"
+    assert regression("--calib-samples", "2", "--seq-len", "16", "--method", "flap") == "unit"  # not bonsai's: unused
+    # the time budget's estimate resolves auto per rung: no sub-models below the threshold, so only
+    # the dense passes are paid (the same as --regression none)
+    spec = load_spec(tiny_models["llama-gqa-tied"])
+    kw = dict(method="bonsai", sparsity=0.5, machine=nominal_machine(device="cpu", budget=2**30))
+    for _, settings in LADDER:
+        auto = estimate(spec, settings, regression="auto", **kw)
+        small = settings["samples"] * settings["seq_len"] < REGRESSION_MIN_TOKENS
+        assert auto == estimate(spec, settings, regression="none" if small else "unit", **kw)
+
+
+def test_a_larger_first_step_pays_its_larger_dense_pass(tiny_models):
+    # --first-step 0.2 at p_iter 0.05 draws 4x the dense-pass windows once (config.dense_scale): the
+    # same forward tokens as the four equal steps it replaces
+    spec = load_spec(tiny_models["llama-gqa-tied"])
+    kw = dict(method="bonsai", sparsity=0.5, machine=nominal_machine(device="cpu", budget=2**30), regression="none")
+    settings = dict(LADDER[2][1])  # standard: p_iter 0.05, 16 windows of 512
+    window = settings["prior_samples"] * settings["prior_seq_len"]
+    assert estimate(spec, settings, **kw).forward_tokens == 10 * window
+    stepped = estimate(spec, settings, first_step=0.2, **kw)
+    assert stepped.forward_tokens == (4 + 6) * window  # 0.2, then six steps of 0.05
+    # ... but all four passes' windows run on the parent, where equal steps run three on smaller models
+    assert stepped.seconds > estimate(spec, settings, **kw).seconds
+    reused = dict(settings, prior_samples=0)  # the search windows, whatever the step
+    assert estimate(spec, reused, first_step=0.2, **kw).forward_tokens == 7 * settings["samples"] * settings["seq_len"]

@@ -39,3 +39,13 @@ def test_runs_without_a_first_step_keep_their_resume_key():
     assert "first_step" not in cfg.resume_key()["search"]
     stepped = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(first_step=0.2))
     assert stepped.resume_key()["search"]["first_step"] == 0.2
+
+
+def test_a_larger_step_gets_more_dense_pass_windows():
+    # the priors' windows per parameter removed stay those of a p_iter step: 0.2 at p_iter 0.05 is 4x
+    s = SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.2)
+    assert [s.dense_scale(i) for i in range(s.iterations)] == [4, 1, 1, 1]
+    assert SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.12).dense_scale(0) == 2  # rounded
+    assert SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.02).dense_scale(0) == 1  # at least one
+    assert [SearchConfig(sparsity=0.35, p_iter=0.05).dense_scale(i) for i in range(7)] == [1] * 7  # the paper's steps
+    assert SearchConfig(method="flap", sparsity=0.35, p_iter=0.05, first_step=0.2).dense_scale(0) == 1  # one pass anyway
