@@ -16,10 +16,11 @@ METHODS = ("bonsai", "bonsai-noregress", "wanda-sp", "flap", "magnitude", "rando
 COMPENSATE_AUTO = frozenset({"flap", "wanda-sp"})
 MIN_REGRESSION_MASKS = 4  # two (mask, complement) pairs: the fewest the pair-aware cross-validation can split
 REGRESSIONS = ("unit", "allocation", "none", "best", "best-confirmed")
+ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
 # `--regression auto` (the CLI's default) keeps the paper's regression only when each sub-model is
 # evaluated on at least this many tokens. Below it the sub-model losses were measured to add nothing
 # over the prior (SmolLM2-135M, 4 x 128 tokens per sub-model, 3 seeds at 20/35/50%, with and without
-# the refit; docs/RESULTS.md), for 2-3x the forward tokens; above it nothing was measured on a CPU.
+# the refit; docs/RESULTS.md), for 2.5-5x the forward tokens; above it nothing was measured on a CPU.
 REGRESSION_MIN_TOKENS = 2048
 
 
@@ -27,7 +28,22 @@ def auto_regression(method: str, samples: int, seq_len: int) -> str:
     """What `--regression auto` runs: the paper's per-unit regression when `samples` x `seq_len`
     tokens per sub-model reach REGRESSION_MIN_TOKENS, else none (Bonsai's frame on the prior alone)."""
     return "none" if method == "bonsai" and samples * seq_len < REGRESSION_MIN_TOKENS else "unit"
-ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless one is given
+
+
+# `--first-step auto` (the CLI's default): Bonsai's frame on the prior alone prunes a target of at most
+# ONE_STEP_SPARSITY in one step, its dense pass over the windows of the steps it replaces
+# (`dense_scale`). SmolLM2-135M, `standard`, 3 seeds: one 20% step 30.35 against 31.35 in four 5%
+# steps; a first step of 0.2 before 5% steps measured worse at 35% and 50% (docs/RESULTS.md,
+# eleventh round), so larger targets keep the paper's equal steps.
+ONE_STEP_SPARSITY = 0.2
+
+
+def auto_first_step(method: str, regression: str, p_iter: float, sparsity: float) -> float:
+    """What `--first-step auto` runs: the whole target in one step (first_step = sparsity) for bonsai
+    with --regression none when the target is above p_iter and at most ONE_STEP_SPARSITY, else 0."""
+    if method != "bonsai" or regression != "none" or not p_iter < sparsity <= ONE_STEP_SPARSITY + 1e-9:
+        return 0.0
+    return sparsity
 
 
 @dataclass(frozen=True)

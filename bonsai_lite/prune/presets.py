@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from bonsai_lite.config import PRESETS, auto_regression, dense_scale, removal_schedule
+from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_scale, removal_schedule
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
@@ -53,18 +53,20 @@ class Estimate:
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
              dtype: str | None = None, refit: str = "off", refit_samples: int = 32,
-             fluctuation: str = "variance", first_step: float = 0.0, regression: str = "unit") -> Estimate:
+             fluctuation: str = "variance", first_step: float | str = 0.0, regression: str = "unit") -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
     on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
     metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
-    is --first-step (`config.removal_schedule`); `regression` "none" evaluates no sub-models ("auto":
-    `config.auto_regression` of the rung's windows)."""
+    is --first-step (`config.removal_schedule`; "auto": `config.auto_first_step`); `regression` "none"
+    evaluates no sub-models ("auto": `config.auto_regression` of the rung's windows)."""
     p_iter = min(settings["p_iter"], sparsity)
     if regression == "auto":
         regression = auto_regression(method, settings["samples"], settings["seq_len"])
+    if first_step == "auto":
+        first_step = auto_first_step(method, regression, p_iter, sparsity)
     schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
     n_iter = len(schedule)
     prior_n = settings.get("prior_samples") or settings["samples"]

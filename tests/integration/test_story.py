@@ -145,7 +145,8 @@ def test_json_stdout_is_clean(tiny, tmp_path, capsys, command):
     model, text = tiny
     if command == "prune":
         argv = lambda out: ["prune", str(model), "--sparsity", "0.2", "--out", str(out), "--calib", str(text),  # noqa: E731
-                            "--preset", "quick", "--masks-per-iter", "4", "--calib-samples", "2", "--seq-len", "16"]
+                            "--preset", "quick", "--masks-per-iter", "4", "--calib-samples", "2", "--seq-len", "16",
+                            "--regression", "unit"]
     else:
         argv = lambda out: ["demo", "--model", str(model), "--workdir", str(out), "--calib", str(text),  # noqa: E731
                             "--masks-per-iter", "4", "--adapt-steps", "2", "--eval-tokens", "1024", "--no-plot"]
