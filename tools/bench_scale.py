@@ -79,8 +79,9 @@ def tensor_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def write_random_model(shape: str, out: Path, *, device: str, seed: int = 0) -> Path:
-    """Random bf16 weights of `shape` as sharded safetensors plus index; reused when complete.
+def write_random_model(shape: str, out: Path, *, device: str, seed: int = 0, layers: int | None = None) -> Path:
+    """Random bf16 weights of `shape` (cut to `layers` decoder blocks if given) as sharded
+    safetensors plus index; reused when complete.
 
     Only the shard being written is in host memory (2 GiB for an 8B model; a quarter of the model
     for small ones, so that they are sharded too). The index is written last, by rename: a directory
@@ -91,7 +92,8 @@ def write_random_model(shape: str, out: Path, *, device: str, seed: int = 0) -> 
     if (out / INDEX_NAME).is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    config = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     tensors = tensor_shapes(load_spec(out))
     total = sum(math.prod(s) * 2 for _, s in tensors)
     shard_bytes = min(MAX_SHARD, max(2**20, total // 4))

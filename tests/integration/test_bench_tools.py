@@ -241,3 +241,22 @@ def test_refit_probe_solves_the_least_squares_refit():
     mean_w, mean_b = refit(gram, w, b, kept, mode="mean", damp=0.0)
     assert torch.equal(mean_w[:, kept], w[:, kept].double())
     assert torch.allclose(mean_b, b.double() + w[:, [1, 3, 4]].double() @ x[:, [1, 3, 4]].mean(0), atol=1e-8)
+
+
+def test_bench_refit_measures_each_layer_and_keeps_only_what_it_was_told(tmp_path):
+    # tools/bench_refit.py: the refit of a cut-down shape, per layer, beside the planner's prediction;
+    # its checkpoint goes unless --keep-checkpoint, and an existing one is never deleted
+    r = _run("bench_refit.py", "--shape", "tiny", "--layers", "2", "--samples", "2", "--seq-len", "16",
+             "--work-dir", str(tmp_path), "--keep-checkpoint")
+    assert r["kind"] == "refit-scale" and r["layers_measured"] == 2 and len(r["seconds_per_layer"]) == 2
+    assert r["tokens"] == 32 and r["predicted_seconds"] > 0 and r["predicted_peak_bytes"] > 0
+    assert r["full_depth_seconds_estimate"] == pytest.approx(sum(r["seconds_per_layer"]) / 2 * r["layers_full"])
+    kept = tmp_path / "tiny-2l"
+    assert json.loads((kept / "config.json").read_text())["num_hidden_layers"] == 2
+    before = sorted(p.name for p in kept.iterdir())
+    _run("bench_refit.py", "--shape", "tiny", "--layers", "2", "--samples", "2", "--seq-len", "16",
+         "--work-dir", str(tmp_path))
+    assert sorted(p.name for p in kept.iterdir()) == before  # not this run's to delete
+    _run("bench_refit.py", "--shape", "tiny", "--layers", "1", "--samples", "2", "--seq-len", "16",
+         "--work-dir", str(tmp_path))
+    assert not (tmp_path / "tiny-1l").exists()  # its own, without --keep-checkpoint

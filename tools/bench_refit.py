@@ -1,0 +1,132 @@
+"""The least-squares refit at a model's shape, measured against the planner's prediction.
+
+Writes a random bf16 checkpoint of --shape cut to --layers decoder blocks (tools/bench_scale.py's
+generator, embeddings and LM head included), cuts every layer to --keep of its heads and MLP units,
+and runs `prune.refit.refit_model` (what `bonsai-lite prune` runs after its search) on --samples x
+--seq-len random tokens. It reports the wall time and peak RSS growth (VmHWM) beside
+`planner.refit_seconds` and `refit.refit_peak_bytes`, and the time per layer scaled to the shape's
+full depth beside the planner's full-depth prediction (an estimate: every layer of a shape costs the
+same). One JSON object on stdout (kind "refit-scale"); --record writes it to docs/results/.
+
+  python tools/bench_refit.py --shape llama3-8b --layers 2 --samples 32 --seq-len 128 --threads 2 \\
+      --work-dir /work/refit8b --record
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_engine as BE  # noqa: E402
+import scale_extras as SX  # noqa: E402
+from bench_scale import SHAPES, _reset_rss_peak, shape_bytes, shrunk, write_random_model  # noqa: E402
+from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
+from bonsai_lite.io.model import StreamedModel  # noqa: E402
+from bonsai_lite.prune.refit import refit_model, refit_peak_bytes  # noqa: E402
+from bonsai_lite.search.planner import detect_machine, fmt_bytes, refit_seconds  # noqa: E402
+from bonsai_lite.structure import load_spec  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def full_spec(shape: str):
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(SHAPES[shape]))
+        return load_spec(Path(d))
+
+
+def measure(args, model_dir: Path, work_dir: Path) -> dict:
+    parent = StreamedModel.open(model_dir)
+    spec = parent.spec
+    layers = shrunk(parent.layers, args.keep)
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, spec.vocab, (args.samples, args.seq_len), generator=g)
+    machine = detect_machine(device="cpu", budget=None, checkpoint=str(model_dir))
+    predicted = refit_seconds(spec, layers, tokens.numel(), args.seq_len, machine)
+    folder = work_dir / "refit-overlay"
+    _reset_rss_peak()
+    rss0 = BE._status_bytes("VmRSS") or 0
+    per_layer: list[float] = []
+    t0 = last = time.perf_counter()
+
+    def tick(_layer):
+        nonlocal last
+        now = time.perf_counter()
+        per_layer.append(now - last)
+        last = now
+
+    refit_model(parent, layers, tokens, folder, device="cpu", progress=tick)
+    seconds = time.perf_counter() - t0
+    peak = (BE._status_bytes("VmHWM") or 0) - rss0
+    shutil.rmtree(folder, ignore_errors=True)
+    full = full_spec(args.shape)
+    n_full = len(full.layers)
+    return {
+        "kind": "refit-scale", "shape": args.shape, "device": "cpu", "threads": torch.get_num_threads(),
+        "layers_measured": len(layers), "layers_full": n_full, "keep": args.keep,
+        "samples": args.samples, "seq_len": args.seq_len, "tokens": tokens.numel(),
+        "seconds": seconds, "seconds_per_layer": per_layer, "predicted_seconds": predicted,
+        "peak_rss_growth_bytes": peak, "predicted_peak_bytes": refit_peak_bytes(spec, tokens.numel(), args.seq_len),
+        # the measured layers' mean time for every layer of the full shape, against the planner's
+        # prediction for the full shape with every layer pruned (an estimate: the layers are alike)
+        "full_depth_seconds_estimate": sum(per_layer) / len(per_layer) * n_full,
+        "full_depth_predicted_seconds": refit_seconds(full, shrunk(full.layers, args.keep), tokens.numel(),
+                                                      args.seq_len, machine),
+        "machine": {"gemm_flops_per_s": machine.flops, "disk_bps": machine.disk_bps, "cached": machine.cached},
+        "commit": BE.commit(), "hardware": BE.hardware(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--layers", type=int, default=2, help="decoder blocks written and refitted")
+    ap.add_argument("--keep", type=float, default=0.5, help="share of each layer's heads and MLP units kept")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", default=None, help="where the checkpoint is written (default: temp; deleted after "
+                                                     "unless --keep-checkpoint)")
+    ap.add_argument("--keep-checkpoint", action="store_true")
+    ap.add_argument("--record", action="store_true", help="write the JSON to docs/results/")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-refit-") if args.work_dir is None else None
+    work_dir = Path(args.work_dir or tmp.name)
+    model_dir = work_dir / f"{args.shape}-{args.layers}l"
+    created = not (model_dir / INDEX_NAME).is_file()  # never delete a checkpoint this run did not write
+    try:
+        if created:
+            need = int(shape_bytes(args.shape) * args.layers / len(full_spec(args.shape).layers)) + 4 * 2**30
+            SX.check_disk(work_dir, need)
+            print(f"[generate] {args.shape} cut to {args.layers} layers in {model_dir} (needs about {fmt_bytes(need)})",
+                  file=sys.stderr)
+        write_random_model(args.shape, model_dir, device="cpu", seed=args.seed, layers=args.layers)
+        result = measure(args, model_dir, work_dir)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+        elif created and not args.keep_checkpoint:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    print(json.dumps(result))
+    if args.record:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"refit-scale-{args.shape}-{args.layers}l-{args.samples}x{args.seq_len}-t{result['threads']}.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"recorded {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
