@@ -30,20 +30,24 @@ def auto_regression(method: str, samples: int, seq_len: int) -> str:
     return "none" if method == "bonsai" and samples * seq_len < REGRESSION_MIN_TOKENS else "unit"
 
 
-# `--first-step auto` (the CLI's default): Bonsai's frame on the prior alone prunes a target of at most
-# ONE_STEP_SPARSITY in one step, its dense pass over the windows of the steps it replaces
-# (`dense_scale`). SmolLM2-135M, `standard`, 3 seeds: one 20% step 30.35 against 31.35 in four 5%
-# steps; a first step of 0.2 before 5% steps measured worse at 35% and 50% (docs/RESULTS.md,
-# eleventh round), so larger targets keep the paper's equal steps.
+# `--first-step auto` (the CLI's default; prune.api resolves it once --fluctuation is known): Bonsai's
+# frame on the prior alone with the residual metric prunes a target of at most ONE_STEP_SPARSITY in
+# one step, its dense pass over the windows of the steps it replaces (`dense_scale`), which makes it
+# FLAP given those windows. SmolLM2-135M, 3 seeds each (docs/RESULTS.md, eleventh round): at 20%,
+# `standard` (residual metric) 30.35 in one step against 31.35 in four 5% steps, but `quick` (FLAP's
+# variance: its dense pass is too small for the residual metric) 36.5 in one step against 35.3 in two
+# 10% steps; a first step of 0.2 before 5% steps measured worse at 35% and 50%.
 ONE_STEP_SPARSITY = 0.2
 
 
-def auto_first_step(method: str, regression: str, p_iter: float, sparsity: float) -> float:
+def auto_first_step(method: str, regression: str, prior: str, fluctuation: str, p_iter: float,
+                    sparsity: float) -> float:
     """What `--first-step auto` runs: the whole target in one step (first_step = sparsity) for bonsai
-    with --regression none when the target is above p_iter and at most ONE_STEP_SPARSITY, else 0."""
-    if method != "bonsai" or regression != "none" or not p_iter < sparsity <= ONE_STEP_SPARSITY + 1e-9:
-        return 0.0
-    return sparsity
+    ranking by FLAP's residual metric alone (--regression none) when the target is above p_iter and
+    at most ONE_STEP_SPARSITY; else 0, the paper's equal steps."""
+    one = (method == "bonsai" and regression == "none" and prior.startswith("flap") and fluctuation == "residual"
+           and p_iter < sparsity <= ONE_STEP_SPARSITY + 1e-9)
+    return sparsity if one else 0.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ class SearchConfig:
     # The first iteration's step (a fraction of the non-embedding parameters); 0 = p_iter, the paper's
     # equal steps. Pruning changes the activations the priors are measured on less at first than
     # later, so one larger first step costs little there and saves iterations (`removal_schedule`).
-    first_step: float = 0.0
+    # "auto": prune.api resolves it with --fluctuation (`auto_first_step`); unresolved it is 0.
+    first_step: float | str = 0.0
     masks_per_iter: int = 200  # paper appendix A.2
     # "wanda" | "activation" (appendix F) | "flap": FLAP's fluctuation score, z-scored per (layer, kind)
     # so it ranks across groups as it stands; it assumes compensation, so "auto" turns that on with it.
@@ -156,7 +161,7 @@ class SearchConfig:
             raise BonsaiError(f"--p-iter must be in (0, sparsity={self.sparsity}], got {self.p_iter}")
         if self.p_iter >= 0.5:
             raise BonsaiError(f"--p-iter must be below 0.5 (the sampler perturbs 2 x p_iter of each layer), got {self.p_iter}")
-        if not 0.0 <= self.first_step <= self.sparsity or self.first_step >= 0.5:
+        if self.first_step != "auto" and (not 0.0 <= self.first_step <= self.sparsity or self.first_step >= 0.5):
             raise BonsaiError(f"--first-step must be 0 (= --p-iter) or in (0, sparsity={self.sparsity}] and below 0.5 "
                               f"(the sampler perturbs twice a step of each layer), got {self.first_step}")
         if not 0.0 <= self.keep_spread <= 1.0:
@@ -198,7 +203,11 @@ class SearchConfig:
 
     @property
     def schedule(self) -> tuple[float, ...]:
-        return removal_schedule(self.sparsity, self.p_iter, self.first_step)
+        return removal_schedule(self.sparsity, self.p_iter, self._first)
+
+    @property
+    def _first(self) -> float:
+        return 0.0 if self.first_step == "auto" else self.first_step
 
     def step(self, iteration: int) -> float:
         """Share of the parent's non-embedding parameters iteration `iteration` removes."""
@@ -207,7 +216,7 @@ class SearchConfig:
 
     def dense_scale(self, iteration: int) -> int:
         """How many times --prior-samples windows iteration `iteration`'s dense pass draws (`dense_scale`)."""
-        return dense_scale(self.method, self.step(iteration), self.p_iter, self.first_step)
+        return dense_scale(self.method, self.step(iteration), self.p_iter, self._first)
 
 
 def dense_scale(method: str, step: float, p_iter: float, first_step: float) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.config import (METHODS, PRESETS, REGRESSION_MIN_TOKENS, REGRESSIONS, ONE_STEP_SPARSITY,
-                                CalibConfig, RunConfig, SearchConfig, auto_first_step, auto_regression)
+                                CalibConfig, RunConfig, SearchConfig, auto_regression)
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.search.planner import parse_bytes
 
@@ -65,8 +65,8 @@ def add_parser(sub) -> None:
     p.add_argument("--first-step", type=_first_step, default="auto", metavar="X",
                    help="fraction the first iteration prunes, then --p-iter per iteration, its dense pass over as "
                         "many more windows; 0: --p-iter, the paper's equal steps; auto (default): the whole "
-                        f"--sparsity in one step when it is at most {ONE_STEP_SPARSITY:g} and the search ranks by the "
-                        "prior alone (--regression none), else 0")
+                        f"--sparsity in one step when it is at most {ONE_STEP_SPARSITY:g} and the search ranks by "
+                        "FLAP's residual metric alone (--regression none, --fluctuation residual), else 0")
     p.add_argument("--masks-per-iter", type=int, default=None, help="sub-models per iteration (paper: 200)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows per iteration (paper: 32)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (paper: 2048)")
@@ -134,15 +134,8 @@ def config_from_args(args) -> RunConfig:
             log.info("--regression auto: none: sub-models of %d x %d tokens (under %d) measured no better than the "
                      "prior alone (docs/RESULTS.md), so the iterations rank by the prior; --regression unit "
                      "evaluates them", calib.samples, calib.seq_len, REGRESSION_MIN_TOKENS)
-    p_iter = pick(args.p_iter, "p_iter")
-    first_step = args.first_step
-    if first_step == "auto":
-        first_step = auto_first_step(args.method, regression, p_iter, args.sparsity)
-        if first_step:
-            log.info("--first-step auto: one iteration removes all %g (its dense pass over %d x the windows; one "
-                     "step measured better than %g steps at 20%%, docs/RESULTS.md); --first-step 0 keeps the paper's "
-                     "equal steps", first_step, round(first_step / p_iter), p_iter)
-    search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=p_iter, first_step=first_step,
+    search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
+                          first_step=args.first_step,
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
                           fluctuation=args.fluctuation,
                           candidates=args.candidates, cv_scope=args.cv_scope,

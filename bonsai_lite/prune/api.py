@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
-from bonsai_lite.config import RunConfig
+from bonsai_lite.config import RunConfig, auto_first_step
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
@@ -264,7 +264,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
     times the search's, else off; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
-    --refit is not searched again)."""
+    --refit is not searched again); `--first-step auto`: `config.auto_first_step` of the result."""
     from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 
     if cfg.refit == "auto":
@@ -287,6 +287,14 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         rows = c.prior_samples * (c.prior_seq_len or c.seq_len) if c.prior_samples else c.samples * c.seq_len
         residual = cfg.refit != "off" and residual_fits(spec, rows, budget)
         cfg = replace(cfg, search=replace(cfg.search, fluctuation="residual" if residual else "variance"))
+    s = cfg.search
+    if s.first_step == "auto":
+        first = auto_first_step(s.method, s.regression, s.prior, s.fluctuation, s.p_iter, s.sparsity)
+        if first:
+            log.info("--first-step auto: one iteration removes all %g, its dense pass over %dx the windows (FLAP's "
+                     "ranking on them; measured better than %g steps at this size, docs/RESULTS.md); --first-step 0 "
+                     "keeps the paper's equal steps", first, round(first / s.p_iter), s.p_iter)
+        cfg = replace(cfg, search=replace(s, first_step=first))
     return cfg
 
 

@@ -65,10 +65,6 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     p_iter = min(settings["p_iter"], sparsity)
     if regression == "auto":
         regression = auto_regression(method, settings["samples"], settings["seq_len"])
-    if first_step == "auto":
-        first_step = auto_first_step(method, regression, p_iter, sparsity)
-    schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
-    n_iter = len(schedule)
     prior_n = settings.get("prior_samples") or settings["samples"]
     prior_t = settings.get("prior_seq_len") or settings["seq_len"]  # the refit's windows
     dense_t = prior_t if settings.get("prior_samples") else settings["seq_len"]  # without its own: the search's
@@ -78,6 +74,11 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     flap_metric = method in ("bonsai", "flap")  # FLAP's scores: bonsai's default prior, and flap itself
     residual = flap_metric and (fluctuation == "residual" or (
         fluctuation == "auto" and refit != "off" and residual_fits(spec, prior_n * dense_t, machine.budget)))
+    if first_step == "auto":  # bonsai's default prior is FLAP's (flap-parent)
+        first_step = auto_first_step(method, regression, "flap-parent", "residual" if residual else "variance",
+                                     p_iter, sparsity)
+    schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
+    n_iter = len(schedule)
     # FLAP's scores read every o/down projection once per run
     seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
     def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments

@@ -163,3 +163,29 @@ def test_json_stdout_is_clean(tiny, tmp_path, capsys, command):
     assert cli.main(argv(tmp_path / "c") + ["--quiet"]) == 0
     out, err = capsys.readouterr()
     assert "%|" not in out + err  # --quiet: no bars
+
+
+def test_default_prune_of_a_small_target_is_flap_on_the_replaced_steps_windows(tiny, tmp_path, capsys):
+    # `prune --preset standard --sparsity 0.2` as a user runs it: --regression auto (no sub-models at 4 x 128
+    # tokens each) and --first-step auto (one step with the residual metric, its dense pass over the four
+    # replaced steps' windows) export exactly what `--method flap` exports given those windows
+    from safetensors.torch import load_file
+
+    from bonsai_lite.cli import main as cli
+
+    model, text = tiny
+    common = ["--sparsity", "0.2", "--calib", str(text), "--preset", "standard", "--prior-seq-len", "32",
+              "--refit-samples", "4", "--device", "cpu", "--json"]
+    assert cli.main(["prune", str(model), "--out", str(tmp_path / "bonsai"), *common]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["iterations"] == 1 and result["history"][0]["forward_tokens"] == 4 * 16 * 32
+    assert cli.main(["prune", str(model), "--out", str(tmp_path / "flap"), "--method", "flap", "--prior-samples", "64",
+                     *common]) == 0
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    ours, flap = weights(tmp_path / "bonsai"), weights(tmp_path / "flap")
+    assert ours.keys() == flap.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], flap[k], rtol=0, atol=0)

@@ -109,39 +109,53 @@ def test_regression_auto_drops_sub_models_below_the_measured_size(tiny_models, t
         assert auto == estimate(spec, settings, regression="none" if small else "unit", **kw)
 
 
-def test_first_step_auto_prunes_a_small_target_in_one_step_on_the_prior_alone(tiny_models, tmp_path):
-    # --first-step auto: a target of at most ONE_STEP_SPARSITY in one step (its dense pass over the
-    # windows of the steps it replaces) where the frame ranks by the prior alone; otherwise the paper's
-    # equal steps (with sub-models, for larger targets, or where p_iter is the target already)
+def test_first_step_auto_prunes_a_small_target_in_one_step_on_the_residual_prior(tiny_models, tmp_path):
+    # --first-step auto (resolved by prune.api once --fluctuation is): a target of at most
+    # ONE_STEP_SPARSITY in one step (its dense pass over the windows of the steps it replaces) where
+    # the frame ranks by FLAP's residual metric alone; otherwise the paper's equal steps (with
+    # sub-models, with FLAP's variance, for larger targets, or where p_iter is the target already)
     from bonsai_lite.cli.main import build_parser
     from bonsai_lite.cli.prune import config_from_args
     from bonsai_lite.config import ONE_STEP_SPARSITY, REGRESSION_MIN_TOKENS
+    from bonsai_lite.prune.api import _resolve_refit
 
     model = str(tiny_models["llama-gqa-tied"])
+    spec = load_spec(tiny_models["llama-gqa-tied"])
 
     def search(*flags):
         args = build_parser().parse_args(["prune", model, "--sparsity", "0.2", "--out", str(tmp_path / "o"), *flags])
-        return config_from_args(args).search
+        cfg = config_from_args(args)
+        assert cfg.search.first_step == ("auto" if "--first-step" not in flags else float(flags[-1]))
+        return _resolve_refit(cfg, spec, 2**30).search
 
     s = search("--preset", "standard")
-    assert ONE_STEP_SPARSITY == 0.2 and (s.regression, s.first_step, s.iterations, s.dense_scale(0)) == ("none", 0.2, 1, 4)
+    assert ONE_STEP_SPARSITY == 0.2 and s.fluctuation == "residual"
+    assert (s.regression, s.first_step, s.iterations, s.dense_scale(0)) == ("none", 0.2, 1, 4)
     assert search("--preset", "standard", "--sparsity", "0.15").first_step == 0.15
-    assert search("--preset", "quick").dense_scale(0) == 2  # p_iter 0.1: two steps' windows
+    assert search("--preset", "standard", "--fluctuation", "variance").first_step == 0.0
+    assert search("--preset", "standard", "--refit", "off").first_step == 0.0  # variance without the refit
     assert search("--preset", "standard", "--sparsity", "0.35").first_step == 0.0  # larger targets: equal steps
     assert search("--preset", "standard", "--regression", "unit").first_step == 0.0
+    assert search("--preset", "standard", "--prior", "wanda").first_step == 0.0
     assert search("--preset", "paper").first_step == 0.0  # the paper's regression
     assert search("--preset", "standard", "--p-iter", "0.2").first_step == 0.0  # one step already
+    assert search("--preset", "standard", "--method", "flap").first_step == 0.0
     assert search("--preset", "standard", "--first-step", "0").iterations == 4
     assert search("--preset", "standard", "--first-step", "0.1").first_step == 0.1
-    assert search("--preset", "standard", "--method", "flap").first_step == 0.0
-    spec = load_spec(tiny_models["llama-gqa-tied"])
+    # the time budget's estimate resolves it as the run will
     for sparsity in (0.2, 0.5):
-        kw = dict(method="bonsai", sparsity=sparsity, machine=nominal_machine(device="cpu", budget=2**30))
+        kw = dict(method="bonsai", sparsity=sparsity, machine=nominal_machine(device="cpu", budget=2**30),
+                  refit="auto", fluctuation="auto", regression="auto")
         for _, settings in LADDER:
-            auto = estimate(spec, settings, regression="auto", first_step="auto", **kw)
-            one = (sparsity <= 0.2 and settings["p_iter"] < sparsity
+            auto = estimate(spec, settings, first_step="auto", **kw)
+            one = (sparsity <= 0.2 and settings["p_iter"] < sparsity and settings["prior_samples"]
                    and settings["samples"] * settings["seq_len"] < REGRESSION_MIN_TOKENS)
-            assert auto == estimate(spec, settings, regression="auto", first_step=sparsity if one else 0.0, **kw)
+            assert auto == estimate(spec, settings, first_step=sparsity if one else 0.0, **kw)
+    # ... and with FLAP's variance (no refit) never one step
+    assert estimate(spec, LADDER[2][1], method="bonsai", sparsity=0.2, machine=nominal_machine(device="cpu", budget=2**30),
+                    regression="auto", first_step="auto") == \
+        estimate(spec, LADDER[2][1], method="bonsai", sparsity=0.2, machine=nominal_machine(device="cpu", budget=2**30),
+                 regression="auto", first_step=0.0)
 
 
 def test_a_larger_first_step_pays_its_larger_dense_pass(tiny_models):
