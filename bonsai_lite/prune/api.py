@@ -254,7 +254,8 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
                           first_step=s.first_step, regression=s.regression)
     except BudgetError:
         return None
-    return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine)
+    return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine,
+                                         keep=1 - s.sparsity)
 
 
 def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None,

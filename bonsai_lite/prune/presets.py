@@ -102,7 +102,7 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
                    for it in range(n_iter))
     tokens = sum(prior_n * dense_t * k + ev_tokens for k in scales)
     refits = 0 if refit == "off" else (n_iter if refit == "loop" else 1)
-    seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine)
+    seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine, keep=1 - sparsity)
     tokens += refits * refit_samples * prior_t  # the refit passes each block once, as the loop counts it
     return Estimate("", dict(settings), seconds, tokens)
 

@@ -493,38 +493,45 @@ def _large_gemm_flops(machine: Machine) -> float:
 
 
 def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *,
-                          solve_outputs: int | None = None) -> float:
+                          solve_outputs: int | None = None, kept: list[int] | None = None) -> float:
     """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
     layer of `layers` (float32 tile products: `ActivationStats` with a gram, `refit._gram`), and of
     one float64 factorisation of each: the inverse (Cholesky and its inverse, d^3 flops, counted
     twice: they ran at half a float64 GEMM's rate here) that the --fluctuation residual metric pays
-    in each dense pass, or with `solve_outputs` = h the refit's solve for h outputs (LU, 2/3 d^3,
-    and the right-hand side's product and solves, 4 d^2 h)."""
+    in each dense pass, or with `solve_outputs` = h the refit's solve for h outputs on the k kept
+    inputs of each (`kept`, in the order of the projections; default all d): LU, 2/3 k^3, the
+    right-hand side's product, 2 k d h, and its solves, 2 k^2 h."""
     widths = [d for s in layers for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
     products = sum(2 * rows * d * d for d in widths)
     if solve_outputs is None:
         factor = sum(2 * d**3 for d in widths)
     else:
-        factor = sum(2 * d**3 / 3 + 4 * d * d * solve_outputs for d in widths)
+        h = solve_outputs
+        factor = sum(2 * k**3 / 3 + 2 * k * d * h + 2 * k * k * h for d, k in zip(widths, kept or widths))
     fp32 = _large_gemm_flops(machine)
     return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
 
 
-def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: Machine) -> float:
+def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: Machine, *, keep: float = 1.0) -> float:
     """Predicted time of the least-squares refit (`refit.refit_model`) of the structure `layers` on
     `tokens` calibration tokens in windows of `seq_len`: one float32 pass of every unpruned block
     (each pruned layer's o_proj and down_proj applied once more after their refit), the pruned
-    layers' second moments and solves, and one read of the parent's blocks. `layers` None: a
-    structure not chosen yet, every layer pruned."""
-    pruned = spec.layers if layers is None else [
-        p for p, s in zip(spec.layers, layers) if len(s.heads) < len(p.heads) or len(s.mlp) < len(p.mlp)]
+    layers' second moments and the solves on their kept inputs, and one read of the parent's
+    blocks. `layers` None: a structure not chosen yet, every layer pruned to `keep` of its inputs."""
+    if layers is None:
+        pruned = list(spec.layers)
+        kept = [round(keep * d) for p in pruned for d in (len(p.heads) * spec.head_dim, len(p.mlp))]
+    else:
+        chosen = [(p, s) for p, s in zip(spec.layers, layers) if len(s.heads) < len(p.heads) or len(s.mlp) < len(p.mlp)]
+        pruned = [p for p, _ in chosen]
+        kept = [d for _, s in chosen for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
     m = _Shape.of(spec, spec.layers)
     forward = tokens * (m.flops_per_token(seq_len) - 2 * m.hidden * m.vocab)
     forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
     fp32 = _large_gemm_flops(machine)
     weights = sum(m.block_params) * spec.dtype.itemsize
     cached = _cached_share(spec, machine)
-    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden)
+    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
             + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS)
 
 

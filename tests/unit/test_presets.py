@@ -53,10 +53,10 @@ def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
     t = settings["prior_seq_len"] or settings["seq_len"]
     base = estimate(spec, settings, **kw)
     ls = estimate(spec, settings, refit="ls", refit_samples=4, **kw)
-    assert ls.seconds == pytest.approx(base.seconds + refit_seconds(spec, None, 4 * t, t, machine))
+    assert ls.seconds == pytest.approx(base.seconds + refit_seconds(spec, None, 4 * t, t, machine, keep=0.5))
     assert ls.forward_tokens == base.forward_tokens + 4 * t
     loop = estimate(spec, settings, refit="loop", refit_samples=4, **kw)
-    assert loop.seconds == pytest.approx(base.seconds + n_iter * refit_seconds(spec, None, 4 * t, t, machine))
+    assert loop.seconds == pytest.approx(base.seconds + n_iter * refit_seconds(spec, None, 4 * t, t, machine, keep=0.5))
     residual = estimate(spec, settings, fluctuation="residual", **kw)
     per_pass = second_moment_seconds(spec, spec.layers, rows, machine)
     shares = sum(max(0.05, 1 - it * settings["p_iter"]) for it in range(n_iter))
@@ -76,6 +76,13 @@ def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
     one = tuple(s if l else type(s)(s.heads[:1], s.kv_of_head[:1], s.mlp) for l, s in enumerate(spec.layers))
     assert 0 < refit_seconds(spec, spec.layers, 64, 16, machine) < refit_seconds(spec, one, 64, 16, machine)
     assert refit_seconds(spec, one, 64, 16, machine) < refit_seconds(spec, None, 64, 16, machine)
+    # its solves are on the kept inputs: a structure keeping half of every layer costs what a structure
+    # not chosen yet costs at keep=0.5, less than at keep=1
+    half = tuple(type(s)(s.heads[:len(s.heads) // 2], s.kv_of_head[:len(s.heads) // 2], s.mlp[:len(s.mlp) // 2])
+                 for s in spec.layers)
+    assert all(2 * len(h.heads) == len(s.heads) and 2 * len(h.mlp) == len(s.mlp) for h, s in zip(half, spec.layers))
+    assert refit_seconds(spec, half, 64, 16, machine) == pytest.approx(refit_seconds(spec, None, 64, 16, machine, keep=0.5))
+    assert refit_seconds(spec, None, 64, 16, machine, keep=0.5) < refit_seconds(spec, None, 64, 16, machine)
 
 
 def test_regression_auto_drops_sub_models_below_the_measured_size(tiny_models, tmp_path):
