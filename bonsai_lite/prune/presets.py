@@ -81,6 +81,7 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     n_iter = len(schedule)
     # FLAP's scores read every o/down projection once per run
     seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
+
     def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments
         rows = prior_n * scale
         t = make_plan(spec, spec.layers, Work(1, rows, dense_t), machine, dtype=dtype).predicted_seconds
