@@ -28,20 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_engine as BE  # noqa: E402
 import scale_extras as SX  # noqa: E402
-from bench_scale import SHAPES, _reset_rss_peak, shape_bytes, shrunk, write_random_model  # noqa: E402
+from bench_scale import SHAPES, _reset_rss_peak, shape_bytes, shape_spec, shrunk, write_random_model  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune.refit import refit_model, refit_peak_bytes  # noqa: E402
 from bonsai_lite.search.planner import detect_machine, fmt_bytes, refit_seconds  # noqa: E402
-from bonsai_lite.structure import load_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-
-
-def full_spec(shape: str):
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(SHAPES[shape]))
-        return load_spec(Path(d))
 
 
 def measure(args, model_dir: Path, work_dir: Path) -> dict:
@@ -68,7 +61,7 @@ def measure(args, model_dir: Path, work_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     peak = (BE._status_bytes("VmHWM") or 0) - rss0
     shutil.rmtree(folder, ignore_errors=True)
-    full = full_spec(args.shape)
+    full = shape_spec(args.shape)
     n_full = len(full.layers)
     return {
         "kind": "refit-scale", "shape": args.shape, "device": "cpu", "threads": torch.get_num_threads(),
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     created = not (model_dir / INDEX_NAME).is_file()  # never delete a checkpoint this run did not write
     try:
         if created:
-            need = int(shape_bytes(args.shape) * args.layers / len(full_spec(args.shape).layers)) + 4 * 2**30
+            need = int(shape_bytes(args.shape) * args.layers / len(shape_spec(args.shape).layers)) + 4 * 2**30
             SX.check_disk(work_dir, need)
             print(f"[generate] {args.shape} cut to {args.layers} layers in {model_dir} (needs about {fmt_bytes(need)})",
                   file=sys.stderr)

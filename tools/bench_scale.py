@@ -464,10 +464,15 @@ def run(args) -> dict:
             shutil.rmtree(model_dir, ignore_errors=True)
 
 
-def shape_bytes(shape: str) -> int:
+def shape_spec(shape: str):
+    """The ModelSpec of a shape, from its config alone."""
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(SHAPES[shape]))
-        return sum(math.prod(s) * 2 for _, s in tensor_shapes(load_spec(Path(d))))
+        return load_spec(Path(d))
+
+
+def shape_bytes(shape: str) -> int:
+    return sum(math.prod(s) * 2 for _, s in tensor_shapes(shape_spec(shape)))
 
 
 def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, gen_s: float) -> dict:

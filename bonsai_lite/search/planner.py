@@ -492,6 +492,11 @@ def _large_gemm_flops(machine: Machine) -> float:
     return machine.flops * FP32_GPU_FACTOR if machine.is_cuda else machine.flops / CPU_ENGINE_FRACTION
 
 
+def _projection_inputs(spec: ModelSpec, layers) -> list[int]:
+    """Input widths of each layer's o_proj and down_proj, in that order."""
+    return [d for s in layers for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
+
+
 def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *,
                           solve_outputs: int | None = None, kept: list[int] | None = None) -> float:
     """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
@@ -501,7 +506,7 @@ def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, 
     in each dense pass, or with `solve_outputs` = h the refit's solve for h outputs on the k kept
     inputs of each (`kept`, in the order of the projections; default all d): LU, 2/3 k^3, the
     right-hand side's product, 2 k d h, and its solves, 2 k^2 h."""
-    widths = [d for s in layers for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
+    widths = _projection_inputs(spec, layers)
     products = sum(2 * rows * d * d for d in widths)
     if solve_outputs is None:
         factor = sum(2 * d**3 for d in widths)
@@ -520,11 +525,11 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     blocks. `layers` None: a structure not chosen yet, every layer pruned to `keep` of its inputs."""
     if layers is None:
         pruned = list(spec.layers)
-        kept = [round(keep * d) for p in pruned for d in (len(p.heads) * spec.head_dim, len(p.mlp))]
+        kept = [round(keep * d) for d in _projection_inputs(spec, pruned)]
     else:
         chosen = [(p, s) for p, s in zip(spec.layers, layers) if len(s.heads) < len(p.heads) or len(s.mlp) < len(p.mlp)]
         pruned = [p for p, _ in chosen]
-        kept = [d for _, s in chosen for d in (len(s.heads) * spec.head_dim, len(s.mlp))]
+        kept = _projection_inputs(spec, [s for _, s in chosen])
     m = _Shape.of(spec, spec.layers)
     forward = tokens * (m.flops_per_token(seq_len) - 2 * m.hidden * m.vocab)
     forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
