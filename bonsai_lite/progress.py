@@ -20,6 +20,13 @@ from pathlib import Path
 METRICS_NAME = "metrics.jsonl"
 
 
+def fmt_duration(seconds: float) -> str:
+    """'45 s', '12 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def peak_rss_bytes() -> int | None:
     """The process's RSS high-water mark (VmHWM), or None off Linux."""
     try:
@@ -66,6 +73,12 @@ class NullProgress:
 
     def __init__(self, metrics_path: str | Path | None = None):
         self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.planned = self.spent = 0.0  # over the finished stages that had a prediction
+
+    def pace(self) -> float | None:
+        """Measured seconds per planned second over the finished stages with a prediction (None before
+        the first): how much slower (>1) or faster this machine runs than the planner said."""
+        return self.spent / self.planned if self.planned > 0 else None
 
     def record(self, **fields) -> None:
         if self.metrics_path is None:
@@ -92,7 +105,10 @@ class NullProgress:
         finally:
             if bar is not None:
                 bar.close()
-        self.record(stage=name, **fields, seconds=round(time.perf_counter() - t0, 3),
+        seconds = time.perf_counter() - t0
+        if predicted:
+            self.planned, self.spent = self.planned + predicted, self.spent + seconds
+        self.record(stage=name, **fields, seconds=round(seconds, 3),
                     predicted_seconds=None if predicted is None else round(predicted, 3),
                     tokens=st.tokens or None, peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=_peak_gpu_bytes())
 

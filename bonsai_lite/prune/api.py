@@ -20,7 +20,7 @@ from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
-from bonsai_lite.progress import METRICS_NAME, make_progress
+from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress
 from bonsai_lite.search.planner import Work, detect_machine, make_plan, search_dtype
 from bonsai_lite.search.sampling import _n_fixed
 
@@ -108,11 +108,11 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     """
     ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
     if ranks is None:
-        cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, restart=restart)
+        cfg, parent, ids, machine = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, restart=restart)
         return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
-                                  show_progress=show_progress, checkpoint_masks=checkpoint_masks)
+                                  show_progress=show_progress, checkpoint_masks=checkpoint_masks, machine=machine)
     with ranks:
-        parent = ids = error = None
+        parent = ids = machine = error = None
         facts: dict = {}
         try:
             single = lambda: detect_machine(device="cpu", budget=None).budget  # noqa: E731
@@ -120,8 +120,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
                                                         default_budget=single))
             if cfg.refit == "loop":  # the other ranks would need rank 0's refitted weights
                 raise BonsaiError("--refit loop runs on one process; under torchrun use --refit ls")
-            cfg, parent, ids = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root,
-                                             restart=restart)
+            cfg, parent, ids, machine = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, root=ranks.is_root,
+                                                      restart=restart)
             facts = agreement_facts(cfg.resume_key(), model_fingerprint=model_fingerprint(cfg.model),
                                     device=cfg.device)
         except BonsaiError as e:
@@ -136,7 +136,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             done = ranks.serve(Pruner(cfg, ids=None, state=None).evaluate_share)
             return {"rank": ranks.rank, "world_size": ranks.world, "sub_models_evaluated": done}
         result = _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
-                                    show_progress=show_progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
+                                    show_progress=show_progress, checkpoint_masks=checkpoint_masks, ranks=ranks,
+                                    machine=machine)
         result["world_size"] = ranks.world
         return result
 
@@ -144,8 +145,8 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
 def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool = True, restart: bool = False):
     """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
 
-    Returns the config (compensation possibly switched off), the parent model and the calibration
-    ids (None when they are to be sampled from the model). Ranks other than 0 check only what they use: the model, the spill dir and their budget.
+    Returns the config (compensation possibly switched off), the parent model, the calibration
+    ids (None when they are to be sampled from the model) and the machine as the planner measured it. Ranks other than 0 check only what they use: the model, the spill dir and their budget.
     """
     out = Path(cfg.out)
     if root:  # only rank 0 writes the run state and the export
@@ -182,11 +183,11 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
         cfg = _check_length(cfg, ids)
-    return cfg, parent, ids
+    return cfg, parent, ids, machine
 
 
 def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, overwrite: bool,
-                       show_progress: bool, checkpoint_masks: int | None, ranks=None) -> dict:
+                       show_progress: bool, checkpoint_masks: int | None, ranks=None, machine=None) -> dict:
     from bonsai_lite.export import export_pruned
 
     out = Path(cfg.out)
@@ -198,9 +199,14 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
             ids = calibration_ids(cfg, cfg.model, cache_dir=state.dir)
             cfg = _check_length(cfg, ids)
         progress = make_progress(show=show_progress, metrics_path=state.dir / METRICS_NAME)
+        estimate = _run_estimate(cfg, parent.spec, machine) if machine else None
+        if estimate is not None:
+            log.info("the planner predicts %s for this prune on this machine (%d iteration(s)%s; export not "
+                     "counted)", fmt_duration(estimate.seconds), len(estimate.iterations),
+                     f", the refit {fmt_duration(estimate.refit)}" if estimate.refit else "")
         try:
             outcome = run_pruning(cfg, ids=ids, run_dir=state.dir, restart=restart, progress=progress,
-                                  checkpoint_masks=checkpoint_masks, ranks=ranks)
+                                  checkpoint_masks=checkpoint_masks, ranks=ranks, estimate=estimate)
             if ranks is not None:  # the search is over: release the other ranks before the (long) export
                 ranks.close()
             biases, overlay = dict(outcome.extra_biases or {}), None
@@ -232,6 +238,9 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         "run_dir": str(state.dir),
         "iterations": len(outcome.history),
         "history": outcome.history,
+        # the planner's prediction for this run (search and refit, export not counted), made when it started
+        "planned": None if estimate is None else {"seconds": estimate.seconds, "start": estimate.start,
+                                                  "iterations": list(estimate.iterations), "refit": estimate.refit},
     }
 
 
@@ -256,6 +265,22 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
         return None
     return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine,
                                          keep=1 - s.sparsity)
+
+
+def _run_estimate(cfg: RunConfig, spec, machine):
+    """The planner's prediction of this run as `cfg` now stands (`presets.Estimate`: per iteration and
+    the refit), or None where it cannot plan it."""
+    from bonsai_lite.prune.presets import estimate
+
+    c, s = cfg.calib, cfg.search
+    settings = dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
+                    prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+    try:
+        return estimate(spec, settings, method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
+                        refit=cfg.refit, refit_samples=cfg.refit_samples, fluctuation=s.fluctuation,
+                        first_step=s.first_step, regression=s.regression)
+    except BudgetError:
+        return None
 
 
 def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = None,

@@ -30,10 +30,11 @@ from bonsai_lite.calib.data import calibration_tokens
 from bonsai_lite.config import MIN_REGRESSION_MASKS, RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
-from bonsai_lite.progress import NullProgress
+from bonsai_lite.progress import NullProgress, fmt_duration
 from bonsai_lite.prune import compensation as C
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
+from bonsai_lite.prune.presets import seconds_left
 from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.ranking import group_members, rank_candidates
@@ -465,11 +466,13 @@ class Pruner:
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,
-                progress=None, checkpoint_masks: int | None = None, ranks=None) -> PruneOutcome:
+                progress=None, checkpoint_masks: int | None = None, ranks=None, estimate=None) -> PruneOutcome:
     """Run (or resume) the search; returns the final structure. Export is the caller's next step.
 
     `checkpoint_masks` caps the sub-models evaluated between two commits of the run state (speed
     versus work lost to a kill; results do not depend on it beyond floating-point rounding).
+    `estimate` (`presets.Estimate` of this run): each iteration then logs the time left, the
+    planner's remaining prediction scaled by the pace measured so far.
     """
     state = RunState(run_dir)
     key = {**jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
@@ -499,7 +502,10 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         it = state.meta["iteration"]
         biases = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
         layers, biases, info = pruner.iteration(it, layers, biases)
-        log.info("iteration %d/%d: %s", it + 1, n_iter, iteration_line(info))
+        pace = pruner.progress.pace() if estimate is not None else None
+        left = None if pace is None else seconds_left(estimate, it + 1, pace)
+        log.info("iteration %d/%d: %s%s", it + 1, n_iter, iteration_line(info), "" if left is None else
+                 f"; about {fmt_duration(left)} left at this run's pace ({pace:.2f}x the planner's time)")
         if cfg.refit == "loop" and it + 1 < n_iter:  # the last structure is refitted by the export
             t0 = time.perf_counter()
             overlay, refitted = pruner.refit(it, layers)
@@ -521,7 +527,8 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
                 if old.name != state.meta.get("refit_overlay"):
                     shutil.rmtree(old, ignore_errors=True)
         checkpoint("iteration")
-        pruner.progress.record(stage="iteration", **{k: v for k, v in info.items() if k != "regression"})
+        pruner.progress.record(stage="iteration", **{k: v for k, v in info.items() if k != "regression"},
+                               **({} if left is None else dict(pace=pace, predicted_seconds_left=left)))
         pruner.progress.iteration(it + 1, n_iter)
     extra = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
     return PruneOutcome(layers=layers, extra_biases=extra, history=state.meta["history"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_scale, removal_schedule
 from bonsai_lite.errors import BonsaiError
@@ -45,10 +45,21 @@ def parse_seconds(text: str) -> float:
 
 @dataclass(frozen=True)
 class Estimate:
+    """A rung's predicted prune: `seconds` = `start` (FLAP's one column read) + sum(`iterations`, each
+    with its own refit under --refit loop) + `refit` (the refit after the search)."""
     name: str
     settings: dict
     seconds: float
     forward_tokens: int
+    iterations: tuple[float, ...] = ()
+    start: float = 0.0
+    refit: float = 0.0
+
+
+def seconds_left(e: Estimate, done: int, pace: float) -> float:
+    """What is left of the prune `e` predicts once `done` iterations are over, at `pace` (the run's
+    measured seconds per planned second so far: the planner calibrated on the run itself)."""
+    return pace * (sum(e.iterations[done:]) + e.refit)
 
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
@@ -80,7 +91,7 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
     n_iter = len(schedule)
     # FLAP's scores read every o/down projection once per run
-    seconds = column_norm_seconds(spec, machine) if flap_metric else 0.0
+    start = column_norm_seconds(spec, machine) if flap_metric else 0.0
 
     def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments
         rows = prior_n * scale
@@ -99,13 +110,16 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
         ev_tokens = k * settings["samples"] * settings["seq_len"]
     # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
     # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
-    seconds += sum(max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) * (per_scale[scales[it]] + ev_seconds)
-                   for it in range(n_iter))
+    iterations = [max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) * (per_scale[scales[it]] + ev_seconds)
+                  for it in range(n_iter)]
     tokens = sum(prior_n * dense_t * k + ev_tokens for k in scales)
     refits = 0 if refit == "off" else (n_iter if refit == "loop" else 1)
-    seconds += refits * refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine, keep=1 - sparsity)
+    one_refit = refit_seconds(spec, None, refit_samples * prior_t, prior_t, machine, keep=1 - sparsity) if refits else 0.0
+    for it in range(refits - 1):  # --refit loop: after every iteration but the last, whose refit follows the search
+        iterations[it] += one_refit
     tokens += refits * refit_samples * prior_t  # the refit passes each block once, as the loop counts it
-    return Estimate("", dict(settings), seconds, tokens)
+    seconds = start + sum(iterations) + one_refit
+    return Estimate("", dict(settings), seconds, tokens, tuple(iterations), start, one_refit)
 
 
 def fit_time_budget(spec: ModelSpec, budget_seconds: float, *, method: str, sparsity: float, machine: Machine,
@@ -115,7 +129,7 @@ def fit_time_budget(spec: ModelSpec, budget_seconds: float, *, method: str, spar
     cheapest = None
     for name, settings in LADDER:
         e = estimate(spec, settings, method=method, sparsity=sparsity, machine=machine, dtype=dtype, **extra)
-        e = Estimate(name, e.settings, e.seconds, e.forward_tokens)
+        e = replace(e, name=name)
         cheapest = cheapest or e
         if e.seconds <= budget_seconds:
             best = e

@@ -122,6 +122,15 @@ def test_metrics_file_lists_every_stage(demo):
         if m["stage"] in ("priors", "evaluate", "refit"):
             assert m["seconds"] > 0 and m["tokens"] > 0 and m["predicted_seconds"] > 0
             assert m["peak_rss_bytes"] is None or m["peak_rss_bytes"] > 0
+    # each iteration's time left is the planner's rest scaled by the pace of the stages before it
+    planned = [m for m in lines if m.get("predicted_seconds")]
+    iters = [(i, m) for i, m in enumerate(lines) if m["stage"] == "iteration"]
+    for i, m in iters:
+        before = [p for p in planned if lines.index(p) < i]
+        assert m["pace"] == pytest.approx(sum(p["seconds"] for p in before) / sum(p["predicted_seconds"] for p in before),
+                                          rel=0.05)
+    rest = [m["predicted_seconds_left"] / m["pace"] for _, m in iters]  # the planner's own remaining seconds
+    assert rest[0] > rest[1] > 0  # the second iteration and the refit, then the refit alone
     adapted = report["models"][2]["dir"]
     lines = [json.loads(x) for x in open(f"{adapted}.run/metrics.jsonl").read().splitlines()]
     assert [m["stage"] for m in lines] == ["train", "export"]  # no teacher: the demo adapts without distillation

@@ -179,3 +179,46 @@ def test_a_larger_first_step_pays_its_larger_dense_pass(tiny_models):
     assert stepped.seconds > estimate(spec, settings, **kw).seconds
     reused = dict(settings, prior_samples=0)  # the search windows, whatever the step
     assert estimate(spec, reused, first_step=0.2, **kw).forward_tokens == 7 * settings["samples"] * settings["seq_len"]
+
+
+def test_the_estimate_splits_into_iterations_and_the_refit(tiny_models):
+    # seconds = FLAP's column read + each iteration (its own refit under --refit loop) + the refit after
+    # the search; what is left after k iterations is the rest of that, scaled by the measured pace
+    from bonsai_lite.prune.presets import seconds_left
+    from bonsai_lite.search.planner import column_norm_seconds, refit_seconds
+
+    spec = load_spec(tiny_models["llama-gqa-tied"])
+    machine = nominal_machine(device="cpu", budget=2**30)
+    settings, kw = dict(LADDER[0][1]), dict(method="bonsai", sparsity=0.5, machine=machine, refit_samples=4)
+    t = settings["prior_seq_len"] or settings["seq_len"]
+    one = refit_seconds(spec, None, 4 * t, t, machine, keep=0.5)
+    off, ls, loop = (estimate(spec, settings, refit=r, **kw) for r in ("off", "ls", "loop"))
+    for e in (off, ls, loop):
+        assert len(e.iterations) == 5 and e.start == pytest.approx(column_norm_seconds(spec, machine))
+        assert e.seconds == pytest.approx(e.start + sum(e.iterations) + e.refit)
+    assert off.refit == 0 and ls.refit == loop.refit == pytest.approx(one)
+    assert ls.iterations == off.iterations  # the search's passes do not depend on the refit after it
+    assert loop.iterations == pytest.approx([i + one for i in off.iterations[:-1]] + [off.iterations[-1]])
+    assert seconds_left(ls, 0, 1.0) == pytest.approx(ls.seconds - ls.start)
+    assert seconds_left(ls, 2, 1.5) == pytest.approx(1.5 * (sum(ls.iterations[2:]) + one))
+    assert seconds_left(loop, 5, 2.0) == pytest.approx(2 * one)
+    # the iterations shrink with the model the search leaves (the planner's time is its compute)
+    assert all(a > b for a, b in zip(off.iterations, off.iterations[1:]))
+
+
+def test_progress_pace_is_measured_over_planned_seconds(monkeypatch):
+    import bonsai_lite.progress as P
+
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 26.0])  # stage starts and ends
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    p = P.NullProgress()
+    assert p.pace() is None
+    with p.stage("priors", predicted=2.0):  # 3 s measured
+        pass
+    with p.stage("export"):  # no prediction: not part of the pace
+        pass
+    assert p.pace() == pytest.approx(1.5)
+    with p.stage("evaluate", predicted=8.0):  # 6 s measured
+        pass
+    assert p.pace() == pytest.approx(9 / 10)
+    assert [P.fmt_duration(s) for s in (42, 600, 9000)] == ["42 s", "10 min", "2.5 h"]
