@@ -260,3 +260,32 @@ def test_bench_refit_measures_each_layer_and_keeps_only_what_it_was_told(tmp_pat
     _run("bench_refit.py", "--shape", "tiny", "--layers", "1", "--samples", "2", "--seq-len", "16",
          "--work-dir", str(tmp_path))
     assert not (tmp_path / "tiny-1l").exists()  # its own, without --keep-checkpoint
+
+
+def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_path):
+    # tools/bench_prune.py: a whole CLI prune + eval of a random checkpoint of the shape; the time each
+    # iteration said was left is the rest of the run's own plan at its measured pace
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_model, prunable_model
+
+    src, calib = prunable_model(make_tiny_model(tmp_path / "src", "llama-gqa-tied"), tmp_path)
+    work = tmp_path / "work"
+    r = _run("bench_prune.py", "--shape", "tiny", "--preset", "quick", "--sparsity", "0.3", "--budget", "1GB",
+             "--calib", str(calib), "--eval", str(calib), "--eval-seq-len", "16", "--eval-tokens", "256",
+             "--tokenizer-from", str(src), "--work-dir", str(work),
+             "--", "--seq-len", "16", "--calib-samples", "2", "--prior-samples", "8")
+    assert r["kind"] == "prune-scale" and r["iterations"] == 3 and r["params_after"] < r["params_before"]
+    plan = r["planned"]
+    assert len(plan["iterations"]) == 3 and plan["refit"] > 0
+    assert plan["seconds"] == pytest.approx(plan["start"] + sum(plan["iterations"]) + plan["refit"])
+    assert [e["after_iteration"] for e in r["seconds_left"]] == [1, 2, 3]
+    for e in r["seconds_left"]:
+        k = e["after_iteration"]
+        assert e["predicted"] == pytest.approx(e["pace"] * (sum(plan["iterations"][k:]) + plan["refit"]))
+    assert r["seconds_left"][-1]["measured"] == pytest.approx(r["stages"]["refit"]["seconds"])
+    assert {"priors", "refit", "export"} <= set(r["stages"]) and r["stages"]["priors"]["calls"] == 3
+    assert r["seconds"] == pytest.approx(sum(s["seconds"] for s in r["stages"].values()))
+    assert r["prune_peak_rss_bytes"] > 0 and r["eval"]["peak_rss_bytes"] > 0 and r["export_bytes"] > 0
+    assert math.isfinite(r["eval"]["perplexity"]) and r["eval"]["tokens"] > 0
+    assert r["transformers_config"] and r["budget_bytes"] == 2**30
+    assert not (work / "parent").exists()  # the checkpoint it wrote, deleted without --keep-checkpoint
