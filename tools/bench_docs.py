@@ -392,6 +392,9 @@ def regenerate() -> dict:
     import render_quality  # noqa: PLC0415 - docs/RESULTS.md's tables and plots, from the quality records
 
     bench_distributed.write_docs()
+    import bench_prune  # noqa: PLC0415
+
+    bench_prune.write_docs()
     gguf_docs.main()
     render_quality.render_docs(render_quality.load_records())
     if read_records("demo"):

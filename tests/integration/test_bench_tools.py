@@ -289,3 +289,10 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
     assert math.isfinite(r["eval"]["perplexity"]) and r["eval"]["tokens"] > 0
     assert r["transformers_config"] and r["budget_bytes"] == 2**30
     assert not (work / "parent").exists()  # the checkpoint it wrote, deleted without --keep-checkpoint
+    sys.path.insert(0, str(TOOLS))
+    import bench_prune
+
+    lines = bench_prune.render([r])
+    assert sum(x.startswith("| tiny | quick, 30% | 1.0 GiB |") for x in lines) == 1
+    assert sum(x.startswith(f"| {k} | ") for x in lines for k in (1, 2, 3)) == 3  # one row per iteration's time left
+    assert r["command"].startswith("python tools/bench_prune.py --threads 1 --shape tiny") and r["command"].endswith("8")
