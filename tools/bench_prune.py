@@ -221,13 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     record = collect(Path(args.work_dir), _settings(args, extra)) if args.collect else run(args, extra)
     record["command"] = " ".join(["python tools/bench_prune.py", *argv, *(["--", *extra] if extra else [])])
-    print(json.dumps(record))
-    if args.record:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"prune-scale-{args.shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"recorded {path}", file=sys.stderr)
-    return record
+    name = f"prune-scale-{args.shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
+    return SX.emit(record, RESULTS / name if args.record else None)
 
 
 if __name__ == "__main__":

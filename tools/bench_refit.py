@@ -14,7 +14,6 @@ same). One JSON object on stdout (kind "refit-scale"); --record writes it to doc
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -112,13 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.cleanup()
         elif created and not args.keep_checkpoint:
             shutil.rmtree(model_dir, ignore_errors=True)
-    print(json.dumps(result))
-    if args.record:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"refit-scale-{args.shape}-{args.layers}l-{args.samples}x{args.seq_len}-t{result['threads']}.json"
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"recorded {out}", file=sys.stderr)
-    return result
+    name = f"refit-scale-{args.shape}-{args.layers}l-{args.samples}x{args.seq_len}-t{result['threads']}.json"
+    return SX.emit(result, RESULTS / name if args.record else None)
 
 
 if __name__ == "__main__":

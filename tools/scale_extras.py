@@ -40,6 +40,16 @@ def disk_needed(weights_bytes: int, *, export: bool, accelerate: bool) -> int:
     return int(weights_bytes * (1 + (EXPORT_FACTOR if export else 0) + (OFFLOAD_FACTOR if accelerate else 0)))
 
 
+def emit(record: dict, path: Path | None) -> dict:
+    """Print a tool's record as one JSON line; also write it (indented) to `path` when given."""
+    print(json.dumps(record))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"recorded {path}", file=sys.stderr)
+    return record
+
+
 def check_disk(path: Path, need: int) -> None:
     """Refuse before writing anything when the disk cannot hold the run (one line, with the figures)."""
     path.mkdir(parents=True, exist_ok=True)
