@@ -146,7 +146,8 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     """Everything that can be refused before work: output path, model, spill dir, budget, calibration text.
 
     Returns the config (compensation possibly switched off), the parent model, the calibration
-    ids (None when they are to be sampled from the model) and the machine as the planner measured it. Ranks other than 0 check only what they use: the model, the spill dir and their budget.
+    ids (None when they are to be sampled from the model) and the machine as the planner measured
+    it. Ranks other than 0 check only what they use: the model, the spill dir and their budget.
     """
     out = Path(cfg.out)
     if root:  # only rank 0 writes the run state and the export
@@ -249,17 +250,22 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
 REFIT_TIME_RATIO = 2.0
 
 
+def _rung(cfg: RunConfig) -> dict:
+    """The run's search settings as a rung of `presets.LADDER` spells them."""
+    c, s = cfg.calib, cfg.search
+    return dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
+                prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+
+
 def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, float] | None:
     """(the search's, the refit's) predicted seconds on `machine`, or None where the planner cannot
     plan the search (the budget check that follows says why)."""
     from bonsai_lite.prune.presets import estimate
     from bonsai_lite.search.planner import refit_seconds
 
-    c, s = cfg.calib, cfg.search
-    settings = dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
-                    prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+    s = cfg.search
     try:
-        search = estimate(spec, settings, method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
+        search = estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
                           first_step=s.first_step, regression=s.regression)
     except BudgetError:
         return None
@@ -272,11 +278,9 @@ def _run_estimate(cfg: RunConfig, spec, machine):
     the refit), or None where it cannot plan it."""
     from bonsai_lite.prune.presets import estimate
 
-    c, s = cfg.calib, cfg.search
-    settings = dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
-                    prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+    s = cfg.search
     try:
-        return estimate(spec, settings, method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
+        return estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
                         refit=cfg.refit, refit_samples=cfg.refit_samples, fluctuation=s.fluctuation,
                         first_step=s.first_step, regression=s.regression)
     except BudgetError:
