@@ -20,6 +20,18 @@ from pathlib import Path
 METRICS_NAME = "metrics.jsonl"
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The lines of a metrics file (none when it is absent; a line cut short by a kill is skipped)."""
+    path, out = Path(path), []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
 def fmt_duration(seconds: float) -> str:
     """'45 s', '12 min', '1.5 h'."""
     if seconds < 90:

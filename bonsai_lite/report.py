@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from bonsai_lite.errors import BonsaiError
-from bonsai_lite.progress import METRICS_NAME
+from bonsai_lite.progress import METRICS_NAME, read_metrics
 
 STATE = "state.json"
 PLOT_NAME = "widths.png"
@@ -35,13 +35,7 @@ def load_run(run_dir: str | Path) -> dict:
         if all("removed_heads" in h for h in history):
             before = {k: [a + sum(h[f"removed_{k}"][l] for h in history) for l, a in enumerate(after[k])]
                       for k in ("heads", "mlp")}
-    metrics = []
-    if (run_dir / METRICS_NAME).is_file():
-        for line in (run_dir / METRICS_NAME).read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a kill
+    metrics = read_metrics(run_dir / METRICS_NAME)
     cfg = meta.get("config", {})
     return {"run_dir": str(run_dir), "model": cfg.get("model"), "search": cfg.get("search", {}),
             "calib": cfg.get("calib", {}), "iterations_done": meta.get("iteration", 0), "history": history,

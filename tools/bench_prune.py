@@ -36,6 +36,7 @@ import bench_engine as BE  # noqa: E402
 import scale_extras as SX  # noqa: E402
 from bench_scale import SHAPES, shape_bytes, write_random_model  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
+from bonsai_lite.progress import METRICS_NAME, read_metrics  # noqa: E402
 from bonsai_lite.search.planner import fmt_bytes, parse_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -68,7 +69,7 @@ def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
     """The record of a finished run in `work` (prune.json, eval.json and the run's metrics.jsonl);
     `settings`: what it was run with."""
     result = _last_json(work / "prune.json")
-    metrics = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(Path(result["run_dir"]) / METRICS_NAME)
     stages = [m for m in metrics if m["stage"] != "iteration"]
     planned = result.get("planned") or {}
     # after each iteration: the time it predicted was left against what was left (the stages after
