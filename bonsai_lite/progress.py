@@ -51,7 +51,20 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+# The process's peak before the last reset_peaks: resetting VmHWM also resets what the kernel reports
+# as the process's ru_maxrss (getrusage, wait4, `/usr/bin/time -v`), so the whole run's peak is kept here.
+_EARLIER_PEAK = 0
+
+
+def process_peak_rss_bytes() -> int | None:
+    """The process's RSS high-water mark over its whole life, across reset_peaks; None off Linux."""
+    now = peak_rss_bytes()
+    return None if now is None else max(now, _EARLIER_PEAK)
+
+
 def reset_peaks() -> None:
+    global _EARLIER_PEAK
+    _EARLIER_PEAK = process_peak_rss_bytes() or 0
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS, so a stage's peak is its own

@@ -10,7 +10,8 @@ its own process:
 and loads the export's config with transformers. The record (kind "prune-scale") has, from the run's
 own metrics.jsonl, every stage's seconds beside the planner's prediction, the prediction the run
 logged when it started (`planned`), the time left each iteration predicted at the run's measured pace
-against the time that was left, and each process's peak RSS (its whole RSS, not growth: `wait4`).
+against the time that was left, and each process's peak RSS (its whole RSS, not growth; the prune's
+over all its stages, `prune_peak`).
 A search run elsewhere (resumed, or started by hand with the same commands) is read with --collect
 DIR, where DIR holds prune.json and eval.json (stdout of the commands above) and OUT.run.
 
@@ -65,6 +66,14 @@ def _time_v_peak(log: Path) -> int | None:
     return int(m[-1]) * 1024 if m else None
 
 
+def prune_peak(result: dict, stages: dict, rusage_peak: int | None) -> int | None:
+    """The prune process's peak RSS. Each stage resets VmHWM to read its own peak, which also resets
+    what rusage (wait4, `/usr/bin/time -v`) reports, so that alone is the peak since the last stage
+    began: the result's `peak_rss_bytes` (kept across the resets) and the stages' peaks count too."""
+    peaks = [result.get("peak_rss_bytes"), rusage_peak, *(s["peak_rss_bytes"] for s in stages.values())]
+    return max((p for p in peaks if p), default=None)
+
+
 def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
     """The record of a finished run in `work` (prune.json, eval.json and the run's metrics.jsonl);
     `settings`: what it was run with."""
@@ -97,7 +106,7 @@ def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
         "seconds": seconds,  # every stage of the run, over all its processes (a resumed run included)
         "search_and_refit_seconds": seconds - per_stage.get("export", {}).get("seconds", 0.0),
         "planned": planned, "stages": per_stage, "seconds_left": left,
-        "prune_peak_rss_bytes": rusage["prune"]["peak_rss_bytes"],
+        "prune_peak_rss_bytes": prune_peak(result, per_stage, rusage["prune"]["peak_rss_bytes"]),
         "export_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()) if out.is_dir() else None,
         "eval": None if ev is None else {"perplexity": ev.get("perplexity"), "tokens": ev.get("tokens"),
                                          "seconds": ev.get("seconds"),

@@ -20,7 +20,7 @@ from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
-from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress
+from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress, process_peak_rss_bytes
 from bonsai_lite.search.planner import Work, detect_machine, make_plan, search_dtype
 from bonsai_lite.search.sampling import _n_fixed
 
@@ -242,6 +242,8 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         # the planner's prediction for this run (search and refit, export not counted), made when it started
         "planned": None if estimate is None else {"seconds": estimate.seconds, "start": estimate.start,
                                                   "iterations": list(estimate.iterations), "refit": estimate.refit},
+        # this process's RSS high-water mark, every stage included (a resumed run: since it resumed)
+        "peak_rss_bytes": process_peak_rss_bytes(),
     }
 
 

@@ -286,6 +286,8 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
     assert {"priors", "refit", "export"} <= set(r["stages"]) and r["stages"]["priors"]["calls"] == 3
     assert r["seconds"] == pytest.approx(sum(s["seconds"] for s in r["stages"].values()))
     assert r["prune_peak_rss_bytes"] > 0 and r["eval"]["peak_rss_bytes"] > 0 and r["export_bytes"] > 0
+    # the process's peak, not the last stage's (each stage resets VmHWM, and with it the rusage figure)
+    assert r["prune_peak_rss_bytes"] >= max(s["peak_rss_bytes"] for s in r["stages"].values())
     assert math.isfinite(r["eval"]["perplexity"]) and r["eval"]["tokens"] > 0
     assert r["transformers_config"] and r["budget_bytes"] == 2**30
     assert not (work / "parent").exists()  # the checkpoint it wrote, deleted without --keep-checkpoint
