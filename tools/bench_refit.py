@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work-dir", default=None, help="where the checkpoint is written (default: temp; deleted after "
                                                      "unless --keep-checkpoint)")
     ap.add_argument("--keep-checkpoint", action="store_true")
-    ap.add_argument("--record", action="store_true", help="write the JSON to docs/results/")
+    ap.add_argument("--record", nargs="?", const="", default=None, metavar="TAG",
+                    help="write the JSON to docs/results/ (TAG, if given, ends the file's name)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.cleanup()
         elif created and not args.keep_checkpoint:
             shutil.rmtree(model_dir, ignore_errors=True)
-    name = f"refit-scale-{args.shape}-{args.layers}l-{args.samples}x{args.seq_len}-t{result['threads']}.json"
-    return SX.emit(result, RESULTS / name if args.record else None)
+    tag = f"-{args.record}" if args.record else ""
+    name = f"refit-scale-{args.shape}-{args.layers}l-{args.samples}x{args.seq_len}-t{result['threads']}{tag}.json"
+    return SX.emit(result, RESULTS / name if args.record is not None else None)
 
 
 if __name__ == "__main__":

@@ -30,27 +30,51 @@ from bonsai_lite.structure import LayerStructure
 # dampening; 0.1 shrinks too far (SmolLM2-135M, 20%, seed 0: 31.0 against FLAP's bias alone 40.2;
 # docs/RESULTS.md). Defined beside the residual fluctuation, which damps its covariances the same way.
 DAMP = RIDGE_DAMP
+OUT_BLOCK = 1024  # output rows of a projection per step of normal_equations' right-hand side
 
 
-def refit_projection(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, *,
-                     damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+def refit_projection(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                     kept: torch.Tensor, *, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of a projection that keeps the input columns `kept`, fitted to the dense output.
 
-    `gram` is the second moment of [inputs, 1] over the calibration tokens, (d + 1) x (d + 1). The
+    `moments` holds the kept inputs' rows of the second moments of [inputs, 1] over the calibration
+    tokens, [X_kept, 1]^T [X, 1], as its (k + 1) x d part and its last column (`_kept_moments`). The
     new weight has the parent's shape with the removed columns zero; both come back in float64."""
-    d = weight.shape[1]
-    weight = weight.double()
-    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double().to(weight.device)
-    rows = torch.cat([kept.to(weight.device), torch.tensor([d], device=weight.device)])
-    a = gram[rows][:, rows].clone()
-    rhs = gram[rows] @ torch.cat([weight, bias[:, None]], 1).T
+    return solve_refit(*normal_equations(moments, weight, bias, kept, damp=damp), weight, kept)
+
+
+def normal_equations(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                     kept: torch.Tensor, *, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge's (A, B) for `refit_projection`: A = [X_kept, 1]^T [X_kept, 1] + lambda on the kept
+    inputs' diagonal, B = [X_kept, 1]^T [X, 1] [W, b]^T + lambda [W_kept, 0]^T (shrunk towards the
+    original weights, not towards zero). B is built a block of output rows at a time, so no float64
+    copy of the whole weight is made; the caller can free `moments` before the solve."""
+    gx, g1 = moments
+    dev = gx.device
+    kept = kept.to(dev)
+    a = torch.cat([gx.index_select(1, kept), g1[:, None]], 1)
     lam = damp * a.diagonal()[:-1].mean() if len(kept) else 0.0
-    idx = torch.arange(len(kept), device=weight.device)
+    idx = torch.arange(len(kept), device=dev)
     a[idx, idx] += lam
-    rhs[:-1] += lam * weight[:, kept].T  # shrink towards the original weights, not towards zero
-    beta = torch.linalg.solve(a, rhs)
-    new = torch.zeros_like(weight)
-    new[:, kept] = beta[:-1].T
+    rhs = torch.empty(len(kept) + 1, weight.shape[0], dtype=torch.float64, device=dev)
+    for r in range(0, weight.shape[0], OUT_BLOCK):
+        w = weight[r:r + OUT_BLOCK].to(dev, torch.float64)
+        block = rhs[:, r:r + OUT_BLOCK]
+        block.copy_(gx @ w.T)
+        if bias is not None:
+            block += g1[:, None] * bias[r:r + OUT_BLOCK].to(dev, torch.float64)
+        block[:-1] += lam * w[:, kept].T
+    return a, rhs
+
+
+def solve_refit(a: torch.Tensor, rhs: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve A beta = B (symmetric positive definite: Cholesky) into (weight, bias) in float64."""
+    factor = torch.linalg.cholesky(a)
+    del a
+    beta = torch.cholesky_solve(rhs, factor)
+    new = torch.zeros(weight.shape, dtype=torch.float64, device=rhs.device)
+    new[:, kept.to(rhs.device)] = beta[:-1].T
     return new, beta[-1]
 
 
@@ -80,12 +104,14 @@ def residual_fits(spec, rows: int, budget: int) -> bool:
 def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
     """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
     hidden states twice (before and after the attention), the refitted projection's inputs over all
-    windows (kept so the block is not computed twice), one batch's MLP activations, and the widest
-    projection's second moments in float64 with the solver's copy of them."""
+    windows (kept so the block is not computed twice), one batch's MLP activations, and for the
+    widest projection the kept rows of its second moments with the solve's matrix and right-hand
+    side in float64 (counted for a layer that keeps all of that projection's inputs: the structure is
+    not known when this is asked)."""
     width = widest_input(spec) + 1
     block = max(spec.block_params(s) for s in spec.layers) * 4
     return (block + 2 * tokens * spec.hidden * 4 + tokens * width * 4 + 3 * batch * seq_len * width * 4
-            + 3 * width * width * 8)
+            + (2 * width * width + width * spec.hidden) * 8)
 
 
 def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,21 +119,26 @@ def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.T
     return heads, torch.tensor(kept.mlp, dtype=torch.long)
 
 
-def _gram(d: int, device) -> tuple[torch.Tensor, callable]:
-    """Second moments of [inputs, 1], and the tap that adds a tile to them: a float32 product per
-    tile summed in float64 (as the priors' residual covariances are), which the ridge's 1% damping
-    leaves no trace of; a float64 product was 1.7-5x slower on a CPU."""
-    g = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
+def _kept_moments(d: int, kept: torch.Tensor, device) -> tuple[tuple[torch.Tensor, torch.Tensor], callable]:
+    """[X_kept, 1]^T [X, 1], the kept inputs' rows of the second moments of [inputs, 1] (all that the
+    refit reads of them: k / d of the whole matrix's products and memory), as its (k + 1) x d part and
+    its last column, and the tap that adds a tile to them: a float32 product per tile summed in
+    float64 (as the priors' residual covariances are), which the ridge's 1% damping leaves no trace
+    of; a float64 product was 1.7-5x slower on a CPU."""
+    k = len(kept)
+    kept = kept.to(device)
+    gx = torch.zeros(k + 1, d, dtype=torch.float64, device=device)
+    g1 = torch.zeros(k + 1, dtype=torch.float64, device=device)
 
     def add(_kind, x):
         x = x.reshape(-1, d).float()
-        g[:d, :d] += x.T @ x
-        s = x.sum(0, dtype=torch.float64)
-        g[:d, d] += s
-        g[d, :d] += s
-        g[d, d] += len(x)
+        xk = x.index_select(1, kept)
+        gx[:k] += xk.T @ x
+        gx[k] += x.sum(0, dtype=torch.float64)
+        g1[:k] += xk.sum(0, dtype=torch.float64)
+        g1[k] += len(x)
 
-    return g, add
+    return (gx, g1), add
 
 
 def _kept_inputs(add, inputs: list):
@@ -155,18 +186,24 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             hs = [h + mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act) for h in mids]
         else:  # each projection's inputs are computed once: its statistics, then the refitted output
             bare = replace(w, o_w=w.o_w[:0], o_b=None, down_w=w.down_w[:0], down_b=None)  # inputs only
-            g, add = _gram(w.o_w.shape[1], device)
+            g, add = _kept_moments(w.o_w.shape[1], heads, device)
             inputs: list[torch.Tensor] = []
             for h in hs:
                 attention(bare, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window, tap=_kept_inputs(add, inputs))
-            o_w, o_b = refit_projection(g, w.o_w, w.o_b, heads.to(device), damp=damp)
+            system = normal_equations(g, w.o_w, w.o_b, heads, damp=damp)
+            del g, add  # the moments are not needed once the system is built
+            o_w, o_b = solve_refit(*system, w.o_w, heads)
+            del system
             w.o_w, w.o_b = o_w.float(), o_b.float()
             mids = [h + F.linear(a, w.o_w, w.o_b) for h, a in zip(hs, inputs)]
-            g, add = _gram(w.down_w.shape[1], device)
+            g, add = _kept_moments(w.down_w.shape[1], units, device)
             inputs = []
             for h in mids:
                 mlp(bare, rms_norm(h, w.mlp_norm, spec.eps), act, tap=_kept_inputs(add, inputs))
-            down_w, down_b = refit_projection(g, w.down_w, w.down_b, units.to(device), damp=damp)
+            system = normal_equations(g, w.down_w, w.down_b, units, damp=damp)
+            del g, add
+            down_w, down_b = solve_refit(*system, w.down_w, units)
+            del system
             w.down_w, w.down_b = down_w.float(), down_b.float()
             hs = [h + F.linear(m, w.down_w, w.down_b) for h, m in zip(mids, inputs)]
             del inputs

@@ -500,19 +500,20 @@ def _projection_inputs(spec: ModelSpec, layers) -> list[int]:
 def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, *,
                           solve_outputs: int | None = None, kept: list[int] | None = None) -> float:
     """Predicted time of the o_proj and down_proj inputs' second moments over `rows` tokens in every
-    layer of `layers` (float32 tile products: `ActivationStats` with a gram, `refit._gram`), and of
-    one float64 factorisation of each: the inverse (Cholesky and its inverse, d^3 flops, counted
-    twice: they ran at half a float64 GEMM's rate here) that the --fluctuation residual metric pays
-    in each dense pass, or with `solve_outputs` = h the refit's solve for h outputs on the k kept
-    inputs of each (`kept`, in the order of the projections; default all d): LU, 2/3 k^3, the
-    right-hand side's product, 2 k d h, and its solves, 2 k^2 h."""
+    layer of `layers` (float32 tile products), and of one float64 factorisation of each: the inverse
+    (Cholesky and its inverse, d^3 flops, counted twice: they ran at half a float64 GEMM's rate here)
+    that the --fluctuation residual metric pays in each dense pass (`ActivationStats` with a gram,
+    d x d), or with `solve_outputs` = h the refit's (`refit._kept_moments`: the k kept inputs' rows
+    only, k x d, for `kept` in the order of the projections, default all d) and its solve for h
+    outputs: Cholesky, k^3 / 3, the right-hand side's product, 2 k d h, and its solves, 2 k^2 h."""
     widths = _projection_inputs(spec, layers)
-    products = sum(2 * rows * d * d for d in widths)
     if solve_outputs is None:
+        products = sum(2 * rows * d * d for d in widths)
         factor = sum(2 * d**3 for d in widths)
     else:
         h = solve_outputs
-        factor = sum(2 * k**3 / 3 + 2 * k * d * h + 2 * k * k * h for d, k in zip(widths, kept or widths))
+        products = sum(2 * rows * d * k for d, k in zip(widths, kept or widths))
+        factor = sum(k**3 / 3 + 2 * k * d * h + 2 * k * k * h for d, k in zip(widths, kept or widths))
     fp32 = _large_gemm_flops(machine)
     return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
 
