@@ -317,10 +317,14 @@ def render_demo(recs: list[dict]) -> list[str]:
     for r in recs:
         s, hw, base = r["settings"], r["hardware"], r["models"][0]
         load = r.get("load_average") or {}
+        start, end = load.get("start", [float("nan")])[0], load.get("end", [float("nan")])[0]
+        # a 1-minute load of half the cores before the run: another job was running (demo.json's figure)
+        busy = not start < hw["cores"] / 2
         lines += [f"`{r['command']}` at commit {r['commit']} on {hw['cpu']} ({hw['cores']} cores, "
                   f"{hw['threads']} torch threads, torch {hw['torch']}); load average "
-                  f"{load.get('start', ['?'])[0]:.1f} at the start and {load.get('end', ['?'])[0]:.1f} at the end "
-                  "(a machine shared with other jobs: times and speeds are slower and noisier than on an idle one).",
+                  f"{start:.1f} at the start and {end:.1f} at the end "
+                  + ("(a machine shared with other jobs: times and speeds are slower and noisier than on an idle one)."
+                     if busy else "(nothing else running when it started)."),
                   "", f"| | perplexity (first {base['eval_tokens']:,} test tokens, seq {s['eval_seq_len']}) | params "
                   "| size | decode tok/s |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {m['name']} | {m['perplexity']:.2f} | {m['params']:,d} | {m['bytes'] / 1e6:.1f} MB "
