@@ -103,8 +103,8 @@ def residual_fits(spec, rows: int, budget: int) -> bool:
 
 def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
     """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
-    hidden states twice (before and after the attention), the refitted projection's inputs over all
-    windows (kept so the block is not computed twice), one batch's MLP activations, and for the
+    hidden states twice (before and after the attention), the refitted projection's kept inputs over
+    all windows (kept so the block is not computed twice), one batch's MLP activations, and for the
     widest projection the kept rows of its second moments with the solve's matrix and right-hand
     side in float64 (counted for a layer that keeps all of that projection's inputs: the structure is
     not known when this is asked)."""
@@ -137,15 +137,16 @@ def _kept_moments(d: int, kept: torch.Tensor, device) -> tuple[tuple[torch.Tenso
         gx[k] += x.sum(0, dtype=torch.float64)
         g1[:k] += xk.sum(0, dtype=torch.float64)
         g1[k] += len(x)
+        return xk
 
     return (gx, g1), add
 
 
 def _kept_inputs(add, inputs: list):
-    """A tap that feeds `add` and keeps each tile's projection input (to apply the refitted weight)."""
+    """A tap that feeds `add` and keeps each tile's kept inputs (what `add` returns), to apply the
+    refitted weight to: its removed columns are zero, so the kept ones give the whole output."""
     def tap(kind, x):
-        add(kind, x)
-        inputs.append(x)
+        inputs.append(add(kind, x).view(*x.shape[:-1], -1))
 
     return tap
 
@@ -158,7 +159,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
     Writes the new o_proj / down_proj weights of those layers under `folder` (its old refit files
     are replaced) and returns {bias name: float32 bias}. Runs in float32, one block at a time: the
     attention over all windows, its o_proj refitted, then the MLP on the refitted attention's output
-    and its down_proj refitted; each projection's inputs are computed once and kept until it is refitted."""
+    and its down_proj refitted; each projection's kept inputs are computed once and kept until it is refitted."""
     from safetensors.torch import save_file
     from transformers.activations import ACT2FN
 
@@ -195,7 +196,9 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             o_w, o_b = solve_refit(*system, w.o_w, heads)
             del system
             w.o_w, w.o_b = o_w.float(), o_b.float()
-            mids = [h + F.linear(a, w.o_w, w.o_b) for h, a in zip(hs, inputs)]
+            o_kept = w.o_w[:, heads.to(device)]
+            mids = [h + F.linear(a, o_kept, w.o_b) for h, a in zip(hs, inputs)]
+            del o_kept
             g, add = _kept_moments(w.down_w.shape[1], units, device)
             inputs = []
             for h in mids:
@@ -205,7 +208,9 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             down_w, down_b = solve_refit(*system, w.down_w, units)
             del system
             w.down_w, w.down_b = down_w.float(), down_b.float()
-            hs = [h + F.linear(m, w.down_w, w.down_b) for h, m in zip(mids, inputs)]
+            down_kept = w.down_w[:, units.to(device)]
+            hs = [h + F.linear(m, down_kept, w.down_b) for h, m in zip(mids, inputs)]
+            del down_kept
             del inputs
             dtype = {k: parent.ckpt.info(names[k]).dtype for k in ("o_w", "down_w")}
             save_file({names["o_w"]: o_w.to("cpu", dtype["o_w"]).contiguous(),
