@@ -101,6 +101,19 @@ def settings_for(preset: str, method: str, sparsity: float, variant: str = "") -
     return q, search
 
 
+RESOLVED = ("fluctuation", "first_step", "regression")  # "auto" settings the run resolves before it starts
+
+
+def resolved_settings(run_dir: Path, settings: dict) -> dict:
+    """`settings` with the "auto" values the run resolved (its state.json's config), so a record says
+    what ran: `--fluctuation auto` is the residual metric where the dense pass is large enough."""
+    try:
+        search = json.loads((Path(run_dir) / "state.json").read_text())["meta"]["config"]["search"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return settings
+    return {**settings, **{k: search[k] for k in RESOLVED if settings.get(k) == "auto" and k in search}}
+
+
 def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) -> dict:
     from bonsai_lite.eval.perplexity import perplexity
     from bonsai_lite.prune.api import prune
@@ -124,7 +137,8 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
     return {
         "kind": "quality", "model": args.model_name, "method": method, "sparsity": sparsity, "seed": seed,
         "preset": args.preset, "variant": variant, "compensate": cfg.search.compensates,
-        "settings": {**q, **{k: v for k, v in vars(cfg.search).items() if k not in ("method", "sparsity", "seed")}},
+        "settings": resolved_settings(run_dir, {**q, **{k: v for k, v in vars(cfg.search).items()
+                                                        if k not in ("method", "sparsity", "seed")}}),
         "eval_tokens": ev["tokens"], "eval_windows": ev["windows"], "seq_len": args.seq_len,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
         "prune_seconds": prune_s, "prune_resumed": resumed,

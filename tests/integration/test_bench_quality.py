@@ -46,6 +46,7 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     for r in runs:
         assert r["perplexity"] > 1 and r["forward_tokens"] > 0 and r["prune_seconds"] > 0
         assert r["compensate"] is (r["variant"] != "compensate=off")
+        assert r["settings"]["fluctuation"] in ("variance", "residual")  # what ran, not "auto"
     bonsai = [r for r in runs if r["method"] == "bonsai" and not r["variant"]]
     flap = [r for r in runs if r["method"] == "flap" and not r["variant"]]
     assert all(b["forward_tokens"] > f["forward_tokens"] for b in bonsai for f in flap)
