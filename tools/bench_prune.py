@@ -123,6 +123,11 @@ def load_records() -> list[dict]:
     return [json.loads(f.read_text()) for f in sorted(RESULTS.glob("prune-scale-*.json"))]
 
 
+def _label(r: dict) -> str:
+    """'quick, 50%', with the arguments passed on to prune after it ('quick, 50% --refit ls')."""
+    return " ".join([f"{r['preset']}, {r['sparsity']:.0%}", *r.get("extra_args", [])])
+
+
 def _t(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.1f} min"
 
@@ -140,7 +145,7 @@ def render(records: list[dict]) -> list[str]:
         p_search = None if p_all is None else p_all - plan.get("refit", 0.0)
         ev = r.get("eval") or {}
         lines.append(
-            f"| {r['shape']} | {r['preset']}, {r['sparsity']:.0%} | {fmt_bytes(r['budget_bytes']) if r['budget_bytes'] else '-'} "
+            f"| {r['shape']} | {_label(r)} | {fmt_bytes(r['budget_bytes']) if r['budget_bytes'] else '-'} "
             f"| {r['threads']} | {r['iterations']} | {_t(search)} ({_t(p_search) if p_search else '-'}) "
             f"| {_t(refit)} ({_t(plan['refit']) if plan.get('refit') else '-'}) "
             f"| {_t(r['search_and_refit_seconds'])} ({_t(p_all) if p_all else '-'}; "
@@ -151,7 +156,7 @@ def render(records: list[dict]) -> list[str]:
     for r in records:
         if not r["seconds_left"]:
             continue
-        lines += ["", f"Time left as each iteration logged it ({r['shape']}, {r['preset']} {r['sparsity']:.0%}): the "
+        lines += ["", f"Time left as each iteration logged it ({r['shape']}, {_label(r)}): the "
                   "planner's rest of the run times the pace measured so far, against the time that was left "
                   "(search and refit; the export is not planned):", "",
                   "| after iteration | pace (measured / planned) | predicted left | measured left | predicted / measured |",
