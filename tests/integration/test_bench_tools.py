@@ -295,6 +295,8 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
     import bench_prune
 
     lines = bench_prune.render([r])
-    assert sum(x.startswith("| tiny | quick, 30% | 1.0 GiB |") for x in lines) == 1
+    # the row names the arguments passed on to prune
+    assert sum(x.startswith("| tiny | quick, 30% --seq-len 16 --calib-samples 2 --prior-samples 8 | 1.0 GiB |")
+               for x in lines) == 1
     assert sum(x.startswith(f"| {k} | ") for x in lines for k in (1, 2, 3)) == 3  # one row per iteration's time left
     assert r["command"].startswith("python tools/bench_prune.py --threads 1 --shape tiny") and r["command"].endswith("8")
