@@ -133,8 +133,8 @@ class NullProgress:
         seconds = time.perf_counter() - t0
         if predicted:
             self.planned, self.spent = self.planned + predicted, self.spent + seconds
-        self.record(stage=name, **fields, seconds=round(seconds, 3),
-                    predicted_seconds=None if predicted is None else round(predicted, 3),
+        self.record(stage=name, **fields, seconds=round(seconds, 6),
+                    predicted_seconds=None if predicted is None else round(predicted, 6),
                     tokens=st.tokens or None, peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=_peak_gpu_bytes())
 
     def iteration(self, done: int, total: int, info: str | None = None) -> None:
