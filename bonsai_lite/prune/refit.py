@@ -134,8 +134,9 @@ def _kept_moments(d: int, kept: torch.Tensor, device) -> tuple[tuple[torch.Tenso
         x = x.reshape(-1, d).float()
         xk = x.index_select(1, kept)
         gx[:k] += xk.T @ x
-        gx[k] += x.sum(0, dtype=torch.float64)
-        g1[:k] += xk.sum(0, dtype=torch.float64)
+        total = x.sum(0, dtype=torch.float64)
+        gx[k] += total
+        g1[:k] += total[kept]  # the kept inputs' sums, not summed again
         g1[k] += len(x)
         return xk
 
