@@ -30,7 +30,8 @@ from bonsai_lite.structure import LayerStructure
 # dampening; 0.1 shrinks too far (SmolLM2-135M, 20%, seed 0: 31.0 against FLAP's bias alone 40.2;
 # docs/RESULTS.md). Defined beside the residual fluctuation, which damps its covariances the same way.
 DAMP = RIDGE_DAMP
-OUT_BLOCK = 1024  # output rows of a projection per step of normal_equations' right-hand side
+OUT_BLOCK = 256  # output rows of a projection per step of normal_equations' right-hand side
+COL_BLOCK = 2048  # columns of a second-moment tile product (its float32 temporary is k x COL_BLOCK)
 
 
 def refit_projection(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
@@ -38,44 +39,62 @@ def refit_projection(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.T
     """(weight, bias) of a projection that keeps the input columns `kept`, fitted to the dense output.
 
     `moments` holds the kept inputs' rows of the second moments of [inputs, 1] over the calibration
-    tokens, [X_kept, 1]^T [X, 1], as its (k + 1) x d part and its last column (`_kept_moments`). The
-    new weight has the parent's shape with the removed columns zero; both come back in float64."""
+    tokens as `_kept_moments` sums them (it is consumed: the solve reuses its memory). The new weight
+    has the parent's shape with the removed columns zero; both come back in float32, solved in float64."""
     return solve_refit(*normal_equations(moments, weight, bias, kept, damp=damp), weight, kept)
+
+
+def _removed(d: int, kept: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(d, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask.nonzero().flatten()
 
 
 def normal_equations(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
                      kept: torch.Tensor, *, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ridge's (A, B) for `refit_projection`: A = [X_kept, 1]^T [X_kept, 1] + lambda on the kept
-    inputs' diagonal, B = [X_kept, 1]^T [X, 1] [W, b]^T + lambda [W_kept, 0]^T (shrunk towards the
-    original weights, not towards zero). B is built a block of output rows at a time, so no float64
-    copy of the whole weight is made; the caller can free `moments` before the solve."""
-    gx, g1 = moments
-    dev = gx.device
+    """The ridge's (A, B^T) for `refit_projection`, with Z = [X_kept, 1]: A = Z^T Z + lambda on the
+    kept inputs' diagonal, B = Z^T [X, 1] [W, b]^T + lambda [W_kept, 0]^T (shrunk towards the original
+    weights, not towards zero) = A [W_kept, b]^T + Z^T X_removed W_removed^T. A is made in place in the
+    moments' Z^T Z (which is consumed); B^T is built a block of output rows at a time, so no float64
+    copy of the whole weight is made; the caller can free the moments' other part before the solve."""
+    a, cross = moments
+    dev = a.device
+    k = a.shape[0] - 1
     kept = kept.to(dev)
-    a = torch.cat([gx.index_select(1, kept), g1[:, None]], 1)
-    lam = damp * a.diagonal()[:-1].mean() if len(kept) else 0.0
-    idx = torch.arange(len(kept), device=dev)
-    a[idx, idx] += lam
-    rhs = torch.empty(len(kept) + 1, weight.shape[0], dtype=torch.float64, device=dev)
+    removed = _removed(weight.shape[1], kept)
+    lam = damp * a.diagonal()[:-1].mean() if k else 0.0
+    a.diagonal()[:-1] += lam
+    rhs_t = torch.empty(weight.shape[0], k + 1, dtype=torch.float64, device=dev)
     for r in range(0, weight.shape[0], OUT_BLOCK):
         w = weight[r:r + OUT_BLOCK].to(dev, torch.float64)
-        block = rhs[:, r:r + OUT_BLOCK]
-        block.copy_(gx @ w.T)
-        if bias is not None:
-            block += g1[:, None] * bias[r:r + OUT_BLOCK].to(dev, torch.float64)
-        block[:-1] += lam * w[:, kept].T
-    return a, rhs
+        top = torch.cat([w[:, kept], (bias[r:r + OUT_BLOCK].to(dev, torch.float64) if bias is not None
+                                      else w.new_zeros(len(w)))[:, None]], 1)
+        block = rhs_t[r:r + OUT_BLOCK]
+        torch.mm(top, a, out=block)  # A is symmetric: (A top^T)^T
+        block.addmm_(w[:, removed], cross.T)
+    return a, rhs_t
 
 
-def solve_refit(a: torch.Tensor, rhs: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor
+def _cholesky_solve_(a: torch.Tensor, rhs_t: torch.Tensor) -> torch.Tensor:
+    """Solve A X = B for symmetric positive definite A, given B^T, into B^T's memory (X^T), A's
+    memory holding the factor: no copy of either (A^T = A is the same matrix in column-major order,
+    which LAPACK factors in place; the two triangular solves work in place on X = (B^T)^T)."""
+    lower = a.mT
+    torch.linalg.cholesky(lower, out=lower)
+    x = rhs_t.mT
+    torch.linalg.solve_triangular(lower, x, upper=False, out=x)
+    torch.linalg.solve_triangular(lower.mT, x, upper=True, out=x)
+    return rhs_t
+
+
+def solve_refit(a: torch.Tensor, rhs_t: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve A beta = B (symmetric positive definite: Cholesky) into (weight, bias) in float64."""
-    factor = torch.linalg.cholesky(a)
+    """Solve A beta = B (`normal_equations`) into float32 (weight, bias); A and B^T are overwritten."""
+    beta_t = _cholesky_solve_(a, rhs_t)
     del a
-    beta = torch.cholesky_solve(rhs, factor)
-    new = torch.zeros(weight.shape, dtype=torch.float64, device=rhs.device)
-    new[:, kept.to(rhs.device)] = beta[:-1].T
-    return new, beta[-1]
+    new = torch.zeros(weight.shape, dtype=torch.float32, device=beta_t.device)
+    new[:, kept.to(beta_t.device)] = beta_t[:, :-1].float()
+    return new, beta_t[:, -1].float()
 
 
 def widest_input(spec) -> int:
@@ -105,13 +124,14 @@ def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
     """What `refit_model` holds at its peak, about: one unpruned block in float32, the windows'
     hidden states twice (before and after the attention), the refitted projection's kept inputs over
     all windows (kept so the block is not computed twice), one batch's MLP activations, and for the
-    widest projection the kept rows of its second moments with the solve's matrix and right-hand
-    side in float64 (counted for a layer that keeps all of that projection's inputs: the structure is
-    not known when this is asked)."""
+    widest projection its solve: the kept rows of its second moments (k + 1 by d + 1 in float64, the
+    kept-kept part becoming the factor in place), the right-hand side in float64, one block of
+    output rows' float64 temporaries, and the new weight in float32 (counted for a layer that keeps
+    all of that projection's inputs: the structure is not known when this is asked)."""
     width = widest_input(spec) + 1
     block = max(spec.block_params(s) for s in spec.layers) * 4
     return (block + 2 * tokens * spec.hidden * 4 + tokens * width * 4 + 3 * batch * seq_len * width * 4
-            + (2 * width * width + width * spec.hidden) * 8)
+            + (width * width + width * spec.hidden + 4 * OUT_BLOCK * width) * 8 + spec.hidden * width * 4)
 
 
 def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,27 +140,32 @@ def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.T
 
 
 def _kept_moments(d: int, kept: torch.Tensor, device) -> tuple[tuple[torch.Tensor, torch.Tensor], callable]:
-    """[X_kept, 1]^T [X, 1], the kept inputs' rows of the second moments of [inputs, 1] (all that the
-    refit reads of them: k / d of the whole matrix's products and memory), as its (k + 1) x d part and
-    its last column, and the tap that adds a tile to them: a float32 product per tile summed in
-    float64 (as the priors' residual covariances are), which the ridge's 1% damping leaves no trace
-    of; a float64 product was 1.7-5x slower on a CPU."""
+    """The kept inputs' rows of the second moments of [inputs, 1], all that the refit reads of them
+    (k / d of the whole matrix's products and memory), with Z = [X_kept, 1]: Z^T Z, (k + 1) x (k + 1),
+    which becomes the solve's matrix in place, and Z^T X_removed, (k + 1) x (d - k); and the tap that
+    adds a tile to them: float32 products of COL_BLOCK columns at a time summed in float64 (as the
+    priors' residual covariances are), which the ridge's 1% damping leaves no trace of; a float64
+    product was 1.7-5x slower on a CPU."""
     k = len(kept)
     kept = kept.to(device)
-    gx = torch.zeros(k + 1, d, dtype=torch.float64, device=device)
-    g1 = torch.zeros(k + 1, dtype=torch.float64, device=device)
+    removed = _removed(d, kept)
+    a = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=device)
+    cross = torch.zeros(k + 1, d - k, dtype=torch.float64, device=device)
 
     def add(_kind, x):
         x = x.reshape(-1, d).float()
-        xk = x.index_select(1, kept)
-        gx[:k] += xk.T @ x
-        total = x.sum(0, dtype=torch.float64)
-        gx[k] += total
-        g1[:k] += total[kept]  # the kept inputs' sums, not summed again
-        g1[k] += len(x)
+        xk, xr = x.index_select(1, kept), x.index_select(1, removed)
+        for part, out in ((xk, a[:k, :k]), (xr, cross[:k])):
+            for c in range(0, part.shape[1], COL_BLOCK):
+                out[:, c:c + COL_BLOCK] += xk.T @ part[:, c:c + COL_BLOCK]
+        sums = xk.sum(0, dtype=torch.float64)
+        a[k, :k] += sums
+        a[:k, k] += sums
+        a[k, k] += len(x)
+        cross[k] += xr.sum(0, dtype=torch.float64)
         return xk
 
-    return (gx, g1), add
+    return (a, cross), add
 
 
 def _kept_inputs(add, inputs: list):
@@ -196,7 +221,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             del g, add  # the moments are not needed once the system is built
             o_w, o_b = solve_refit(*system, w.o_w, heads)
             del system
-            w.o_w, w.o_b = o_w.float(), o_b.float()
+            w.o_w, w.o_b = o_w, o_b
             o_kept = w.o_w[:, heads.to(device)]
             mids = [h + F.linear(a, o_kept, w.o_b) for h, a in zip(hs, inputs)]
             del o_kept
@@ -208,7 +233,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             del g, add
             down_w, down_b = solve_refit(*system, w.down_w, units)
             del system
-            w.down_w, w.down_b = down_w.float(), down_b.float()
+            w.down_w, w.down_b = down_w, down_b
             down_kept = w.down_w[:, units.to(device)]
             hs = [h + F.linear(m, down_kept, w.down_b) for h, m in zip(mids, inputs)]
             del down_kept
@@ -217,7 +242,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             save_file({names["o_w"]: o_w.to("cpu", dtype["o_w"]).contiguous(),
                        names["down_w"]: down_w.to("cpu", dtype["down_w"]).contiguous()},
                       str(folder / f"refit-{l:05d}.safetensors"))
-            biases[names["o_b"]], biases[names["down_b"]] = o_b.float().cpu(), down_b.float().cpu()
+            biases[names["o_b"]], biases[names["down_b"]] = o_b.cpu(), down_b.cpu()
         del w, mids
         if progress is not None:
             progress(l)

@@ -26,6 +26,7 @@ def _reference(x: torch.Tensor, weight, bias, kept, damp):
 
 def test_kept_rows_solve_equals_the_whole_matrix_ridge(monkeypatch):
     monkeypatch.setattr(R, "OUT_BLOCK", 5)  # several blocks of output rows, the last one short
+    monkeypatch.setattr(R, "COL_BLOCK", 3)  # several column blocks of each tile product, the last one short
     g = torch.Generator().manual_seed(0)
     n, d, out = 300, 24, 13
     x = torch.randn(n, d, generator=g) * torch.linspace(0.2, 3.0, d) + 0.5  # uneven scales, nonzero means
@@ -36,8 +37,9 @@ def test_kept_rows_solve_equals_the_whole_matrix_ridge(monkeypatch):
         add("mlp", tile.reshape(1, -1, d))
     got_w, got_b = R.refit_projection(moments, weight, bias, kept, damp=R.DAMP)
     want_w, want_b = _reference(x, weight, bias, kept, R.DAMP)
-    torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)  # float32 tile products
-    torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-5)  # float32 tile products
+    assert got_w.dtype == got_b.dtype == torch.float32  # solved in float64, held as the model computes
+    torch.testing.assert_close(got_w.double(), want_w, rtol=1e-4, atol=1e-5)  # float32 tile products
+    torch.testing.assert_close(got_b.double(), want_b, rtol=1e-4, atol=1e-5)
     assert not got_w[:, [1, 2, 5]].any()  # removed columns stay zero
 
 
@@ -51,4 +53,17 @@ def test_no_bias_and_nothing_kept():
     w, b = R.refit_projection(moments, weight, None, kept)
     assert not w.any()
     # nothing kept: the bias alone reproduces the dense output's mean
-    torch.testing.assert_close(b, (x.double() @ weight.double().T).mean(0), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b.double(), (x.double() @ weight.double().T).mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_the_solve_overwrites_its_inputs_instead_of_copying_them():
+    # the 8B refit fits 4 GB because the factor takes A's memory and the solution B's (no third matrix)
+    g = torch.Generator().manual_seed(2)
+    m = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    a = m.T @ m + torch.eye(30, dtype=torch.float64)
+    rhs_t = torch.randn(7, 30, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(a, rhs_t.T).T
+    ptr = rhs_t.data_ptr()
+    got = R._cholesky_solve_(a.clone(), rhs_t)
+    torch.testing.assert_close(got, want)
+    assert got.data_ptr() == ptr
