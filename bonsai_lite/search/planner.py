@@ -503,17 +503,19 @@ def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, 
     layer of `layers` (float32 tile products), and of one float64 factorisation of each: the inverse
     (Cholesky and its inverse, d^3 flops, counted twice: they ran at half a float64 GEMM's rate here)
     that the --fluctuation residual metric pays in each dense pass (`ActivationStats` with a gram,
-    d x d), or with `solve_outputs` = h the refit's (`refit._kept_moments`: the k kept inputs' rows
-    only, k x d, for `kept` in the order of the projections, default all d) and its solve for h
-    outputs: Cholesky, k^3 / 3, the right-hand side's product, 2 k d h, and its solves, 2 k^2 h."""
+    d x d), or with `solve_outputs` = h the refit's (`refit._kept_moments`: for `kept` inputs of each
+    projection, in the order of the projections, default all d, the k x k second moments of the kept
+    inputs and their products with the dense output, 2 (k^2 + k h) a token; the dense output is the
+    block's own projection, counted in `refit_seconds`' forward) and its solve for h outputs:
+    Cholesky, k^3 / 3, and two triangular solves, 2 k^2 h."""
     widths = _projection_inputs(spec, layers)
     if solve_outputs is None:
         products = sum(2 * rows * d * d for d in widths)
         factor = sum(2 * d**3 for d in widths)
     else:
         h = solve_outputs
-        products = sum(2 * rows * d * k for d, k in zip(widths, kept or widths))
-        factor = sum(k**3 / 3 + 2 * k * d * h + 2 * k * k * h for d, k in zip(widths, kept or widths))
+        products = sum(2 * rows * (k * k + k * h) for k in kept or widths)
+        factor = sum(k**3 / 3 + 2 * k * k * h for k in kept or widths)
     fp32 = _large_gemm_flops(machine)
     return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
 
@@ -521,9 +523,9 @@ def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, 
 def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: Machine, *, keep: float = 1.0) -> float:
     """Predicted time of the least-squares refit (`refit.refit_model`) of the structure `layers` on
     `tokens` calibration tokens in windows of `seq_len`: one float32 pass of every unpruned block
-    (each pruned layer's o_proj and down_proj applied once more after their refit), the pruned
-    layers' second moments and the solves on their kept inputs, and one read of the parent's
-    blocks. `layers` None: a structure not chosen yet, every layer pruned to `keep` of its inputs."""
+    (each pruned layer's o_proj and down_proj applied once more after their refit, to the kept
+    inputs), the pruned layers' second moments and the solves on their kept inputs, and one read of
+    the parent's blocks. `layers` None: a structure not chosen yet, every layer pruned to `keep` of its inputs."""
     if layers is None:
         pruned = list(spec.layers)
         kept = [round(keep * d) for d in _projection_inputs(spec, pruned)]
@@ -533,7 +535,7 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
         kept = _projection_inputs(spec, [s for _, s in chosen])
     m = _Shape.of(spec, spec.layers)
     forward = tokens * (m.flops_per_token(seq_len) - 2 * m.hidden * m.vocab)
-    forward += sum(2 * tokens * spec.hidden * (len(p.heads) * spec.head_dim + len(p.mlp)) for p in pruned)
+    forward += 2 * tokens * spec.hidden * sum(kept)
     fp32 = _large_gemm_flops(machine)
     weights = sum(m.block_params) * spec.dtype.itemsize
     cached = _cached_share(spec, machine)

@@ -1,5 +1,5 @@
-"""The refit's solve from the kept inputs' rows of the second moments (prune/refit.py) against the
-textbook ridge on the whole (d + 1) x (d + 1) matrix, and what the kept rows cost."""
+"""The refit's normal equations from the kept inputs and the dense output (prune/refit.py), solved in
+place, against the textbook ridge on the whole (d + 1) x (d + 1) second-moment matrix."""
 from __future__ import annotations
 
 import torch
@@ -32,10 +32,10 @@ def test_kept_rows_solve_equals_the_whole_matrix_ridge(monkeypatch):
     x = torch.randn(n, d, generator=g) * torch.linspace(0.2, 3.0, d) + 0.5  # uneven scales, nonzero means
     weight, bias = torch.randn(out, d, generator=g), torch.randn(out, generator=g)
     kept = torch.tensor([0, 3, 4, 9, 10, 11, 17, 23])
-    moments, add = R._kept_moments(d, kept, "cpu")
+    moments, add = R._kept_moments(weight, bias, kept, "cpu")
     for tile in x.split(70):  # the tap sees tiles of [batch, seq, d] as the block computes them
         add("mlp", tile.reshape(1, -1, d))
-    got_w, got_b = R.refit_projection(moments, weight, bias, kept, damp=R.DAMP)
+    got_w, got_b = R.refit_projection(moments, weight, kept, damp=R.DAMP)
     want_w, want_b = _reference(x, weight, bias, kept, R.DAMP)
     assert got_w.dtype == got_b.dtype == torch.float32  # solved in float64, held as the model computes
     torch.testing.assert_close(got_w.double(), want_w, rtol=1e-4, atol=1e-5)  # float32 tile products
@@ -48,9 +48,9 @@ def test_no_bias_and_nothing_kept():
     x = torch.randn(50, 6, generator=g) + 1.0
     weight = torch.randn(4, 6, generator=g)
     kept = torch.tensor([], dtype=torch.long)
-    moments, add = R._kept_moments(6, kept, "cpu")
+    moments, add = R._kept_moments(weight, None, kept, "cpu")
     add("heads", x)
-    w, b = R.refit_projection(moments, weight, None, kept)
+    w, b = R.refit_projection(moments, weight, kept)
     assert not w.any()
     # nothing kept: the bias alone reproduces the dense output's mean
     torch.testing.assert_close(b.double(), (x.double() @ weight.double().T).mean(0), rtol=1e-6, atol=1e-6)
