@@ -67,10 +67,13 @@ def _time_v_peak(log: Path) -> int | None:
 
 
 def prune_peak(result: dict, stages: dict, rusage_peak: int | None) -> int | None:
-    """The prune process's peak RSS. Each stage resets VmHWM to read its own peak, which also resets
-    what rusage (wait4, `/usr/bin/time -v`) reports, so that alone is the peak since the last stage
-    began: the result's `peak_rss_bytes` (kept across the resets) and the stages' peaks count too."""
-    peaks = [result.get("peak_rss_bytes"), rusage_peak, *(s["peak_rss_bytes"] for s in stages.values())]
+    """The prune process's peak RSS: the result's `peak_rss_bytes` (VmHWM, kept across the stages'
+    resets) and the stages' peaks. rusage (wait4, `/usr/bin/time -v`) only for a result without its
+    own: each stage's VmHWM reset also resets it, and a child exec'd from a large process (this one,
+    after writing a checkpoint) starts with that process's RSS as its ru_maxrss (Linux keeps the
+    high-water mark across exec), so rusage reported the generator's 3.7 GiB for both prune and eval."""
+    own = [result.get("peak_rss_bytes"), *(s["peak_rss_bytes"] for s in stages.values())]
+    peaks = own if result.get("peak_rss_bytes") else [*own, rusage_peak]
     return max((p for p in peaks if p), default=None)
 
 
@@ -110,7 +113,7 @@ def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
         "export_bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()) if out.is_dir() else None,
         "eval": None if ev is None else {"perplexity": ev.get("perplexity"), "tokens": ev.get("tokens"),
                                          "seconds": ev.get("seconds"),
-                                         "peak_rss_bytes": rusage["eval"]["peak_rss_bytes"]},
+                                         "peak_rss_bytes": ev.get("peak_rss_bytes") or rusage["eval"]["peak_rss_bytes"]},
         "commit": BE.commit(), "hardware": BE.hardware(),
     }
 
@@ -234,9 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--collect", action="store_true", help="only read the finished run in --work-dir")
     ap.add_argument("--record", default=None, metavar="TAG", help="write the JSON to docs/results/ under this tag")
     args = ap.parse_args(argv)
-    record = collect(Path(args.work_dir), _settings(args, extra)) if args.collect else run(args, extra)
-    record["command"] = " ".join(["python tools/bench_prune.py", *argv, *(["--", *extra] if extra else [])])
     name = f"prune-scale-{args.shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
+    record = collect(Path(args.work_dir), _settings(args, extra)) if args.collect else run(args, extra)
+    if args.collect and args.record and (RESULTS / name).is_file():  # re-collected: the code it ran is what it was
+        old = json.loads((RESULTS / name).read_text())
+        record["commit"], record["command"] = old["commit"], old["command"]
+    else:
+        record["command"] = " ".join(["python tools/bench_prune.py", *argv, *(["--", *extra] if extra else [])])
     return SX.emit(record, RESULTS / name if args.record else None)
 
 

@@ -6,6 +6,7 @@ import logging
 from bonsai_lite.cli.common import add_budget_args
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.eval.perplexity import perplexity
+from bonsai_lite.progress import process_peak_rss_bytes
 from bonsai_lite.search.planner import parse_bytes
 
 log = logging.getLogger("bonsai_lite.eval")
@@ -27,6 +28,6 @@ def run(args) -> int:
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir, log=log.info)
     log.info("perplexity %.4f over %d tokens (seq %d) in %.1f s", out["perplexity"], out["tokens"], out["seq_len"],
              out["seconds"])
-    if args.json:
-        emit_json(out)
+    if args.json:  # the process's own peak: rusage of a child exec'd from a large process inherits its RSS
+        emit_json({**out, "peak_rss_bytes": process_peak_rss_bytes()})
     return 0
