@@ -482,6 +482,12 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
 # GPU's fp32 (no tensor cores: the refit runs in float32) at 7% of its bf16 peak (H100: 67 of 989 TFLOP/s).
 FP64_CPU_FACTOR = 0.5
 FP32_GPU_FACTOR = 0.07
+# The refit on a CPU (its block pass, tile products summed into float64 moments, solves and per-layer
+# host work) ran below the rates above: tools/bench_refit.py (Llama-3-8B shape cut to 2 layers, half
+# of every layer kept, 2 threads, idle) took 1.24x (32 x 128 windows) and 1.19x (32 x 512) the
+# unscaled prediction, and the refit stage of a whole 8B prune (all heads and 38% of the MLP kept,
+# 32 x 128, 4 GB budget) 1.52x; this share puts them at 0.94x, 0.89x and 1.14x (docs/PERFORMANCE.md).
+REFIT_CPU_EFFICIENCY = 0.75
 
 
 def _large_gemm_flops(machine: Machine) -> float:
@@ -539,8 +545,10 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     fp32 = _large_gemm_flops(machine)
     weights = sum(m.block_params) * spec.dtype.itemsize
     cached = _cached_share(spec, machine)
-    return (forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
-            + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS)
+    compute = forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
+    if not machine.is_cuda:
+        compute /= REFIT_CPU_EFFICIENCY
+    return compute + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS
 
 
 def _cached_share(spec: ModelSpec, machine: Machine) -> float:
