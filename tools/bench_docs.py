@@ -399,6 +399,9 @@ def regenerate() -> dict:
     import bench_prune  # noqa: PLC0415
 
     bench_prune.write_docs()
+    import bench_refit  # noqa: PLC0415
+
+    bench_refit.write_docs()
     gguf_docs.main()
     render_quality.render_docs(render_quality.load_records())
     if read_records("demo"):

@@ -103,6 +103,11 @@ def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
     rusage = rusage or {k: {"peak_rss_bytes": _time_v_peak(work / f"{k}.log")} for k in ("prune", "eval")}
     out = Path(result["out"])
     seconds = sum(s["seconds"] for s in stages)
+    config = None
+    if out.is_dir():
+        from transformers import AutoConfig
+
+        config = type(AutoConfig.from_pretrained(out, trust_remote_code=True)).__name__  # our own export's code
     return {
         "kind": "prune-scale", **settings, "params_before": result["params_before"],
         "params_after": result["params_after"], "iterations": result["iterations"],
@@ -114,7 +119,7 @@ def collect(work: Path, settings: dict, rusage: dict | None = None) -> dict:
         "eval": None if ev is None else {"perplexity": ev.get("perplexity"), "tokens": ev.get("tokens"),
                                          "seconds": ev.get("seconds"),
                                          "peak_rss_bytes": ev.get("peak_rss_bytes") or rusage["eval"]["peak_rss_bytes"]},
-        "commit": BE.commit(), "hardware": BE.hardware(),
+        "transformers_config": config, "commit": BE.commit(), "hardware": BE.hardware(),
     }
 
 
@@ -198,11 +203,7 @@ def run(args, extra: list[str]) -> dict:
         rusage["eval"] = _cli(["eval", str(out), "--data", args.eval, "--seq-len", str(args.eval_seq_len),
                                "--max-tokens", str(args.eval_tokens), *budget, "--json"], work / "eval.json",
                               work / "eval.log", args.threads)
-        from transformers import AutoConfig
-
-        config = type(AutoConfig.from_pretrained(out, trust_remote_code=True)).__name__  # our own export's code
         record = collect(work, _settings(args, extra), rusage)
-        record["transformers_config"] = config
     finally:
         if created and not args.keep_checkpoint:
             shutil.rmtree(parent, ignore_errors=True)

@@ -154,7 +154,7 @@ def test_docs_regenerate_from_results_alone(tmp_path, monkeypatch):
     real = bench_docs.DOCS.read_text()
     page = tmp_path / "PERFORMANCE.md"
     stripped = real
-    for tool in ("bench_engine", "bench_scale", "bench_infer"):  # empty every generated block
+    for tool in ("bench_engine", "bench_scale", "bench_infer", "refit_scale"):  # empty every generated block
         begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
         stripped = stripped[: stripped.index(begin) + len(begin)] + "\n" + stripped[stripped.index(end):]
     page.write_text(stripped)
@@ -163,6 +163,9 @@ def test_docs_regenerate_from_results_alone(tmp_path, monkeypatch):
     for tool, render in (("bench_engine", bench_docs.render_engine), ("bench_scale", bench_docs.render_scale),
                          ("bench_infer", bench_docs.render_infer)):
         bench_docs.write_block(tool, render(bench_docs.read_records(tool)))
+    import bench_refit
+
+    bench_docs.write_block(bench_refit.BLOCK, bench_refit.render(bench_refit.load_records()))
     assert page.read_text() == real
 
 
@@ -260,6 +263,14 @@ def test_bench_refit_measures_each_layer_and_keeps_only_what_it_was_told(tmp_pat
     _run("bench_refit.py", "--shape", "tiny", "--layers", "1", "--samples", "2", "--seq-len", "16",
          "--work-dir", str(tmp_path))
     assert not (tmp_path / "tiny-1l").exists()  # its own, without --keep-checkpoint
+    sys.path.insert(0, str(TOOLS))
+    import bench_refit
+
+    lines = bench_refit.render([("tag", r)])
+    row = next(line for line in lines if line.startswith("| tiny |"))
+    assert row.startswith(f"| tiny | 2, 0.5 | 2 x 16 | {r['hardware']['cpu']}, {r['threads']} | tag | {r['commit']} |")
+    assert f"({r['seconds'] / r['predicted_seconds']:.2f}x)" in row
+    assert any(c.strip().startswith("python tools/bench_refit.py --shape tiny --layers 2") for c in lines)
 
 
 def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_path):
@@ -300,3 +311,9 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
                for x in lines) == 1
     assert sum(x.startswith(f"| {k} | ") for x in lines for k in (1, 2, 3)) == 3  # one row per iteration's time left
     assert r["command"].startswith("python tools/bench_prune.py --threads 1 --shape tiny") and r["command"].endswith("8")
+    # eval's own peak comes from its JSON (rusage of a child exec'd from a large process inherits that
+    # process's RSS); rusage counts only for a run that reports no peak of its own
+    assert r["eval"]["peak_rss_bytes"] == json.loads((work / "eval.json").read_text().splitlines()[-1])["peak_rss_bytes"]
+    stages = {"refit": {"peak_rss_bytes": 150}}
+    assert bench_prune.prune_peak({"peak_rss_bytes": 100}, stages, 10**12) == 150
+    assert bench_prune.prune_peak({}, stages, 10**12) == 10**12
