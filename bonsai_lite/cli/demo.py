@@ -67,7 +67,9 @@ def run(args) -> int:
     calib = _default(args.calib, "wikitext2-valid.txt")
     eval_text = _default(args.eval_data, "wikitext2-raw-test.txt") or calib
     if calib is None or eval_text is None:
-        log.info("no text found: sampling text from the model itself to calibrate, adapt and evaluate on")
+        log.info("no text found (--calib / --eval-data, or %s/ from the current directory): sampling 8 x 1024 tokens "
+                 "from the model itself to calibrate, adapt and evaluate on; that takes over 10 minutes on a 2-core "
+                 "CPU (once per --workdir): run from the repository root, or pass --calib TEXT", SHARED_DATA)
         calib = calib or str(_sampled_text(parent, work))
         eval_text = eval_text or calib
     known = {f.name for f in fields(DemoSettings)}
