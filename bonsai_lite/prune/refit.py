@@ -56,7 +56,7 @@ def normal_equations(moments: tuple[torch.Tensor, torch.Tensor], weight: torch.T
     lam = damp * a.diagonal()[:-1].mean() if k else 0.0
     a.diagonal()[:-1] += lam
     for r in range(0, weight.shape[0], OUT_BLOCK):
-        rhs_t[r:r + OUT_BLOCK, :k] += lam * weight[r:r + OUT_BLOCK].to(a.device, torch.float64)[:, kept]
+        rhs_t[r:r + OUT_BLOCK, :k] += lam * weight[r:r + OUT_BLOCK].to(a.device).index_select(1, kept).double()
     return a, rhs_t
 
 
