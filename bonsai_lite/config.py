@@ -258,17 +258,12 @@ class RunConfig:
     # CLI's default): ls when its memory fits the budget, else off (prune.api resolves it).
     refit: str = "off"
     refit_samples: int = 32
-    # What the refit fits each projection to (prune/refit.py): "dense", the dense projection's output on
-    # the pruned model's inputs; "parent", the unpruned model's residual stream (corrects earlier drift).
-    refit_target: str = "dense"
 
     def __post_init__(self):
         if self.refit not in ("auto", "off", "ls", "loop"):
             raise BonsaiError(f"--refit must be auto, off, ls or loop, got {self.refit!r}")
         if self.refit_samples < 1:
             raise BonsaiError(f"--refit-samples must be at least 1, got {self.refit_samples}")
-        if self.refit_target not in ("dense", "parent", "parent-norm"):
-            raise BonsaiError(f"--refit-target must be dense or parent, got {self.refit_target!r}")
 
     def resume_key(self) -> dict:
         """Settings that must match for a run directory to be resumed (paths to outputs excluded)."""
@@ -281,9 +276,6 @@ class RunConfig:
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")
             d.pop("refit_samples")
-            d.pop("refit_target")
-        elif self.refit_target == "dense":  # loop runs from before the setting existed resume
-            d.pop("refit_target")
         return d
 
     @property

@@ -54,11 +54,10 @@ VARIANTS = {
     "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
     "cv_scope": ("cv_scope", str, "search"),
     "refit": ("refit", str, "preset"), "refit_samples": ("refit_samples", int, "preset"),
-    "refit_target": ("refit_target", str, "preset"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)
 ONE_PASS_VARIANTS = {"compensate", "samples", "seq", "prior_samples", "prior_seq", "p_iter", "gqa", "multiple_of",
-                     "refit", "refit_samples", "refit_target", "fluctuation"}
+                     "refit", "refit_samples", "fluctuation"}
 
 
 def hardware() -> dict:
@@ -127,8 +126,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
                                       prior_samples=q["prior_samples"], prior_seq_len=q["prior_seq_len"]),
                     search=SearchConfig(method=method, sparsity=sparsity, p_iter=q["p_iter"],
                                         masks_per_iter=q["masks_per_iter"], seed=seed, **search),
-                    device=args.device, refit=q.get("refit", "off"), refit_samples=q.get("refit_samples", 32),
-                    refit_target=q.get("refit_target", "dense"))
+                    device=args.device, refit=q.get("refit", "off"), refit_samples=q.get("refit_samples", 32))
     run_dir = Path(args.work) / f"{name}.run"
     resumed = run_dir.exists()
     t0 = time.perf_counter()

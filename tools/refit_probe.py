@@ -11,10 +11,7 @@ order on the compensated model's own activations over calibration windows:
   times the mean diagonal of the inputs' second moments);
 - `ls-parent`: the same refit from the parent's activations (every layer's statistics from one
   dense pass of the unpruned model, as the search's priors are gathered), not the compensated
-  model's own;
-- `ls-target`: on the compensated model's own activations, but each projection's output fitted to
-  what brings the compensated residual stream back to the parent's (`refit_model(target="parent")`);
-  layers that keep every unit are left as they are.
+  model's own.
 
 Perplexity is measured by transformers on the first --eval-tokens tokens of the test text in
 windows of 2,048, as tools/bench_quality.py's streamed evaluator reads them (the parent gives the
@@ -116,70 +113,6 @@ def compensate(model, layers_kept: list[dict], calib: torch.Tensor, *, mode: str
         hs = run(layer) if sequential else parent_next
 
 
-def refit_to(zz: torch.Tensor, zt: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, damp: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge solution for Z = [X_kept, 1] with Z^T Z = `zz` and Z^T T = `zt` (T the target outputs),
-    shrunk towards the original kept columns as `refit` is; removed columns come back as zeros."""
-    a = zz.clone()
-    lam = damp * a.diagonal()[:-1].mean()
-    idx = torch.arange(len(kept))
-    a[idx, idx] += lam
-    rhs = zt.clone()
-    rhs[:-1] += lam * weight[:, kept].T.double()
-    beta = torch.linalg.solve(a, rhs)
-    new = torch.zeros_like(weight, dtype=torch.float64)
-    new[:, kept] = beta[:-1].T
-    return new, beta[-1]
-
-
-@torch.no_grad()
-def compensate_to_parent(model, parent, layers_kept: list[dict], calib: torch.Tensor, *, damp: float, batch: int = 8):
-    """`ls-target`: `parent` is an unmodified copy of `model`, run beside it for the targets."""
-    inner, cfg = model.model, model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    hs = inner.embed_tokens(calib)
-    hp = hs.clone()
-    pe = inner.rotary_emb(hs, torch.arange(calib.shape[1])[None])
-
-    def run(layer, x_all, taps=()):
-        """The layer's output, and for each (module, "in"|"out") in taps its inputs / outputs."""
-        seen = [[] for _ in taps]
-        handles = []
-        for (mod, which), store in zip(taps, seen):
-            if which == "in":
-                handles.append(mod.register_forward_pre_hook(lambda _m, inp, store=store: store.append(inp[0])))
-            else:
-                handles.append(mod.register_forward_hook(lambda _m, _i, out, store=store: store.append(out)))
-        out = []
-        for b in range(0, len(x_all), batch):
-            x = x_all[b:b + batch]
-            r = layer(x, position_embeddings=tuple(p.expand(len(x), -1, -1) for p in pe), attention_mask=None)
-            out.append(r[0] if isinstance(r, tuple) else r)
-        for h in handles:
-            h.remove()
-        return torch.cat(out), [torch.cat(s) for s in seen]
-
-    def solve(proj, x, target, cols):
-        z = torch.cat([x.reshape(-1, proj.in_features)[:, cols], torch.ones(x.numel() // proj.in_features, 1)], 1).double()
-        w, b = refit_to(z.T @ z, z.T @ target.reshape(len(z), -1).double(), proj.weight, cols, damp)
-        proj.weight.copy_(w.float())
-        if proj.bias is None:
-            proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features))
-        proj.bias.copy_(b.float())
-
-    for layer, player, kept in zip(inner.layers, parent.model.layers, layers_kept):
-        pout, (pattn,) = run(player, hp, [(player.self_attn.o_proj, "out")])
-        pmid = hp + pattn
-        heads = torch.tensor([h * hd + i for h in kept["heads"] for i in range(hd)], dtype=torch.long)
-        units = torch.tensor(kept["mlp"], dtype=torch.long)
-        if len(heads) < cfg.num_attention_heads * hd or len(units) < cfg.intermediate_size:
-            _, (x,) = run(layer, hs, [(layer.self_attn.o_proj, "in")])
-            solve(layer.self_attn.o_proj, x, pmid - hs, heads)
-            _, (attn, m) = run(layer, hs, [(layer.self_attn.o_proj, "out"), (layer.mlp.down_proj, "in")])
-            solve(layer.mlp.down_proj, m, pout - (hs + attn), units)
-        hs, hp = run(layer, hs)[0], pout
-
-
 @torch.no_grad()
 def perplexity(model, wins: torch.Tensor) -> float:
     return math.exp(sum(model(w[None], labels=w[None]).loss.item() for w in wins) / len(wins))
@@ -221,10 +154,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
         model = load()
-        if mode == "ls-target":
-            compensate_to_parent(model, load(), export["layers"], calib, damp=args.damp)
-        else:
-            compensate(model, export["layers"], calib, mode=mode, damp=args.damp)
+        compensate(model, export["layers"], calib, mode=mode, damp=args.damp)
         rec["seconds"][mode] = round(time.perf_counter() - t0, 1)
         rec["perplexity"][mode] = perplexity(model, wins)
     rec.update(hardware=hardware(), **commit(), command=" ".join(sys.argv))

@@ -91,9 +91,6 @@ def add_parser(sub) -> None:
                         "ls when it fits --memory-budget")
     p.add_argument("--refit-samples", type=int, default=32,
                    help="windows of the refit (of --prior-seq-len, else --seq-len tokens)")
-    p.add_argument("--refit-target", default="dense", choices=["dense", "parent"],
-                   help="what the refit matches: dense, each projection's dense output on the pruned model's "
-                        "inputs; parent, the unpruned model's hidden states (also corrects earlier layers' drift)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multiple-of", type=int, default=None, metavar="N",
@@ -148,8 +145,7 @@ def config_from_args(args) -> RunConfig:
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir,
-                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 32),
-                     refit_target=getattr(args, "refit_target", "dense"))
+                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 32))
 
 
 def _fit_time_budget(args) -> dict:

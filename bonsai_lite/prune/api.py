@@ -372,8 +372,7 @@ def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, pro
     machine = detect_machine(device=device, budget=cfg.budget, spill_dir=cfg.spill_dir, checkpoint=cfg.model)
     predicted = refit_seconds(parent.spec, layers, tokens.numel(), tokens.shape[1], machine)
     with progress.stage("refit", total=len(layers), predicted=predicted, tokens=tokens.numel()) as bar:
-        return refit_model(parent, layers, tokens, folder, device=device, target=cfg.refit_target,
-                           progress=lambda _l: bar.advance())
+        return refit_model(parent, layers, tokens, folder, device=device, progress=lambda _l: bar.advance())
 
 
 def export_bytes(parent: StreamedModel, sparsity: float) -> int:

@@ -328,7 +328,7 @@ class Pruner:
         with self.progress.stage("refit", total=len(layers), predicted=predicted, tokens=tokens.numel(),
                                  iteration=it) as bar:
             biases = refit_model(self.parent, layers, tokens, self.state.dir / LOOP_REFIT_DIR / name,
-                                 device=self.machine.device, target=cfg.refit_target, progress=lambda _l: bar.advance())
+                                 device=self.machine.device, progress=lambda _l: bar.advance())
         return name, biases
 
     # ---- one iteration -------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.T
     return heads, torch.tensor(kept.mlp, dtype=torch.long)
 
 
-def _kept_moments(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, device, targets=None
+def _kept_moments(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, device
                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], callable]:
     """What the refit of the projection (weight [h, d], bias) on its inputs `kept` reads of the
     calibration tokens, with Z = [X_kept, 1] and Y = X W^T + b its dense output: Z^T Z, (k + 1) x
@@ -133,9 +133,7 @@ def _kept_moments(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.T
     priors' residual covariances are), which the ridge's 1% damping leaves no trace of (a float64
     product was 1.7-5x slower on a CPU). Computing Y per tile costs 2 d h float32 flops a token and
     saves the float64 product G[K, :] [W, b]^T, 2 k d h flops a projection (and the (k + 1) x (d - k)
-    cross moments it needs): ~7x less on 4,096 tokens of a 14,336-wide MLP, half kept. `targets`, when
-    given, yields each tile's Y instead (refit_model's target="parent": what the projection should add to
-    the pruned residual stream to reach the parent's)."""
+    cross moments it needs): ~7x less on 4,096 tokens of a 14,336-wide MLP, half kept."""
     d, k = weight.shape[1], len(kept)
     kept = kept.to(device)
     weight = weight.to(device, torch.float32)
@@ -146,30 +144,20 @@ def _kept_moments(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.T
     def add(_kind, x):
         x = x.reshape(-1, d).float()
         xk = x.index_select(1, kept)
-        y, w = (F.linear(x, weight, bias), None) if targets is None else next(targets)
-        y = y.reshape(len(x), -1)
-        xw = xk
-        if w is not None:
-            w = w.reshape(-1, 1)
-            xw, y = xk * w, y * w
+        y = F.linear(x, weight, bias)
         gram = a[:k, :k]
         for c in range(0, k, COL_BLOCK):
-            gram[:, c:c + COL_BLOCK] += xw.T @ xw[:, c:c + COL_BLOCK]
+            gram[:, c:c + COL_BLOCK] += xk.T @ xk[:, c:c + COL_BLOCK]
         for r in range(0, len(zy_t), COL_BLOCK):
-            zy_t[r:r + COL_BLOCK, :k] += y[:, r:r + COL_BLOCK].T @ xw
-        ones = torch.ones(len(x), 1, device=x.device) if w is None else w
-        sums = (xw * ones).sum(0, dtype=torch.float64)
+            zy_t[r:r + COL_BLOCK, :k] += y[:, r:r + COL_BLOCK].T @ xk
+        sums = xk.sum(0, dtype=torch.float64)
         a[k, :k] += sums
         a[:k, k] += sums
-        a[k, k] += ones.pow(2).sum(dtype=torch.float64)
-        zy_t[:, k] += (y * ones).sum(0, dtype=torch.float64)
+        a[k, k] += len(x)
+        zy_t[:, k] += y.sum(0, dtype=torch.float64)
         return xk
 
     return (a, zy_t), add
-
-
-def _weight(state: torch.Tensor, target: str):
-    return None if target == "parent" else state.float().pow(2).mean(-1).add(1e-6).rsqrt()
 
 
 def _kept_inputs(add, inputs: list):
@@ -183,21 +171,13 @@ def _kept_inputs(add, inputs: list):
 
 @torch.no_grad()
 def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor, folder: str | Path, *,
-                damp: float = DAMP, device="cpu", batch: int = 8, target: str = "dense", progress=None) -> dict:
+                damp: float = DAMP, device="cpu", batch: int = 8, progress=None) -> dict:
     """Refit every layer that lost units; `parent` is the unpruned StreamedModel, `tokens` [n, T].
 
     Writes the new o_proj / down_proj weights of those layers under `folder` (its old refit files
     are replaced) and returns {bias name: float32 bias}. Runs in float32, one block at a time: the
     attention over all windows, its o_proj refitted, then the MLP on the refitted attention's output
-    and its down_proj refitted; each projection's kept inputs are computed once and kept until it is refitted.
-
-    `target` "dense": each projection's output on the kept inputs is fitted to the dense projection's
-    output on the same (pruned model's) inputs; "parent": to what brings the pruned residual stream
-    back to the unpruned model's at that point (the parent's stream is carried beside the pruned one
-    from the first pruned layer on), so each refit also corrects the drift the layers before it left
-    (GPTAQ's asymmetric calibration, for structured pruning)."""
-    if target not in ("dense", "parent", "parent-norm"):
-        raise ValueError(f"refit target must be dense or parent, got {target!r}")
+    and its down_proj refitted; each projection's kept inputs are computed once and kept until it is refitted."""
     from safetensors.torch import save_file
     from transformers.activations import ACT2FN
 
@@ -214,24 +194,18 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
     hs = [loader.embedding_rows(tokens[b:b + batch].reshape(-1)).view(-1, t, spec.hidden).to(device)
           for b in range(0, n, batch)]
     biases = {}
-    ps = None  # the parent's stream under target="parent", once it differs from hs
     for l, kept in enumerate(layers):
         w = loader.block(l)
         names = spec.adapter.block_tensor_names(l)
         window = spec.window(l)
         heads, units = _columns(kept, spec.head_dim)
         pruned = len(kept.heads) < len(spec.layers[l].heads) or len(kept.mlp) < len(spec.layers[l].mlp)
-        pmids = pouts = None
-        if target != "dense" and (pruned or ps is not None):  # the parent's block, before w changes
-            pmids = [p + attention(w, rms_norm(p, w.attn_norm, spec.eps), cos, sin, window=window) for p in ps or hs]
-            pouts = [m + mlp(w, rms_norm(m, w.mlp_norm, spec.eps), act) for m in pmids]
         if not pruned:
             mids = [h + attention(w, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window) for h in hs]
             hs = [h + mlp(w, rms_norm(h, w.mlp_norm, spec.eps), act) for h in mids]
         else:  # each projection's inputs are computed once: its statistics, then the refitted output
             bare = replace(w, o_w=w.o_w[:0], o_b=None, down_w=w.down_w[:0], down_b=None)  # inputs only
-            g, add = _kept_moments(w.o_w, w.o_b, heads, device,
-                                   None if pmids is None else ((m - h, _weight(m, target)) for m, h in zip(pmids, hs)))
+            g, add = _kept_moments(w.o_w, w.o_b, heads, device)
             inputs: list[torch.Tensor] = []
             for h in hs:
                 attention(bare, rms_norm(h, w.attn_norm, spec.eps), cos, sin, window=window, tap=_kept_inputs(add, inputs))
@@ -243,8 +217,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
             o_kept = w.o_w[:, heads.to(device)]
             mids = [h + F.linear(a, o_kept, w.o_b) for h, a in zip(hs, inputs)]
             del o_kept
-            g, add = _kept_moments(w.down_w, w.down_b, units, device,
-                                   None if pouts is None else ((o - m, _weight(o, target)) for o, m in zip(pouts, mids)))
+            g, add = _kept_moments(w.down_w, w.down_b, units, device)
             inputs = []
             for h in mids:
                 mlp(bare, rms_norm(h, w.mlp_norm, spec.eps), act, tap=_kept_inputs(add, inputs))
@@ -262,9 +235,7 @@ def refit_model(parent, layers: tuple[LayerStructure, ...], tokens: torch.Tensor
                        names["down_w"]: down_w.to("cpu", dtype["down_w"]).contiguous()},
                       str(folder / f"refit-{l:05d}.safetensors"))
             biases[names["o_b"]], biases[names["down_b"]] = o_b.cpu(), down_b.cpu()
-        if pouts is not None:
-            ps = pouts
-        del w, mids, pmids, pouts
+        del w, mids
         if progress is not None:
             progress(l)
     return biases
