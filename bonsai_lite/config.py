@@ -257,13 +257,13 @@ class RunConfig:
     # see the refitted model (the one the user gets), not the bias-compensated one. "auto" (the
     # CLI's default): ls when its memory fits the budget, else off (prune.api resolves it).
     refit: str = "off"
-    refit_samples: int = 32
+    refit_samples: int = 0  # 0: auto (`refit.auto_refit_samples`, resolved by prune.api before the search)
 
     def __post_init__(self):
         if self.refit not in ("auto", "off", "ls", "loop"):
             raise BonsaiError(f"--refit must be auto, off, ls or loop, got {self.refit!r}")
-        if self.refit_samples < 1:
-            raise BonsaiError(f"--refit-samples must be at least 1, got {self.refit_samples}")
+        if self.refit_samples < 0:
+            raise BonsaiError(f"--refit-samples must be at least 1 (or auto), got {self.refit_samples}")
 
     def resume_key(self) -> dict:
         """Settings that must match for a run directory to be resumed (paths to outputs excluded)."""

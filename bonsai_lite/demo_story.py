@@ -38,8 +38,10 @@ class DemoSettings:
     # 2 windows are too few for FLAP's fluctuation score (the quick preset measured the same).
     prior_samples: int = 16
     # The least-squares refit of the kept o_proj / down_proj columns after the search, as
-    # `bonsai-lite prune` does by default (--refit auto: where its memory fits), on 32 windows of 128.
+    # `bonsai-lite prune` does by default (--refit auto: where its memory fits), on 32 windows of 128
+    # (prune's --refit-samples auto would take 128: a better model, 4x the refit's time).
     refit: str = "auto"
+    refit_samples: int = 32
     # Adaptation: a few LoRA steps of plain next-token loss. Distillation (the paper's lambda =
     # 0.01) would first cost a parent forward over all the adaptation text for a small term.
     adapt_steps: int = 8
@@ -105,7 +107,7 @@ def run_demo(parent: str | Path, workdir: str | Path, *, calib: str | Path | Non
                                       seq_len=s.calib_seq_len, prior_samples=s.prior_samples),
                     search=SearchConfig(method=s.method, sparsity=s.sparsity, p_iter=s.p_iter,
                                         masks_per_iter=s.masks_per_iter, seed=s.seed),
-                    refit=s.refit)
+                    refit=s.refit, refit_samples=s.refit_samples)
     pruned_info = prune(cfg, overwrite=True, restart=True, show_progress=show_progress)
     timings["prune_seconds"] = time.perf_counter() - t0
 

@@ -89,8 +89,9 @@ def add_parser(sub) -> None:
                         "output on calibration windows (least squares, forward passes only; prune/refit.py); loop "
                         "also refits after every iteration, so the search sees the refitted model; auto (default): "
                         "ls when it fits --memory-budget")
-    p.add_argument("--refit-samples", type=int, default=32,
-                   help="windows of the refit (of --prior-seq-len, else --seq-len tokens)")
+    p.add_argument("--refit-samples", type=_refit_samples, default=0, metavar="N|auto",
+                   help="windows of the refit (of --prior-seq-len, else --seq-len tokens); auto (default): the "
+                        "most of 128, 64, 32, 16 that fit --memory-budget (and, with --refit auto, its time)")
     p.add_argument("--uniform", action="store_true", help="same widths in every layer: a stock config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multiple-of", type=int, default=None, metavar="N",
@@ -145,7 +146,7 @@ def config_from_args(args) -> RunConfig:
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir,
-                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 32))
+                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 0))
 
 
 def _fit_time_budget(args) -> dict:
@@ -160,11 +161,23 @@ def _fit_time_budget(args) -> dict:
                              spill_dir=args.spill_dir, checkpoint=args.model_dir)
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
-                        refit_samples=getattr(args, "refit_samples", 32), fluctuation=args.fluctuation,
+                        refit_samples=getattr(args, "refit_samples", 0), fluctuation=args.fluctuation,
                         first_step=args.first_step, regression=args.regression)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings
+
+
+def _refit_samples(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--refit-samples must be a whole number of windows (1 or more) or auto, got {text!r}")
+    return n
 
 
 def _first_step(text: str):

@@ -69,9 +69,10 @@ def calibration_ids(cfg: RunConfig, model_dir, *, cache_dir: str | Path | None =
     return ids
 
 
-def _check_length(cfg: RunConfig, ids) -> RunConfig:
+def _check_length(cfg: RunConfig, ids, *, clamp_refit: bool = False) -> RunConfig:
     """Refuses text too short for the search's windows or the prior pass's; `--refit auto` takes as
-    many refit windows as the text holds (none: no refit), an explicit --refit must have them all."""
+    many refit windows as the text holds (none: no refit), an explicit --refit must have them all
+    unless their count was chosen for it (`clamp_refit`: --refit-samples auto; then at least one)."""
     need = cfg.calib.samples * cfg.calib.seq_len
     if ids.numel() < need:
         raise BonsaiError(f"calibration text too short: {cfg.calib.samples} samples x {cfg.calib.seq_len} tokens "
@@ -89,6 +90,8 @@ def _check_length(cfg: RunConfig, ids) -> RunConfig:
             log.info("--refit auto: the calibration text holds %d refit windows of %d tokens (of %d)%s", windows,
                      cfg.refit_seq_len, cfg.refit_samples, "" if windows else "; no refit")
         return replace(cfg, refit="ls" if windows else "off", refit_samples=max(windows, 1))
+    if clamp_refit and cfg.refit != "off" and ids.numel() // cfg.refit_seq_len:
+        cfg = replace(cfg, refit_samples=min(cfg.refit_samples, ids.numel() // cfg.refit_seq_len))
     refit_need = cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0
     if ids.numel() < refit_need:
         raise BonsaiError(f"calibration text too short for the refit: {cfg.refit_samples} windows x "
@@ -107,10 +110,12 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
     prune while the others evaluate their share of each chunk (prune/distributed.py, docs/distributed.md).
     """
     ranks = from_env(device=cfg.device, timeout_s=dist_timeout)
+    clamp = not cfg.refit_samples  # --refit-samples auto: as many refit windows as the text holds, up to the pick
     if ranks is None:
         cfg, parent, ids, machine = _check_inputs(cfg, run_dir=run_dir, overwrite=overwrite, restart=restart)
         return _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
-                                  show_progress=show_progress, checkpoint_masks=checkpoint_masks, machine=machine)
+                                  show_progress=show_progress, checkpoint_masks=checkpoint_masks, machine=machine,
+                                  clamp_refit=clamp)
     with ranks:
         parent = ids = machine = error = None
         facts: dict = {}
@@ -137,7 +142,7 @@ def prune(cfg: RunConfig, *, run_dir=None, restart: bool = False, overwrite: boo
             return {"rank": ranks.rank, "world_size": ranks.world, "sub_models_evaluated": done}
         result = _search_and_export(cfg, parent, ids, run_dir=run_dir, restart=restart, overwrite=overwrite,
                                     show_progress=show_progress, checkpoint_masks=checkpoint_masks, ranks=ranks,
-                                    machine=machine)
+                                    machine=machine, clamp_refit=clamp)
         result["world_size"] = ranks.world
         return result
 
@@ -174,6 +179,9 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         cfg = replace(cfg, dtype=auto)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
     make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
+    auto_samples = not cfg.refit_samples
+    if auto_samples:
+        cfg = _pick_refit_samples(cfg, parent.spec, machine)
     cfg = _resolve_refit(cfg, parent.spec, machine.budget, earlier=None if restart else _earlier_fluctuation(cfg, run_dir),
                          seconds=_search_and_refit_seconds(cfg, parent.spec, machine) if cfg.refit == "auto" else None)
     if cfg.refit != "off":
@@ -183,12 +191,13 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
     # A text file is checked before the run directory is touched; sampled text is kept in it.
     ids = calibration_ids(cfg, cfg.model) if root and cfg.calib.text is not None else None
     if ids is not None:
-        cfg = _check_length(cfg, ids)
+        cfg = _check_length(cfg, ids, clamp_refit=auto_samples)
     return cfg, parent, ids, machine
 
 
 def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, overwrite: bool,
-                       show_progress: bool, checkpoint_masks: int | None, ranks=None, machine=None) -> dict:
+                       show_progress: bool, checkpoint_masks: int | None, ranks=None, machine=None,
+                       clamp_refit: bool = False) -> dict:
     from bonsai_lite.export import export_pruned
 
     out = Path(cfg.out)
@@ -198,7 +207,7 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
             if restart:
                 (state.dir / SELF_TEXT).unlink(missing_ok=True)
             ids = calibration_ids(cfg, cfg.model, cache_dir=state.dir)
-            cfg = _check_length(cfg, ids)
+            cfg = _check_length(cfg, ids, clamp_refit=clamp_refit)
         progress = make_progress(show=show_progress, metrics_path=state.dir / METRICS_NAME)
         estimate = _run_estimate(cfg, parent.spec, machine) if machine else None
         if estimate is not None:
@@ -257,6 +266,24 @@ def _rung(cfg: RunConfig) -> dict:
     c, s = cfg.calib, cfg.search
     return dict(p_iter=s.p_iter, masks_per_iter=s.masks_per_iter, samples=c.samples, seq_len=c.seq_len,
                 prior_samples=c.prior_samples, prior_seq_len=c.prior_seq_len)
+
+
+def _pick_refit_samples(cfg: RunConfig, spec, machine) -> RunConfig:
+    """--refit-samples auto: `refit.auto_refit_samples` of the budget, and under --refit auto of
+    the time too (at most REFIT_TIME_RATIO x the search's predicted time)."""
+    from bonsai_lite.prune.refit import auto_refit_samples
+
+    if cfg.refit == "off":
+        return replace(cfg, refit_samples=32)  # unused; a valid value for the run's record
+    fits_time = lambda n: True  # noqa: E731
+    if cfg.refit == "auto":
+        search = _search_and_refit_seconds(cfg, spec, machine)
+        if search is not None:
+            fits_time = lambda n: (_search_and_refit_seconds(replace(cfg, refit_samples=n), spec, machine)[1]  # noqa: E731
+                                   <= REFIT_TIME_RATIO * search[0])
+    n = auto_refit_samples(spec, cfg.refit_seq_len, machine.budget, fits_time)
+    log.info("--refit-samples auto: %d windows of %d tokens for the refit", n, cfg.refit_seq_len)
+    return replace(cfg, refit_samples=n)
 
 
 def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, float] | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_scale, removal_schedule
 from bonsai_lite.errors import BonsaiError
-from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
+from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
 from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
                                        second_moment_seconds)
 from bonsai_lite.structure import ModelSpec
@@ -63,12 +63,13 @@ def seconds_left(e: Estimate, done: int, pace: float) -> float:
 
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
-             dtype: str | None = None, refit: str = "off", refit_samples: int = 32,
+             dtype: str | None = None, refit: str = "off", refit_samples: int = 0,
              fluctuation: str = "variance", first_step: float | str = 0.0, regression: str = "unit") -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
-    on `refit_samples` windows of the dense pass's length (after every iteration with "loop");
+    on `refit_samples` windows of the dense pass's length (after every iteration with "loop"; 0: the
+    most that fit the memory, `refit.auto_refit_samples`);
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
     metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
     is --first-step (`config.removal_schedule`; "auto": `config.auto_first_step`); `regression` "none"
@@ -79,6 +80,8 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     prior_n = settings.get("prior_samples") or settings["samples"]
     prior_t = settings.get("prior_seq_len") or settings["seq_len"]  # the refit's windows
     dense_t = prior_t if settings.get("prior_samples") else settings["seq_len"]  # without its own: the search's
+    if not refit_samples:
+        refit_samples = auto_refit_samples(spec, prior_t, machine.budget)
     if refit == "auto":
         fits = refit_peak_bytes(spec, refit_samples * prior_t, prior_t) <= machine.budget
         refit = "ls" if fits else "off"

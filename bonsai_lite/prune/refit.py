@@ -119,6 +119,23 @@ def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
             + (width * width + width * spec.hidden + 2 * OUT_BLOCK * width) * 8 + (spec.hidden + COL_BLOCK) * width * 4)
 
 
+# --refit-samples auto (the default): the most windows of this ladder whose refit fits the memory
+# budget (and, under --refit auto, its time). More windows kept paying at every count measured:
+# SmolLM2-135M, `standard`, windows of 512, 32 / 64 / 128: FLAP 35% 47.6 / 46.0 / 45.0, Bonsai 50%
+# 68.0 / 65.9 / ... (seed 0; docs/RESULTS.md, fourteenth round). 16 is for budgets 32 does not fit
+# (an 8B model under 4 GB): a smaller refit measured better than none (`quick`'s 32 x 128 tokens).
+REFIT_SAMPLES_LADDER = (128, 64, 32, 16)
+
+
+def auto_refit_samples(spec, seq_len: int, budget: int, fits_time=lambda n: True) -> int:
+    """The largest count of REFIT_SAMPLES_LADDER whose `refit_peak_bytes` fits `budget` and that
+    `fits_time(n)` accepts; the smallest when none does (the caller's checks then say why)."""
+    for n in REFIT_SAMPLES_LADDER:
+        if refit_peak_bytes(spec, n * seq_len, seq_len) <= budget and fits_time(n):
+            return n
+    return REFIT_SAMPLES_LADDER[-1]
+
+
 def _columns(kept: LayerStructure, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     heads = torch.tensor([s * head_dim + i for s in kept.heads for i in range(head_dim)], dtype=torch.long)
     return heads, torch.tensor(kept.mlp, dtype=torch.long)

@@ -191,7 +191,8 @@ def test_refit_auto_refits_with_the_residual_prior_when_it_fits_the_budget(tiny_
 
     spec = StreamedModel.open(tiny_models["llama-gqa-tied"]).spec
     cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None, samples=2, seq_len=16, prior_samples=64),
-                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8), refit="auto")
+                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8), refit="auto",
+                    refit_samples=32)
     assert cfg.search.fluctuation == "auto"
     big = api._resolve_refit(cfg, spec, 10**12)
     assert (big.refit, big.search.fluctuation) == ("auto", "residual")  # the text's length decides the rest
@@ -255,3 +256,39 @@ def test_refit_auto_leaves_out_a_refit_predicted_to_take_longer_than_twice_the_s
     monkeypatch.setattr(planner, "refit_seconds", lambda *a, **k: 2.01 * search * 100)
     assert api._check_inputs(cfg, overwrite=False)[0].refit == "off"
     assert api._check_inputs(replace(cfg, refit="ls"), overwrite=False)[0].refit == "ls"
+
+
+def test_refit_samples_auto_takes_the_most_windows_that_fit(tiny_models, tmp_path):
+    # --refit-samples auto (the default): the largest count of the ladder whose refit fits the memory
+    # budget (and the time test it is given); in a run, no more windows than the text holds, where an
+    # explicit count the text cannot hold is refused before any work
+    import json
+
+    from conftest import prunable_model
+
+    from bonsai_lite.calib.data import load_tokenizer, read_text, tokenize
+    from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+    from bonsai_lite.prune import refit as R
+    from bonsai_lite.prune.api import prune
+
+    spec = StreamedModel.open(tiny_models["llama-gqa-tied"]).spec
+    peak = lambda n: R.refit_peak_bytes(spec, n * 64, 64)  # noqa: E731
+    assert R.REFIT_SAMPLES_LADDER[0] == 128 and peak(128) > peak(64) > peak(32)
+    assert R.auto_refit_samples(spec, 64, 10**15) == 128
+    assert R.auto_refit_samples(spec, 64, peak(64)) == 64
+    assert R.auto_refit_samples(spec, 64, peak(64) - 1) == 32
+    assert R.auto_refit_samples(spec, 64, 1) == R.REFIT_SAMPLES_LADDER[-1]  # none fits: the caller refuses it
+    assert R.auto_refit_samples(spec, 64, 10**15, lambda n: n <= 32) == 32
+
+    model, text = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
+    held = tokenize(load_tokenizer(str(model)), read_text(str(text))).numel() // 64
+    assert 0 < held < 128
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "out"), device="cpu", refit="ls",
+                    calib=CalibConfig(text=str(text), samples=2, seq_len=16, prior_samples=4, prior_seq_len=64),
+                    search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=0.2, masks_per_iter=8, seed=1))
+    with pytest.raises(BonsaiError, match="too short for the refit: 128 windows"):
+        prune(replace_cfg(cfg, refit_samples=128), run_dir=tmp_path / "explicit")
+    assert not (tmp_path / "explicit").exists()
+    prune(cfg, run_dir=tmp_path / "run")
+    stages = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["tokens"] for s in stages if s.get("stage") == "refit"] == [held * 64]
