@@ -30,6 +30,8 @@ TARGET_SEEDS = 3
 # (settings key, variant name) of the settings a preset sets: the ones that set a run's compute
 COMPUTE_SETTINGS = tuple((field, name) for name, (field, _, where) in VARIANTS.items() if where == "preset")
 SAME_COMPUTE = {"compensate", "regression", "rank", "spread", "guard"}  # variants that leave the compute unchanged
+# compute settings no preset sets, at the value bench_quality runs them with unless a variant says otherwise
+BENCH_DEFAULTS = {"refit_samples": 32}
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -74,7 +76,7 @@ def _variant(r: dict) -> str:
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})
     parts += [f"{name}={settings[key]:g}" for key, name in COMPUTE_SETTINGS
-              if key in settings and key in preset and settings[key] != preset[key]]
+              if key in settings and settings[key] != preset.get(key, BENCH_DEFAULTS.get(key, settings[key]))]
     return "+".join(parts)
 
 

@@ -90,6 +90,10 @@ def test_render_reads_compute_settings_from_the_record_not_the_variant_name():
     old = dict(now, prior_samples=now["prior_samples"] + 5)
     assert _variant({**rec, "variant": "prior=flap-parent", "settings": old}) == f"prior_samples={old['prior_samples']}"
     assert _variant({**rec, "variant": "gqa=equal", "settings": dict(now, masks_per_iter=7)}) == "gqa=equal+masks=7"
+    # the refit's windows, which no preset sets: a row of its own unless at bench_quality's 32
+    assert _variant({**rec, "variant": "refit=ls+refit_samples=128", "settings": dict(now, refit_samples=128)}) \
+        == "refit_samples=128"
+    assert _variant({**rec, "variant": "refit=ls+refit_samples=32", "settings": dict(now, refit_samples=32)}) == ""
 
 
 def test_render_refuses_a_folder_without_records_and_leaves_the_page(tmp_path, capsys):
