@@ -122,8 +122,9 @@ def refit_peak_bytes(spec, tokens: int, seq_len: int, *, batch: int = 8) -> int:
 # --refit-samples auto (the default): the most windows of this ladder whose refit fits the memory
 # budget (and, under --refit auto, its time). More windows kept paying at every count measured:
 # SmolLM2-135M, `standard`, windows of 512, 32 / 64 / 128: FLAP 35% 47.6 / 46.0 / 45.0, Bonsai 50%
-# 68.0 / 65.9 / ... (seed 0; docs/RESULTS.md, fourteenth round). 16 is for budgets 32 does not fit
-# (an 8B model under 4 GB): a smaller refit measured better than none (`quick`'s 32 x 128 tokens).
+# 68.0 / 65.9 / 64.2 (seed 0); 32 -> 128 over 3 seeds: Bonsai 45.7 -> 43.3 (35%), 72.7 -> 68.4 (50%),
+# every seed lower (docs/RESULTS.md, fourteenth round). 16 is for budgets 32 does not fit (not
+# measured on its own; `quick`'s 32 x 128-token refit, fewer tokens, measured far better than none).
 REFIT_SAMPLES_LADDER = (128, 64, 32, 16)
 
 
