@@ -275,12 +275,13 @@ def _pick_refit_samples(cfg: RunConfig, spec, machine) -> RunConfig:
 
     if cfg.refit == "off":
         return replace(cfg, refit_samples=32)  # unused; a valid value for the run's record
+    from bonsai_lite.search.planner import refit_seconds
+
     fits_time = lambda n: True  # noqa: E731
-    if cfg.refit == "auto":
-        search = _search_and_refit_seconds(cfg, spec, machine)
-        if search is not None:
-            fits_time = lambda n: (_search_and_refit_seconds(replace(cfg, refit_samples=n), spec, machine)[1]  # noqa: E731
-                                   <= REFIT_TIME_RATIO * search[0])
+    search = _search_and_refit_seconds(cfg, spec, machine) if cfg.refit == "auto" else None
+    if search is not None:  # the search predicted once; each count's refit against it
+        t, keep = cfg.refit_seq_len, 1 - cfg.search.sparsity
+        fits_time = lambda n: refit_seconds(spec, None, n * t, t, machine, keep=keep) <= REFIT_TIME_RATIO * search[0]  # noqa: E731
     n = auto_refit_samples(spec, cfg.refit_seq_len, machine.budget, fits_time)
     log.info("--refit-samples auto: %d windows of %d tokens for the refit", n, cfg.refit_seq_len)
     return replace(cfg, refit_samples=n)
