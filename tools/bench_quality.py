@@ -13,8 +13,9 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
   python tools/bench_quality.py --render        # tables -> docs/RESULTS.md, plots -> docs/img/
 
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
-the default row): compensate=on|off, refit=off|ls (the least-squares refit after the search),
-refit_samples=N, masks=N, p_iter=X, first_step=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
+the default row): compensate=on|off, refit=off|ls|auto (the least-squares refit after the search;
+auto as `bonsai-lite prune` resolves it), refit_samples=N (default: auto, as the CLI; records hold
+the resolved count), masks=N, p_iter=X, first_step=X, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
 alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
 it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
 prior=wanda|activation|flap|flap-parent|flap-anchored, fluctuation=variance|residual, guard=on|off,
@@ -126,7 +127,7 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
                                       prior_samples=q["prior_samples"], prior_seq_len=q["prior_seq_len"]),
                     search=SearchConfig(method=method, sparsity=sparsity, p_iter=q["p_iter"],
                                         masks_per_iter=q["masks_per_iter"], seed=seed, **search),
-                    device=args.device, refit=q.get("refit", "off"), refit_samples=q.get("refit_samples", 32))
+                    device=args.device, refit=q.get("refit", "off"), refit_samples=q.get("refit_samples", 0))
     run_dir = Path(args.work) / f"{name}.run"
     resumed = run_dir.exists()
     t0 = time.perf_counter()
@@ -138,14 +139,14 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         "kind": "quality", "model": args.model_name, "method": method, "sparsity": sparsity, "seed": seed,
         "preset": args.preset, "variant": variant, "compensate": cfg.search.compensates,
         "settings": resolved_settings(run_dir, {**q, **{k: v for k, v in vars(cfg.search).items()
-                                                        if k not in ("method", "sparsity", "seed")}}),
+                                                        if k not in ("method", "sparsity", "seed")},
+                                                "refit": res["refit"], "refit_samples": res["refit_samples"]}),
         "eval_tokens": ev["tokens"], "eval_windows": ev["windows"], "seq_len": args.seq_len,
         "perplexity": ev["perplexity"], "nll": ev["nll"], "eval_seconds": ev["seconds"],
         "prune_seconds": prune_s, "prune_resumed": resumed,
         # the refit passes each block once over its windows (it ran each twice before 2026-12-02:
         # records of earlier commits count 2x its tokens)
-        "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist))
-        + (cfg.refit_samples * cfg.refit_seq_len if cfg.refit != "off" else 0),
+        "forward_tokens": int(sum(h.get("forward_tokens", 0) for h in hist)) + res["refit_samples"] * cfg.refit_seq_len,
         "iterations": len(hist), "cv_kendall_tau": [h["cv_kendall_tau"] for h in hist if "cv_kendall_tau" in h],
         "regression": [h["regression"] for h in hist if "regression" in h],
         # the guard's choice per iteration, and the prior's own pair tau it was compared with

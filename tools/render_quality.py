@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -23,15 +24,18 @@ RESULTS_DIR = ROOT / "docs" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_quality import VARIANTS  # noqa: E402
-from bonsai_lite.config import PRESETS  # noqa: E402
+from bonsai_lite.config import PRESETS, auto_first_step  # noqa: E402
 
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 TARGET_SEEDS = 3
 # (settings key, variant name) of the settings a preset sets: the ones that set a run's compute
 COMPUTE_SETTINGS = tuple((field, name) for name, (field, _, where) in VARIANTS.items() if where == "preset")
 SAME_COMPUTE = {"compensate", "regression", "rank", "spread", "guard"}  # variants that leave the compute unchanged
-# compute settings no preset sets, at the value bench_quality runs them with unless a variant says otherwise
-BENCH_DEFAULTS = {"refit_samples": 32}
+# the refit's windows are in the row's label (`+refit(128)`), not a variant: `--refit-samples auto` picks
+# them per run from memory and time, so no one count is "the default"
+LABELLED = {"refit_samples"}
+# records with the refit that do not say its windows ran bench_quality's count before 2026-12-02
+LEGACY_REFIT_SAMPLES = 32
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -62,7 +66,14 @@ def label(r: dict) -> str:
     shown = f" [{', '.join(parts)}]" if parts else ""
     residual = " +residual" if settings.get("fluctuation", "variance") == "residual" else ""
     refit = {"off": "", "ls": " +refit", "loop": " +refit loop"}[settings.get("refit", "off")]
+    if refit:
+        refit += f"({settings.get('refit_samples', LEGACY_REFIT_SAMPLES)})"
     return r["method"] + shown + (" +comp" if r.get("compensate") else "") + residual + refit
+
+
+def _family(name: str) -> str:
+    """A label without its refit windows: one line per method on the compute frontier."""
+    return re.sub(r"\(\d+\)", "", name)
 
 
 def _variant(r: dict) -> str:
@@ -70,14 +81,29 @@ def _variant(r: dict) -> str:
 
     The compute settings are read from the record against the preset as defined now, not from the
     variant name: a preset's definition may change between commits, and its older rows then show
-    as the variant they are (e.g. `prior_samples=0` after `quick` gained its dense pass)."""
+    as the variant they are (e.g. `prior_samples=0` after `quick` gained its dense pass).
+
+    The first step is likewise read against what `--first-step auto` resolves to for the record's
+    settings: a run that set it to that value is the default, a default run from before it resolved
+    so is the variant it now is."""
     shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=", "fluctuation=")
-    named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS)
+    named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS) + ("first_step=",)
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})
+    first = settings.get("first_step", 0.0)
+    if isinstance(first, (int, float)) and first != _auto_first_step(r):
+        parts.append(f"first_step={first:g}")
     parts += [f"{name}={settings[key]:g}" for key, name in COMPUTE_SETTINGS
-              if key in settings and settings[key] != preset.get(key, BENCH_DEFAULTS.get(key, settings[key]))]
+              if key in settings and key not in LABELLED and key in preset and settings[key] != preset[key]]
     return "+".join(parts)
+
+
+def _auto_first_step(r: dict) -> float:
+    s = r.get("settings", {})
+    if "p_iter" not in s:
+        return 0.0
+    return auto_first_step(r["method"], s.get("regression", "unit"), s.get("prior", "wanda"),
+                           s.get("fluctuation", "variance"), s["p_iter"], r["sparsity"])
 
 
 def aggregate(records: list[dict]) -> dict[tuple, dict]:
@@ -210,7 +236,7 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     parent = next((r["perplexity"] for r in records if r["method"] == "parent"), None)
     written = []
     # one colour and marker per method label, the same in every panel (tab20 + markers: >10 labels)
-    names = sorted({k[2] for k in agg})
+    names = sorted({k[2] for k in agg} | {_family(k[2]) for k in agg})
     cmap = plt.get_cmap("tab20")
     colors = {m: cmap(i % 20) for i, m in enumerate(names)}
     markers = {m: "osD^v<>ph*"[i % 10] for i, m in enumerate(names)}
@@ -240,10 +266,10 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.6 * max(1, len(sparsities)), 4.2), squeeze=False)
     handles = {}
     for ax, sp in zip(axes[0], sparsities):
-        for method in sorted({k[2] for k in agg if k[3] == sp}):
-            # the frontier: rows that differ in compute (presets, masks, tokens, p_iter) joined by a
-            # line; same-compute variants (compensation, regression model, ranking) as hollow markers
-            rows = [(k, v) for k, v in agg.items() if k[2] == method and k[3] == sp]
+        for method in sorted({_family(k[2]) for k in agg if k[3] == sp}):
+            # the frontier: rows that differ in compute (presets, masks, tokens, p_iter, refit windows)
+            # joined by a line; same-compute variants (compensation, regression model, ranking) as hollow markers
+            rows = [(k, v) for k, v in agg.items() if _family(k[2]) == method and k[3] == sp]
             pts = sorted((v["forward_tokens"], v["mean"]) for k, v in rows if k[4].split("=")[0] not in SAME_COMPUTE)
             line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], label=method,
                            color=colors[method])[0]

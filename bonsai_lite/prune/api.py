@@ -248,6 +248,8 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
         "run_dir": str(state.dir),
         "iterations": len(outcome.history),
         "history": outcome.history,
+        # the refit as it ran: `--refit auto` and `--refit-samples auto` resolved
+        "refit": cfg.refit, "refit_samples": cfg.refit_samples if cfg.refit != "off" else 0,
         # the planner's prediction for this run (search and refit, export not counted), made when it started
         "planned": None if estimate is None else {"seconds": estimate.seconds, "start": estimate.start,
                                                   "iterations": list(estimate.iterations), "refit": estimate.refit},

@@ -60,6 +60,15 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     todo = json.loads(_bench(*common, "--variants", "regression=none", "--variants-only",
                              "--dry-run"))["todo"]
     assert todo == [f"quality-tiny-quick-bonsai-20-s{s}-regression_none" for s in (0, 1)]
+    # a refit variant records the windows `--refit-samples auto` resolved, and counts their tokens
+    _bench(*common[:common.index("--methods")], "--methods", "flap", "--sparsities", "0.2", "--seeds", "0",
+           "--variant-seeds", "0", "--variants", "refit=ls", "--variants-only",
+           *common[common.index("--preset"):])
+    refit = json.loads((results / "quality-tiny-quick-flap-20-s0-refit_ls.json").read_text())
+    plain_flap = next(r for r in flap if r["seed"] == 0)
+    n = refit["settings"]["refit_samples"]
+    assert refit["settings"]["refit"] == "ls" and n >= 1
+    assert refit["forward_tokens"] == plain_flap["forward_tokens"] + n * refit["settings"]["seq_len"]
     # render on a copy of a page: only the block between the markers changes; means come from the records
     sys.path.insert(0, str(ROOT / "tools"))
     from render_quality import BEGIN, END, load_records, render_docs
@@ -80,20 +89,41 @@ def test_render_reads_compute_settings_from_the_record_not_the_variant_name():
     """A preset's definition can change between commits: a row is a variant of today's preset when its
     recorded settings differ from it, whatever its variant name said when it ran."""
     sys.path.insert(0, str(ROOT / "tools"))
-    from render_quality import _variant
+    from render_quality import _variant, label
 
     from bonsai_lite.config import PRESETS
 
     now = dict(PRESETS["quick"])
-    rec = {"preset": "quick", "method": "bonsai", "variant": "prior=flap-parent+prior_samples=16", "settings": now}
+    rec = {"preset": "quick", "method": "bonsai", "sparsity": 0.35, "variant": "prior=flap-parent+prior_samples=16",
+           "settings": now}
     assert _variant(rec) == ""  # ran with what `quick` is now: a default row
     old = dict(now, prior_samples=now["prior_samples"] + 5)
     assert _variant({**rec, "variant": "prior=flap-parent", "settings": old}) == f"prior_samples={old['prior_samples']}"
     assert _variant({**rec, "variant": "gqa=equal", "settings": dict(now, masks_per_iter=7)}) == "gqa=equal+masks=7"
-    # the refit's windows, which no preset sets: a row of its own unless at bench_quality's 32
-    assert _variant({**rec, "variant": "refit=ls+refit_samples=128", "settings": dict(now, refit_samples=128)}) \
-        == "refit_samples=128"
-    assert _variant({**rec, "variant": "refit=ls+refit_samples=32", "settings": dict(now, refit_samples=32)}) == ""
+    # the refit's windows are in the label (auto picks them per run), 32 where an older record does not say
+    for windows in (128, 32):
+        r = {**rec, "variant": f"refit=ls+refit_samples={windows}", "settings": dict(now, refit="ls", refit_samples=windows)}
+        assert _variant(r) == "" and label(r).endswith(f"+refit({windows})")
+    assert label({**rec, "settings": dict(now, refit="ls")}).endswith("+refit(32)")
+    assert "refit" not in label({**rec, "settings": dict(now, refit="off", refit_samples=0)})
+
+
+def test_render_reads_the_first_step_against_what_auto_resolves():
+    """`--first-step auto` is one step up to 20% for the prior-only frame with the residual metric: a run
+    that set that step is a default row, a run with equal steps where auto now takes one is a variant."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import _variant
+
+    from bonsai_lite.config import PRESETS
+
+    frame = dict(PRESETS["standard"], prior="flap-parent", regression="none", fluctuation="residual")
+    rec = {"preset": "standard", "method": "bonsai", "sparsity": 0.2}
+    assert _variant({**rec, "variant": "first_step=0.2", "settings": dict(frame, first_step=0.2)}) == ""
+    assert _variant({**rec, "variant": "", "settings": dict(frame, first_step=0.0)}) == "first_step=0"
+    assert _variant({**rec, "sparsity": 0.35, "variant": "first_step=0.2",
+                     "settings": dict(frame, first_step=0.2)}) == "first_step=0.2"
+    assert _variant({**rec, "variant": "", "settings": dict(frame, first_step=0.2, fluctuation="variance")}) \
+        == "first_step=0.2"  # auto takes equal steps with FLAP's variance
 
 
 def test_render_refuses_a_folder_without_records_and_leaves_the_page(tmp_path, capsys):
