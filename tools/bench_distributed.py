@@ -46,7 +46,7 @@ def worker(args) -> None:
     from bonsai_lite.prune.distributed import from_env
     from bonsai_lite.prune.loop import Pruner
     from bonsai_lite.prune.state import layers_to_json
-    from bonsai_lite.search.planner import parse_bytes
+    from bonsai_lite.search.machine import parse_bytes
     from bonsai_lite.structure import UnitLayout
 
     torch.set_num_threads(args.threads)

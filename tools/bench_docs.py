@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bench_engine as BE
 import scale_docs as SD
-from bonsai_lite.search.planner import fmt_bytes
+from bonsai_lite.search.machine import fmt_bytes
 
 STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
 

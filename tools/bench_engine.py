@@ -35,10 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.search.engine import evaluate  # noqa: E402
-from bonsai_lite.search.planner import (  # noqa: E402
-    GPU_PEAK_FLOPS, GROUP_TILES, Plan, Work, candidate_cost, detect_machine, flops_per_token, make_plan,
-    parse_bytes,
-)
+from bonsai_lite.search.machine import GPU_PEAK_FLOPS, detect_machine, parse_bytes  # noqa: E402
+from bonsai_lite.search.planner import GROUP_TILES, Plan, Work, candidate_cost, flops_per_token, make_plan  # noqa: E402
 from bonsai_lite.structure import UnitLayout, load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ import scale_extras as SX  # noqa: E402
 from bench_scale import SHAPES, shape_bytes, write_random_model  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.progress import METRICS_NAME, read_metrics  # noqa: E402
-from bonsai_lite.search.planner import fmt_bytes, parse_bytes  # noqa: E402
+from bonsai_lite.search.machine import fmt_bytes, parse_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")

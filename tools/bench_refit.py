@@ -32,7 +32,8 @@ from bench_scale import SHAPES, _reset_rss_peak, shape_bytes, shape_spec, shrunk
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune.refit import refit_model, refit_peak_bytes  # noqa: E402
-from bonsai_lite.search.planner import detect_machine, fmt_bytes, refit_seconds  # noqa: E402
+from bonsai_lite.search.machine import detect_machine, fmt_bytes  # noqa: E402
+from bonsai_lite.search.planner import refit_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 

@@ -46,9 +46,8 @@ from bonsai_lite.errors import BudgetError  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune import loop  # noqa: E402
-from bonsai_lite.search.planner import (  # noqa: E402
-    Work, column_norm_seconds, detect_machine, flops_per_token, fmt_bytes, make_plan, parse_bytes, search_dtype,
-)
+from bonsai_lite.search.machine import detect_machine, fmt_bytes, parse_bytes, search_dtype  # noqa: E402
+from bonsai_lite.search.planner import Work, column_norm_seconds, flops_per_token, make_plan  # noqa: E402
 from bonsai_lite.search.regression import fit_relevance  # noqa: E402
 from bonsai_lite.search.sampling import sample_masks  # noqa: E402
 from bonsai_lite.structure import LayerStructure, UnitLayout, load_spec  # noqa: E402
@@ -563,7 +562,7 @@ def parse_args(argv):
     ap.add_argument("--work-dir", default=None, help="where the random checkpoint is written and kept (default: temp)")
     ap.add_argument("--budgets", default="8GB,12GB,24GB", help="comma-separated memory budgets ('' = none)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="compute dtype of the search; auto: what bonsai-lite prune picks here (planner.search_dtype)")
+                    help="compute dtype of the search; auto: what bonsai-lite prune picks here (machine.search_dtype)")
     ap.add_argument("--masks", type=int, default=32)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)

@@ -18,7 +18,8 @@ import torch
 from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.search.engine import evaluate
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.structure import UnitLayout
 
 

@@ -24,7 +24,8 @@ import bench_engine as BE
 from bonsai_lite.config import PRESETS
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.search.engine import evaluate
-from bonsai_lite.search.planner import Work, detect_machine, flops_per_token, fmt_bytes, make_plan
+from bonsai_lite.search.machine import detect_machine, fmt_bytes
+from bonsai_lite.search.planner import Work, flops_per_token, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 from bonsai_lite.errors import BudgetError
-from bonsai_lite.search.planner import FIXED_OVERHEAD, FRAGMENTATION, fmt_bytes
+from bonsai_lite.search.machine import fmt_bytes
+from bonsai_lite.search.planner import FIXED_OVERHEAD, FRAGMENTATION
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
 # Bytes of the trainable parameters' state per parameter beyond the weights themselves: gradient +

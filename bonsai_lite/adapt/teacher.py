@@ -41,7 +41,8 @@ from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.ops import block_forward, rms_norm, rotary_cos_sin
 from bonsai_lite.prune.state import atomic_write_bytes
 from bonsai_lite.search.cache import ActivationCache
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, make_plan
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.progress import METRICS_NAME, NullProgress, peak_rss_bytes, reset_peaks
 from bonsai_lite.prune.state import RunState
-from bonsai_lite.search.planner import check_device, detect_machine, fmt_bytes
+from bonsai_lite.search.machine import check_device, detect_machine, fmt_bytes
 
 log = logging.getLogger(__name__)
 

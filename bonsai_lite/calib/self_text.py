@@ -13,7 +13,8 @@ from transformers.activations import ACT2FN
 
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.ops import _apply_rotary, rms_norm, rotary_cos_sin
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, make_plan
 
 log = logging.getLogger(__name__)
 

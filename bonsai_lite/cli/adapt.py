@@ -7,7 +7,7 @@ from pathlib import Path
 from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.progress import step_bar
-from bonsai_lite.search.planner import parse_bytes
+from bonsai_lite.search.machine import parse_bytes
 
 log = logging.getLogger("bonsai_lite.adapt")
 

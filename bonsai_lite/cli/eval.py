@@ -7,7 +7,7 @@ from bonsai_lite.cli.common import add_budget_args
 from bonsai_lite.cli.main import emit_json
 from bonsai_lite.eval.perplexity import perplexity
 from bonsai_lite.progress import process_peak_rss_bytes
-from bonsai_lite.search.planner import parse_bytes
+from bonsai_lite.search.machine import parse_bytes
 
 log = logging.getLogger("bonsai_lite.eval")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.search.planner import Work, detect_machine, make_plan, nominal_machine, parse_bytes, search_dtype
+from bonsai_lite.search.machine import detect_machine, nominal_machine, parse_bytes, search_dtype
+from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.structure import load_spec
 
 log = logging.getLogger("bonsai_lite.plan")

@@ -12,7 +12,7 @@ from bonsai_lite.cli.main import emit_json
 from bonsai_lite.config import (METHODS, PRESETS, REGRESSION_MIN_TOKENS, REGRESSIONS, ONE_STEP_SPARSITY,
                                 CalibConfig, RunConfig, SearchConfig, auto_regression)
 from bonsai_lite.errors import BonsaiError
-from bonsai_lite.search.planner import parse_bytes
+from bonsai_lite.search.machine import parse_bytes
 
 log = logging.getLogger("bonsai_lite.prune")
 
@@ -151,7 +151,7 @@ def config_from_args(args) -> RunConfig:
 
 def _fit_time_budget(args) -> dict:
     from bonsai_lite.prune.presets import fit_time_budget, parse_seconds
-    from bonsai_lite.search.planner import detect_machine
+    from bonsai_lite.search.machine import detect_machine
     from bonsai_lite.structure import load_spec
 
     if args.preset:

@@ -7,7 +7,8 @@ from pathlib import Path
 from bonsai_lite.calib.data import check_window_args, load_tokenizer, read_text, tokenize, windows
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.search.engine import evaluate
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, make_plan
 
 
 def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tokens: int | None = None,

@@ -21,7 +21,8 @@ from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget
 from bonsai_lite.prune.loop import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress, process_peak_rss_bytes
-from bonsai_lite.search.planner import Work, detect_machine, make_plan, search_dtype
+from bonsai_lite.search.machine import detect_machine, search_dtype
+from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.search.sampling import _n_fixed
 
 log = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ def _earlier_fluctuation(cfg: RunConfig, run_dir) -> str | None:
 
 def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
     from bonsai_lite.prune.refit import refit_peak_bytes
-    from bonsai_lite.search.planner import fmt_bytes
+    from bonsai_lite.search.machine import fmt_bytes
 
     need = refit_peak_bytes(spec, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len)
     if need > budget:
@@ -382,7 +383,7 @@ def _check_refit_memory(cfg: RunConfig, spec, budget: int) -> None:
 
 def _check_residual_memory(spec, budget: int) -> None:
     from bonsai_lite.prune.refit import residual_peak_bytes
-    from bonsai_lite.search.planner import fmt_bytes
+    from bonsai_lite.search.machine import fmt_bytes
 
     need = residual_peak_bytes(spec)
     if need > budget:

@@ -45,8 +45,8 @@ from bonsai_lite.prune.state import (RunState, group_key, jsonable, layers_from_
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
-from bonsai_lite.search.planner import (Work, column_norm_seconds, detect_machine, make_plan, refit_seconds,
-                                       second_moment_seconds)
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_scale, removal_schedule
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
-from bonsai_lite.search.planner import (Machine, Work, column_norm_seconds, make_plan, refit_seconds,
-                                       second_moment_seconds)
+from bonsai_lite.search.machine import Machine
+from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.structure import ModelSpec
 
 LADDER: tuple[tuple[str, dict], ...] = (

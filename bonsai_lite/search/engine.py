@@ -20,7 +20,8 @@ from transformers.activations import ACT2FN
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.ops import BlockWeights, ChunkedNLL, block_forward, rms_norm, rotary_cos_sin
 from bonsai_lite.search.cache import ActivationCache
-from bonsai_lite.search.planner import Plan, bound_host_allocator
+from bonsai_lite.search.machine import bound_host_allocator
+from bonsai_lite.search.planner import Plan
 from bonsai_lite.structure import UnitLayout
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ The planner needs only the model's shape (config.json), the work (masks x sample
 machine (budget, host RAM, disk, device kind). It enumerates execution orders, tile and group sizes,
 LM-head chunks, prefetch and precision, predicts each candidate's peak memory and time with the cost
 model below, keeps those under the budget and picks the fastest. docs/design.md ("Memory planner")
-explains the model; tools/bench_engine.py measures how well it predicts (docs/PERFORMANCE.md).
+explains the model; tools/bench_engine.py measures how well it predicts (docs/PERFORMANCE.md). The
+machine (what it has, how fast it computes and reads) comes from `machine.py`.
 
 Peak memory is modelled in two phases that never overlap in the engine: the *block phase* (weights
 of one block, two with prefetch, the copies made while the next one is read, sliced and cast, and a
@@ -14,17 +15,14 @@ larger of the two.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from bonsai_lite.errors import BonsaiError, BudgetError
-from bonsai_lite.io.disk import cached_fraction, cold_read_bps
+from bonsai_lite.errors import BudgetError
+from bonsai_lite.search.machine import (CPU_ENGINE_FRACTION, DISK_BPS, LOW_PRECISION_CPU_FACTOR, Machine,
+                                       fmt_bytes)
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
 # --- named safety constants (why each exists) -------------------------------------------------
@@ -34,19 +32,6 @@ FRAGMENTATION = 1.15
 # caching allocator's rounding and cuBLAS workspaces are inside it; on the CPU, Python objects and
 # glibc's small-chunk heap (large blocks go straight back to the OS, see `bound_host_allocator`).
 FIXED_OVERHEAD = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
-# Fraction of free host RAM / disk we allow ourselves: the OS and page cache need the rest.
-HOST_RAM_FRACTION = 0.7
-DISK_FRACTION = 0.8
-# Throughputs for the time model. CPU: the engine's F.linear calls ran at ~58 GFLOP/s per thread on
-# the development machine's EPYC against 105 for an isolated fp32 GEMM; elementwise work and other
-# jobs take the rest (docs/PERFORMANCE.md). A probed CPU times its own one-core GEMM
-# (`cpu_gemm_probe`) and is planned at CPU_ENGINE_FRACTION of it per thread; a described one
-# (`nominal_machine`) at CPU_FLOPS_PER_CORE. GPU: fraction of the dense bf16 peak a block reaches.
-CPU_FLOPS_PER_CORE = 50e9
-CPU_ENGINE_FRACTION = 0.55
-GPU_EFFICIENCY = 0.55
-GPU_PEAK_FLOPS = {"H100": 990e12, "H200": 990e12, "A100": 312e12, "4090": 165e12, "3090": 71e12, "A6000": 155e12}
-DEFAULT_GPU_FLOPS = 80e12
 # GPUs without fast bf16: evaluate in float16 there (appendix G's fp32 retry catches overflows).
 FP16_ONLY_GPUS = ("V100", "T4", "P100", "P40", "1080", "2080")
 # A tile of N tokens reaches N / (N + HALF_EFFICIENCY_TOKENS) of the device's GEMM rate: small
@@ -55,21 +40,12 @@ FP16_ONLY_GPUS = ("V100", "T4", "P100", "P40", "1080", "2080")
 HALF_EFFICIENCY_TOKENS = {"cpu": 32, "cuda": 1024}
 # Fixed cost of one block call / one LM-head chunk call on one tile: Python and ~30 kernel launches.
 CALL_SECONDS = {"cpu": 5e-4, "cuda": 4e-4}
-# CPU bf16/fp16 GEMMs without AMX run at about half the fp32 rate; LLM.int8 matmuls (quantise the
-# activations, int8 GEMM, dequantise, outlier columns in fp16) reach about 60% of a bf16 GEMM.
-# A probed CPU measures its own bf16 factor (`cpu_bf16_factor`): with AMX (Sapphire Rapids) one
-# thread ran a 512x2048x2048 bf16 GEMM at 628 GFLOP/s against 106 in fp32, a factor of ~6.
-LOW_PRECISION_CPU_FACTOR = 0.5
-# A CPU search runs in bfloat16 when the caller gives no --dtype, the machine's bf16 GEMMs are at
-# least this much faster than fp32, and the model is large enough for its GEMMs to dominate
-# (`search_dtype`). Evaluation (reported perplexity) stays float32 on a CPU unless asked.
-BF16_SEARCH_MIN_FACTOR = 2.0
-BF16_SEARCH_MIN_PARAMS = 1e9
+# LLM.int8 matmuls (quantise the activations, int8 GEMM, dequantise, outlier columns in fp16) reach
+# about 60% of a bf16 GEMM.
 INT8_FACTOR = 0.6
 # Device bytes beside an int8 block while the next projection is quantised: a 16 MiB slab of rows
 # in the compute dtype, its fp16 copy and its int8 result (int8.QUANT_CHUNK_BYTES).
 INT8_SLAB_TRANSIENT = 48 * 2**20
-DISK_BPS = 2e9  # cold NVMe-class read
 PAGE_CACHE_BPS = 6e9  # re-reading a checkpoint that the OS keeps in its page cache (one reader thread)
 H2D_BPS = {"pinned": 25e9, "pageable": 12e9}
 HOST_COPY_BPS = 8e9  # memcpy-class host work: slicing, casting, pinning
@@ -77,69 +53,6 @@ HOST_COPY_BPS = 8e9  # memcpy-class host work: slicing, casting, pinning
 # 4 KiB page, ~1.4 us with the zeroing. Re-reading 3 GB of weights cost 2.5 s of system time on the
 # budget test (1.5M faults), which made many small passes slower than one spilling pass.
 FRESH_PAGE_BPS = 3e9
-# Host tensors at least this large are mmapped by glibc and unmapped on free (`bound_host_allocator`):
-# weight tensors and large activations; smaller ones reuse the heap without page faults. 64 KiB
-# gave 21 MiB RSS growth on the budget test but 1.4x its page faults of 1 MiB (24 MiB growth).
-MMAP_THRESHOLD = 2**20
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'8GB', '512MiB', '1.5G', 1e9 -> bytes (decimal and binary suffixes both mean powers of 1024)."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
-    if not m:
-        raise BudgetError(f"cannot read memory size {text!r}; write it like 8GB, 512MB or 1.5GiB")
-    n = int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
-    if n < 1:  # 0 used to fall through to "auto" silently
-        raise BudgetError(f"memory budget {text!r} is zero; give a size like 8GB, or leave --memory-budget out for "
-                          "all free memory")
-    return n
-
-
-def check_device(device: str | None) -> None:
-    """cpu, cuda or cuda:i that exists here; anything else used to run on the CPU without a word."""
-    if device is None or device == "cpu":
-        return
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if not m:
-        raise BonsaiError(f"--device {device!r}: bonsai-lite runs on cpu or cuda[:i]")
-    if not torch.cuda.is_available():
-        raise BonsaiError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                          f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise BonsaiError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def bound_host_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make freed tensors leave the process's RSS at once (glibc only; True when applied).
-
-    glibc serves a large allocation with mmap and, when it is freed, raises its mmap threshold to
-    that size (up to 32 MiB); from then on blocks of that size come from the heap and stay resident
-    after `free`. Streaming a model allocates and frees one block's tensors per layer, so RSS grows
-    by several blocks beyond what is alive: 45 MiB of RSS growth for ~24 MiB of live tensors on the
-    budget test's model, over its 36 MiB budget. A fixed threshold (mallopt also switches the
-    adjustment off) keeps RSS within a few MiB of the live tensors, which is what a CPU memory
-    budget promises. Cost: every large tensor is a fresh mapping whose pages fault in (about 3x the
-    minor faults; ~20% more CPU time on that test, whose passes are tiny; less on real work).
-    Process-wide and idempotent; `detect_machine` applies it for CPU runs.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # glibc's own rule when it adjusts the pair: trim the heap top above twice the mmap threshold.
-    return bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, 2 * int(threshold)))
 
 
 @dataclass(frozen=True)
@@ -153,115 +66,6 @@ class Work:
     @property
     def rows(self) -> int:
         return self.masks * self.samples
-
-
-@dataclass(frozen=True)
-class Machine:
-    device: str  # "cpu" or "cuda[:i]"
-    budget: int  # bytes of device memory (RAM on a CPU run) we may use
-    host_ram: int  # bytes of host RAM we may use (== budget on a CPU run)
-    disk: int  # bytes of free disk for spilling activations
-    flops: float
-    cores: int = 1
-    gpu_name: str = ""
-    page_cache: int = 0  # host RAM the OS can use to cache the checkpoint between passes
-    bf16_factor: float = LOW_PRECISION_CPU_FACTOR  # CPU bf16 GEMM rate / fp32 GEMM rate
-    disk_bps: float = DISK_BPS  # cold reads of the checkpoint (measured by io.disk where it can be)
-    cached: float = 0.0  # share of the checkpoint in the page cache at the start (io.disk.cached_fraction)
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.startswith("cuda")
-
-
-def _gpu_flops(name: str) -> float:
-    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), DEFAULT_GPU_FLOPS) * GPU_EFFICIENCY
-
-
-def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, checkpoint=None) -> Machine:
-    """Probe the machine (psutil for RAM/disk, torch for the GPU). A CPU run's budget is RAM. With a
-    `checkpoint` path, its disk's cold read rate is measured (io.disk; the nominal one where it cannot be).
-
-    For a CPU run this also calls `bound_host_allocator`, without which glibc keeps freed weight
-    buffers resident and the process's RSS outgrows the budget the plan was made for.
-    """
-    import os
-    import tempfile
-
-    import psutil
-
-    check_device(device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    free_ram = int(psutil.virtual_memory().available * HOST_RAM_FRACTION)
-    disk = int(psutil.disk_usage(str(spill_dir or tempfile.gettempdir())).free * DISK_FRACTION)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    disk_bps = (cold_read_bps(str(checkpoint)) if checkpoint else None) or DISK_BPS
-    cached = (cached_fraction(checkpoint) if checkpoint else None) or 0.0
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
-                       props.name, page_cache=free_ram, disk_bps=disk_bps, cached=cached)
-    bound_host_allocator()
-    threads = torch.get_num_threads()
-    budget = budget or free_ram
-    flops = CPU_ENGINE_FRACTION * cpu_gemm_probe()[0] * threads
-    return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
-                   bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached)
-
-
-PROBE_SHAPE = (256, 1024, 1024)
-PROBE_SECONDS = 0.3
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_gemm_probe() -> tuple[float, float]:
-    """(fp32 FLOP/s, bf16 / fp32 rate) of a 256x1024x1024 GEMM on one core of this CPU: the best
-    call of each dtype after 3 warm-up calls (oneDNN builds its kernels on the first calls), over at
-    least 8 rounds and PROBE_SECONDS, so that a short stall of a shared machine is not read as its
-    speed; once per process. The two dtypes alternate call by call: timed one after the other, a
-    slow spell of the VM fell on one of them and moved the ratio from 4.8-6.0 to 3.35 (docs/
-    PERFORMANCE.md, ninth session). A machine's speed moves between sessions (a VM here ran 1.7x
-    faster on one day than on another), so the planner measures it rather than assuming a constant."""
-    import time
-
-    m, k, n = PROBE_SHAPE
-    pairs = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a property of the core: other jobs on the machine blur a multi-thread probe
-    try:
-        for a, b in pairs:
-            for _ in range(3):
-                a @ b
-        best, rounds, start = [math.inf, math.inf], 0, time.perf_counter()
-        while rounds < 8 or (time.perf_counter() - start < PROBE_SECONDS and rounds < 512):
-            for i, (a, b) in enumerate(pairs):
-                t0 = time.perf_counter()
-                a @ b
-                best[i] = min(best[i], time.perf_counter() - t0)
-            rounds += 1
-        return 2 * m * k * n / best[0], best[0] / best[1]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def cpu_bf16_factor() -> float:
-    """bf16 / fp32 GEMM rate of one core of this CPU (`cpu_gemm_probe`)."""
-    return cpu_gemm_probe()[1]
-
-
-def search_dtype(machine: Machine, spec: ModelSpec) -> str | None:
-    """The compute dtype a search uses when none is given: bfloat16 on a CPU whose bf16 GEMMs are
-    much faster than fp32 (AMX), for models large enough to gain; None leaves it to the planner."""
-    if machine.is_cuda or machine.bf16_factor < BF16_SEARCH_MIN_FACTOR:
-        return None
-    return "bfloat16" if spec.non_embedding_params() >= BF16_SEARCH_MIN_PARAMS else None
-
-
-def nominal_machine(*, device: str, budget: int, gpu_name: str = "", host_ram: int = 64 * 2**30, disk: int = 500 * 2**30) -> Machine:
-    """A machine described, not probed: `plan` answers 'will it fit?' for hardware you do not have."""
-    if device.startswith("cuda"):
-        return Machine(device, budget, host_ram, disk, _gpu_flops(gpu_name), 8, gpu_name, page_cache=host_ram)
-    return Machine("cpu", budget, budget, disk, CPU_FLOPS_PER_CORE * 2, 2, page_cache=max(0, host_ram - budget))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune.state import RunState
 from bonsai_lite.search.cache import ActivationCache
-from bonsai_lite.search.planner import Work, detect_machine, make_plan
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.planner import Work, make_plan
 
 from conftest import observe, prunable_model  # noqa: E402
 

@@ -241,7 +241,7 @@ def test_refit_auto_leaves_out_a_refit_predicted_to_take_longer_than_twice_the_s
 
     from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
     from bonsai_lite.prune import api
-    from bonsai_lite.search import planner
+    from bonsai_lite.search import machine, planner
 
     model, text = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
     cfg = RunConfig(model=str(model), out=str(tmp_path / "out"), calib=CalibConfig(text=str(text), samples=2, seq_len=16),
@@ -250,7 +250,7 @@ def test_refit_auto_leaves_out_a_refit_predicted_to_take_longer_than_twice_the_s
     spec = StreamedModel.open(model).spec
     assert api._resolve_refit(cfg, spec, 10**12, seconds=(10.0, 20.0)).refit == "auto"
     assert api._resolve_refit(cfg, spec, 10**12, seconds=(10.0, 20.1)).refit == "off"
-    search, refit = api._search_and_refit_seconds(cfg, spec, planner.detect_machine(device="cpu", budget=None))
+    search, refit = api._search_and_refit_seconds(cfg, spec, machine.detect_machine(device="cpu", budget=None))
     assert search > 0 and refit > 0
     assert api._check_inputs(cfg, overwrite=False)[0].refit == "ls"  # the tiny model's refit is cheap
     monkeypatch.setattr(planner, "refit_seconds", lambda *a, **k: 2.01 * search * 100)

@@ -1,4 +1,4 @@
-"""The search's compute dtype when none is given (planner.search_dtype): resolved once, before the
+"""The search's compute dtype when none is given (machine.search_dtype): resolved once, before the
 search, into the run's settings, so a run resumed on another machine computes as it started; the
 automatic bf16 search is the same search as an explicit `--dtype bfloat16` (auto vs explicit)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.prune.api import prune
-from bonsai_lite.search import planner
+from bonsai_lite.search import machine
 from conftest import prunable_model  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -31,8 +31,8 @@ def model(tiny_models, tmp_path):
 
 
 def test_auto_bf16_search_equals_explicit_bf16(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(planner, "cpu_bf16_factor", lambda: 5.0)  # an AMX CPU
-    monkeypatch.setattr(planner, "BF16_SEARCH_MIN_PARAMS", 0)  # the tiny model counts as large
+    monkeypatch.setattr(machine, "cpu_bf16_factor", lambda: 5.0)  # an AMX CPU
+    monkeypatch.setattr(machine, "BF16_SEARCH_MIN_PARAMS", 0)  # the tiny model counts as large
     auto, auto_key = _run(*model, tmp_path, "auto")
     explicit, explicit_key = _run(*model, tmp_path, "explicit", dtype="bfloat16")
     assert auto_key["dtype"] == explicit_key["dtype"] == "bfloat16"
@@ -46,7 +46,7 @@ def test_auto_bf16_search_equals_explicit_bf16(model, tmp_path, monkeypatch):
 
 
 def test_no_bf16_search_where_it_is_not_faster(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(planner, "cpu_bf16_factor", lambda: 0.5)  # a CPU without fast bf16
-    monkeypatch.setattr(planner, "BF16_SEARCH_MIN_PARAMS", 0)
+    monkeypatch.setattr(machine, "cpu_bf16_factor", lambda: 0.5)  # a CPU without fast bf16
+    monkeypatch.setattr(machine, "BF16_SEARCH_MIN_PARAMS", 0)
     _, key = _run(*model, tmp_path, "slow")
     assert key["dtype"] is None  # the planner's choice: float32 on a CPU

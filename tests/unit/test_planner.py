@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from bonsai_lite.errors import BudgetError
-from bonsai_lite.search.planner import (
-    Plan, Work, cpu_bf16_factor, detect_machine, fmt_bytes, make_plan, nominal_machine, parse_bytes, search_dtype,
+from bonsai_lite.search.machine import (
+    cpu_bf16_factor, detect_machine, fmt_bytes, nominal_machine, parse_bytes, search_dtype,
 )
+from bonsai_lite.search.planner import Plan, Work, make_plan
 from bonsai_lite.structure import load_spec
 
 pytestmark = pytest.mark.unit
@@ -154,16 +155,16 @@ def test_cpu_bf16_factor_drives_the_time_model_and_the_search_dtype(specs):
 def test_the_measured_gemm_rate_sets_the_cpu_time_model(specs, monkeypatch):
     # A probed CPU is planned at CPU_ENGINE_FRACTION of its own one-core GEMM rate per thread, so a
     # machine twice as fast is predicted (almost) twice as fast; the probe's rate is a real measurement.
-    from bonsai_lite.search import planner
+    from bonsai_lite.search import machine
 
-    rate, factor = planner.cpu_gemm_probe()
+    rate, factor = machine.cpu_gemm_probe()
     assert rate > 1e9 and factor > 0
     spec, w = specs["llama3-8b"], Work(8, 1, 128)
     seconds = {}
     for probed in (50e9, 100e9):
-        monkeypatch.setattr(planner, "cpu_gemm_probe", lambda probed=probed: (probed, 1.0))
+        monkeypatch.setattr(machine, "cpu_gemm_probe", lambda probed=probed: (probed, 1.0))
         m = detect_machine(device="cpu", budget=8 * GB)
-        assert m.flops == pytest.approx(planner.CPU_ENGINE_FRACTION * probed * torch.get_num_threads())
+        assert m.flops == pytest.approx(machine.CPU_ENGINE_FRACTION * probed * torch.get_num_threads())
         plan = make_plan(spec, spec.layers, w, m, dtype="float32")
         seconds[probed] = plan.breakdown["compute_s"]
     assert 1.8 < seconds[50e9] / seconds[100e9] <= 2.0
@@ -240,22 +241,22 @@ def test_a_slow_spell_during_the_probe_leaves_the_bf16_factor(monkeypatch):
     # dtypes call by call gives both the fast calls, so the best of each keeps the true ratio.
     import time as time_module
 
-    from bonsai_lite.search import planner
+    from bonsai_lite.search import machine
 
     clock = [0.0]
     cost = {torch.float32: 1e-3, torch.bfloat16: 2e-4}  # one core: bf16 five times faster
 
     def matmul(a, b):
-        clock[0] += cost[a.dtype] * (2.0 if clock[0] > planner.PROBE_SECONDS / 3 else 1.0)
+        clock[0] += cost[a.dtype] * (2.0 if clock[0] > machine.PROBE_SECONDS / 3 else 1.0)
         return a
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
     monkeypatch.setattr(time_module, "perf_counter", lambda: clock[0])
-    planner.cpu_gemm_probe.cache_clear()
+    machine.cpu_gemm_probe.cache_clear()
     try:
-        rate, factor = planner.cpu_gemm_probe()
+        rate, factor = machine.cpu_gemm_probe()
     finally:
-        planner.cpu_gemm_probe.cache_clear()
-    m, k, n = planner.PROBE_SHAPE
+        machine.cpu_gemm_probe.cache_clear()
+    m, k, n = machine.PROBE_SHAPE
     assert rate == pytest.approx(2 * m * k * n / 1e-3)
     assert factor == pytest.approx(5.0)

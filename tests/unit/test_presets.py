@@ -4,7 +4,7 @@ import pytest
 
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.presets import LADDER, estimate, fit_time_budget, parse_seconds
-from bonsai_lite.search.planner import nominal_machine
+from bonsai_lite.search.machine import nominal_machine
 from bonsai_lite.structure import load_spec
 
 pytestmark = pytest.mark.unit
