@@ -178,15 +178,15 @@ def render(records: list[dict]) -> str:
         ab = {k: v for k, v in agg.items() if k[1] == preset and k[4]}
         if ab:
             lines += [f"Ablations, preset `{preset}`: each against its reference, the same method and settings "
-                      "without the variant's first setting (the default row when that is its only one), on the "
-                      "same seeds:", "",
+                      "without the variant's first setting (the default row when that is its only one, or when "
+                      "no run has the rest of its settings alone: marked), on the same seeds:", "",
                       "| sparsity | method | variant | seeds | mean ppl (variant) | std (min-max) | "
                       "mean ppl (reference, same seeds) | prune s | forward tokens |",
                       "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
             for k, v in sorted(ab.items(), key=lambda kv: (kv[0][4], kv[0][3], kv[0][2])):
-                base = {r["seed"]: r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"])
-                        == k[:4] and _variant(r) == "+".join(k[4].split("+")[1:]) and r["seed"] in v["seeds"]}
+                base, fallback = reference_seeds(records, k, v["seeds"])
                 seen = "" if len(base) == v["n"] else f" ({len(base)} of {v['n']} seeds)"
+                seen += " (default row)" if fallback and base else ""
                 lines.append(f"| {k[3]:.2f} | {k[2]} | {k[4]} | {v['n']} ({','.join(map(str, v['seeds']))}) | "
                              f"{_f(v['mean'])} | {_spread(v)} | "
                              f"{_f(statistics.fmean(base.values())) + seen if base else '-'} | "
@@ -202,6 +202,19 @@ def render(records: list[dict]) -> str:
         lines += ["![perplexity vs sparsity](img/quality-sparsity.png)",
                   "![perplexity vs prune compute](img/quality-compute.png)"]
     return "\n".join(lines).rstrip()
+
+
+def reference_seeds(records: list[dict], key: tuple, seeds) -> tuple[dict, bool]:
+    """{seed: perplexity} of an ablation row's reference, and whether it is the default row in place of
+    the variant without its first setting (a joint change such as p_iter=0.025+prior_samples=8, whose
+    second setting alone never ran)."""
+    rest = "+".join(key[4].split("+")[1:])
+    for variant, fallback in ((rest, False), ("", True)):
+        base = {r["seed"]: r["perplexity"] for r in records if (r["model"], r["preset"], label(r), r["sparsity"])
+                == key[:4] and _variant(r) == variant and r["seed"] in seeds}
+        if base or not rest:
+            return base, fallback and bool(rest)
+    return {}, False
 
 
 RESUMED_NOTE = ("`*` prune s: at least one seed resumed its run directory, and its seconds count only what ran "

@@ -138,3 +138,25 @@ def test_render_refuses_a_folder_without_records_and_leaves_the_page(tmp_path, c
         assert e.value.code == 2
     assert page.read_text() == f"{BEGIN}\nthe real table\n{END}\n" and not (tmp_path / "img").exists()
     assert "no quality records" in capsys.readouterr().err
+
+
+def test_ablation_reference_falls_back_to_the_default_row_and_says_so():
+    """A joint change (p_iter=0.025+prior_samples=8: half the steps' windows for twice the steps) has no
+    run of its second setting alone; its reference is then the default row, marked as such."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import _variant, label, reference_seeds
+
+    from bonsai_lite.config import PRESETS
+
+    now = dict(PRESETS["standard"])
+    rec = {"model": "m", "preset": "standard", "method": "flap", "sparsity": 0.35, "variant": ""}
+    default = [{**rec, "seed": s, "perplexity": 40.0 + s, "settings": now} for s in (0, 1, 2)]
+    alone = [{**rec, "seed": s, "perplexity": 50.0 + s, "settings": dict(now, prior_samples=8)} for s in (0, 1)]
+    joint = {**rec, "settings": dict(now, p_iter=0.025, prior_samples=8)}
+    key = (rec["model"], rec["preset"], label(joint), rec["sparsity"], _variant(joint))
+    assert key[4] == "p_iter=0.025+prior_samples=8"
+    assert reference_seeds(default + alone, key, {0, 1, 2}) == ({0: 50.0, 1: 51.0}, False)  # the rest alone ran
+    assert reference_seeds(default, key, {0, 1, 2}) == ({0: 40.0, 1: 41.0, 2: 42.0}, True)  # it did not
+    single = key[:4] + ("prior_samples=8",)
+    assert reference_seeds(alone, single, {0, 1}) == ({}, False)  # a one-setting variant's reference is the default
+    assert reference_seeds(default, single, {1}) == ({1: 41.0}, False)
