@@ -141,6 +141,11 @@ class SearchConfig:
     # "equal": every layer keeps the same number of query heads per key/value head (prune/align.py),
     # so GGUF/stock GQA kernels need no repeated K/V heads; "any": heads are chosen freely.
     gqa: str = "any"
+    # Each iteration's prior averaged with the previous iterations' (on the parent's units): the
+    # prior used is (this pass's + W x the running average) / (1 + W), so a step ranks on more windows
+    # than its own dense pass read while still re-measuring the survivors. 0: off (each iteration's own).
+    # FLAP's z-scored priors only (flap-parent, flap-anchored: one scale across iterations).
+    prior_memory: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -187,6 +192,10 @@ class SearchConfig:
             raise BonsaiError(f"--candidates must be layer or global, got {self.candidates!r}")
         if self.prior not in ("wanda", "activation", "flap", "flap-parent", "flap-anchored"):
             raise BonsaiError(f"--prior must be wanda, activation, flap, flap-parent or flap-anchored, got {self.prior!r}")
+        if self.prior_memory < 0 or (self.prior_memory and self.prior not in ("flap-parent", "flap-anchored")):
+            raise BonsaiError(f"--prior-memory must be 0 (off) or positive with --prior flap-parent or flap-anchored "
+                              f"(scores on the parent's scale in every iteration), got {self.prior_memory:g} with "
+                              f"--prior {self.prior}")
         if self.gqa not in ("any", "equal"):
             raise BonsaiError(f"--gqa must be any or equal, got {self.gqa!r}")
         if self.multiple_of < 1:
@@ -271,8 +280,9 @@ class RunConfig:
         d.pop("out")
         d.pop("spill_dir")
         d.pop("budget")  # a different budget changes speed, not results
-        if not self.search.first_step:  # runs from before the setting existed resume
-            d["search"].pop("first_step")
+        for name in ("first_step", "prior_memory"):  # runs from before the setting existed resume
+            if not getattr(self.search, name):
+                d["search"].pop(name)
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")
             d.pop("refit_samples")

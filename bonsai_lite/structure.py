@@ -291,3 +291,16 @@ class UnitLayout:
         for h, m in zip(self.heads, self.mlp):
             out += [torch.arange(h.start, h.stop), torch.arange(m.start, m.stop)]
         return [g for g in out if len(g)]
+
+
+def positions_in_parent(layers: tuple[LayerStructure, ...], parent: tuple[LayerStructure, ...]) -> torch.Tensor:
+    """Where each unit of `layers` (UnitLayout order) sits in the layout of `parent`, the structure it
+    was cut from; units are matched by their checkpoint slots."""
+    mine, theirs = UnitLayout.of(layers), UnitLayout.of(parent)
+    out = torch.empty(mine.total, dtype=torch.long)
+    for l, (s, p) in enumerate(zip(layers, parent)):
+        for at, outer, kept, slots in ((mine.heads[l], theirs.heads[l], s.heads, p.heads),
+                                       (mine.mlp[l], theirs.mlp[l], s.mlp, p.mlp)):
+            where = {slot: outer.start + i for i, slot in enumerate(slots)}
+            out[at] = torch.tensor([where[u] for u in kept], dtype=torch.long)
+    return out

@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
                    help="wall-clock budget for the search (e.g. 20m): picks masks/tokens/p_iter from the planner's "
                         "time model (bonsai_lite/prune/presets.py); explicit flags still win")
     p.add_argument("--p-iter", type=float, default=None, help="fraction pruned per iteration (paper: 0.05)")
+    p.add_argument("--prior-memory", type=float, default=0.0, metavar="W",
+                   help="average each iteration's prior with the earlier iterations' (weight W on their running "
+                        "average), so a step ranks on more windows than its own dense pass; flap-parent/anchored "
+                        "priors only; 0 (default): off")
     p.add_argument("--first-step", type=_first_step, default="auto", metavar="X",
                    help="fraction the first iteration prunes, then --p-iter per iteration, its dense pass over as "
                         "many more windows; 0: --p-iter, the paper's equal steps; auto (default): the whole "
@@ -136,7 +140,7 @@ def config_from_args(args) -> RunConfig:
                      "prior alone (docs/RESULTS.md), so the iterations rank by the prior; --regression unit "
                      "evaluates them", calib.samples, calib.seq_len, REGRESSION_MIN_TOKENS)
     search = SearchConfig(method=args.method, sparsity=args.sparsity, p_iter=pick(args.p_iter, "p_iter"),
-                          first_step=args.first_step,
+                          first_step=args.first_step, prior_memory=args.prior_memory,
                           masks_per_iter=pick(args.masks_per_iter, "masks_per_iter"), prior=args.prior, guard=args.guard,
                           fluctuation=args.fluctuation,
                           candidates=args.candidates, cv_scope=args.cv_scope,

@@ -49,7 +49,7 @@ from bonsai_lite.search.machine import detect_machine
 from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
-from bonsai_lite.structure import LayerStructure, UnitLayout
+from bonsai_lite.structure import LayerStructure, UnitLayout, positions_in_parent
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,7 @@ class Pruner:
             means = {group_key(k): v for k, v in st.tensors.items() if k.startswith("mean:")}
             return dict(pending["info"]), st.tensors["prior"], st.tensors["masks"], st.tensors["candidates"], means
         dense, tap, prior = self._priors(model, self._prior_tokens(it, tokens))
+        prior = self._remembered(prior, model.layers)
         means = C.column_means(tap)
         g = torch.Generator().manual_seed(_seed(self.cfg, it, 3))
         chosen = None
@@ -296,6 +297,23 @@ class Pruner:
         st.commit()
         checkpoint("priors")
         return dict(info), prior, masks, sample.candidates, means
+
+    def _remembered(self, prior: torch.Tensor, layers) -> torch.Tensor:
+        """`--prior-memory W`: this pass's prior averaged with the running average of the earlier ones
+        (kept on the parent's units in the run state, committed with this iteration's prior)."""
+        w = self.cfg.search.prior_memory
+        if not w:
+            return prior
+        at = positions_in_parent(layers, self.parent.layers)
+        memory = self.state.tensors.get("prior_memory")
+        if memory is None:
+            memory = torch.full((UnitLayout.of(self.parent.layers).total,), math.nan, dtype=torch.float64)
+        else:
+            prior = (prior + w * memory[at].to(prior.dtype)) / (1 + w)
+            memory = memory.clone()
+        memory[at] = prior.to(torch.float64)
+        self.state.tensors["prior_memory"] = memory
+        return prior
 
     def _prior_proposal(self, model, layout, prior, candidates, it: int) -> torch.Tensor:
         """Keep-mask of what `--regression none` would remove this iteration (before alignment)."""

@@ -49,3 +49,31 @@ def test_a_larger_step_gets_more_dense_pass_windows():
     assert SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.02).dense_scale(0) == 1  # at least one
     assert [SearchConfig(sparsity=0.35, p_iter=0.05).dense_scale(i) for i in range(7)] == [1] * 7  # the paper's steps
     assert SearchConfig(method="flap", sparsity=0.35, p_iter=0.05, first_step=0.2).dense_scale(0) == 1  # one pass anyway
+
+
+def test_prior_memory_needs_a_prior_on_one_scale_and_keeps_old_resume_keys():
+    from bonsai_lite.config import CalibConfig, RunConfig
+
+    with pytest.raises(BonsaiError, match="--prior-memory"):
+        SearchConfig(prior="wanda", prior_memory=1.0)  # per-iteration scales: an average would mix them
+    with pytest.raises(BonsaiError, match="--prior-memory"):
+        SearchConfig(prior_memory=-1.0)
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig())
+    assert "prior_memory" not in cfg.resume_key()["search"]  # runs from before the setting resume
+    on = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(prior_memory=1.0))
+    assert on.resume_key()["search"]["prior_memory"] == 1.0
+
+
+def test_unit_positions_in_the_parent_layout_match_a_slot_lookup():
+    import torch
+
+    from bonsai_lite.structure import LayerStructure, positions_in_parent
+
+    parent = (LayerStructure(heads=(0, 1, 2, 3), kv_of_head=(0, 0, 1, 1), mlp=tuple(range(6))),
+              LayerStructure(heads=(1, 3), kv_of_head=(0, 1), mlp=(0, 2, 5, 7)))  # already cut once
+    cut = (parent[0].keep(heads=torch.tensor([1, 0, 1, 1]), mlp=torch.tensor([0, 1, 1, 0, 0, 1])),
+           parent[1].keep(heads=torch.tensor([0, 1]), mlp=torch.tensor([1, 0, 0, 1])))
+    flat = [(l, kind, u) for l, s in enumerate(parent) for kind, units in (("h", s.heads), ("m", s.mlp)) for u in units]
+    naive = [flat.index((l, kind, u)) for l, s in enumerate(cut) for kind, units in (("h", s.heads), ("m", s.mlp))
+             for u in units]
+    assert positions_in_parent(cut, parent).tolist() == naive
