@@ -38,6 +38,12 @@ def auto_regression(method: str, samples: int, seq_len: int) -> str:
 # variance: its dense pass is too small for the residual metric) 36.5 in one step against 35.3 in two
 # 10% steps; a first step of 0.2 before 5% steps measured worse at 35% and 50%.
 ONE_STEP_SPARSITY = 0.2
+# `--prior-memory auto`: the weight of the earlier iterations' running average of the prior for
+# bonsai ranking by FLAP's z-scored metric alone (--regression none, flap-parent or flap-anchored),
+# 0 otherwise. SmolLM2 `standard`, the 128-window refit, 3 seeds (docs/RESULTS.md, sixteenth round):
+# W = 1 measured lower than each iteration's own prior at 35% and 50% for every seed, at the same
+# forward tokens (the memory reads no window).
+PRIOR_MEMORY_AUTO = 1.0
 
 
 def auto_first_step(method: str, regression: str, prior: str, fluctuation: str, p_iter: float,
@@ -145,7 +151,9 @@ class SearchConfig:
     # prior used is (this pass's + W x the running average) / (1 + W), so a step ranks on more windows
     # than its own dense pass read while still re-measuring the survivors. 0: off (each iteration's own).
     # FLAP's z-scored priors only (flap-parent, flap-anchored: one scale across iterations).
-    prior_memory: float = 0.0
+    # "auto" (resolved at construction): PRIOR_MEMORY_AUTO for bonsai on the prior alone (--regression
+    # none) with a flap-parent/anchored prior, else 0.
+    prior_memory: float | str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -160,6 +168,10 @@ class SearchConfig:
                 object.__setattr__(self, name, value)
         if self.cv_scope == "auto":
             object.__setattr__(self, "cv_scope", "within" if self.rank == "within" else "all")
+        if self.prior_memory == "auto":
+            remembers = (self.method == "bonsai" and self.regression == "none"
+                         and self.prior in ("flap-parent", "flap-anchored"))
+            object.__setattr__(self, "prior_memory", PRIOR_MEMORY_AUTO if remembers else 0.0)
         if not 0.0 < self.sparsity < 1.0:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if not 0.0 < self.p_iter <= self.sparsity:

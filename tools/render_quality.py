@@ -63,6 +63,8 @@ def label(r: dict) -> str:
             parts.append(f"rank {settings['rank']}")
             if settings.get("cv_scope", "all") != "all":
                 parts.append(f"cv {settings['cv_scope']}")
+        if settings.get("prior_memory"):
+            parts.append(f"prior memory {settings['prior_memory']:g}")
     shown = f" [{', '.join(parts)}]" if parts else ""
     residual = " +residual" if settings.get("fluctuation", "variance") == "residual" else ""
     refit = {"off": "", "ls": " +refit", "loop": " +refit loop"}[settings.get("refit", "off")]
@@ -77,7 +79,8 @@ def _family(name: str) -> str:
 
 
 def _variant(r: dict) -> str:
-    """The variant beyond what `label` shows (compensation, prior, regression and rank are in the label).
+    """The variant beyond what `label` shows (compensation, prior, its memory, regression and rank are in
+    the label).
 
     The compute settings are read from the record against the preset as defined now, not from the
     variant name: a preset's definition may change between commits, and its older rows then show
@@ -86,7 +89,8 @@ def _variant(r: dict) -> str:
     The first step is likewise read against what `--first-step auto` resolves to for the record's
     settings: a run that set it to that value is the default, a default run from before it resolved
     so is the variant it now is."""
-    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=", "fluctuation=")
+    shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=", "fluctuation=",
+             "prior_memory=")
     named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS) + ("first_step=",)
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})

@@ -62,11 +62,12 @@ def add_parser(sub) -> None:
                    help="wall-clock budget for the search (e.g. 20m): picks masks/tokens/p_iter from the planner's "
                         "time model (bonsai_lite/prune/presets.py); explicit flags still win")
     p.add_argument("--p-iter", type=float, default=None, help="fraction pruned per iteration (paper: 0.05)")
-    p.add_argument("--prior-memory", type=float, default=0.0, metavar="W",
+    p.add_argument("--prior-memory", type=_number_or_auto("a weight (0 = off)"), default="auto", metavar="W",
                    help="average each iteration's prior with the earlier iterations' (weight W on their running "
-                        "average), so a step ranks on more windows than its own dense pass; flap-parent/anchored "
-                        "priors only; 0 (default): off")
-    p.add_argument("--first-step", type=_first_step, default="auto", metavar="X",
+                        "average), so a step ranks on more windows than its own dense pass read; flap-parent/"
+                        "anchored priors only; 0: off; auto (default): 1 for bonsai ranking by the prior alone "
+                        "(--regression none; measured better at 35%% and 50%%, docs/RESULTS.md), else 0")
+    p.add_argument("--first-step", type=_number_or_auto("a fraction"), default="auto", metavar="X",
                    help="fraction the first iteration prunes, then --p-iter per iteration, its dense pass over as "
                         "many more windows; 0: --p-iter, the paper's equal steps; auto (default): the whole "
                         f"--sparsity in one step when it is at most {ONE_STEP_SPARSITY:g} and the search ranks by "
@@ -184,13 +185,16 @@ def _refit_samples(text: str) -> int:
     return n
 
 
-def _first_step(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction or auto, got {text!r}") from None
+def _number_or_auto(what: str):
+    """An argparse type: 'auto' as it is, else a float (`what` names the number in the error)."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or auto, got {text!r}") from None
+    return parse
 
 
 def _multiple_of(args) -> int:

@@ -58,7 +58,7 @@ def test_prior_memory_needs_a_prior_on_one_scale_and_keeps_old_resume_keys():
         SearchConfig(prior="wanda", prior_memory=1.0)  # per-iteration scales: an average would mix them
     with pytest.raises(BonsaiError, match="--prior-memory"):
         SearchConfig(prior_memory=-1.0)
-    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig())
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(prior_memory=0))
     assert "prior_memory" not in cfg.resume_key()["search"]  # runs from before the setting resume
     on = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(prior_memory=1.0))
     assert on.resume_key()["search"]["prior_memory"] == 1.0
@@ -77,3 +77,14 @@ def test_unit_positions_in_the_parent_layout_match_a_slot_lookup():
     naive = [flat.index((l, kind, u)) for l, s in enumerate(cut) for kind, units in (("h", s.heads), ("m", s.mlp))
              for u in units]
     assert positions_in_parent(cut, parent).tolist() == naive
+
+
+def test_prior_memory_auto_is_on_only_for_bonsai_ranking_by_flaps_prior_alone():
+    from bonsai_lite.config import PRIOR_MEMORY_AUTO
+
+    assert SearchConfig(regression="none").prior_memory == PRIOR_MEMORY_AUTO  # flap-parent, the default prior
+    assert SearchConfig(regression="none", prior="flap-anchored").prior_memory == PRIOR_MEMORY_AUTO
+    assert SearchConfig(regression="none", prior="wanda").prior_memory == 0  # a scale per iteration
+    assert SearchConfig(regression="unit").prior_memory == 0  # not measured with the sub-models
+    assert SearchConfig(method="flap").prior_memory == 0
+    assert SearchConfig(regression="none", prior_memory=0).prior_memory == 0
