@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 # model that pass can take an hour, so it is split into chunks of at most this many seconds, at the
 # cost of one extra read of the weights per chunk (seconds against minutes of compute).
 CHECKPOINT_SECONDS = 600.0
+# search settings added after runs existed that ran without them, and the flag that resumes those runs
+SETTINGS_ADDED = {"prior_memory": "--prior-memory 0"}
 LOOP_REFIT_DIR = "loop-refit"  # --refit loop: one folder of refitted projections per iteration, in the run dir
 
 
@@ -499,10 +501,15 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
     n_iter = 1 if cfg.search.method == "flap" else cfg.search.iterations
     if state.exists and not restart:
         state.load()
-        diff = settings_differences(state.meta.get("config", {}), key)
+        old = state.meta.get("config", {})
+        diff = settings_differences(old, key)
         if diff:
-            raise BonsaiError(f"{run_dir} holds a run with different settings ({'; '.join(diff)}); pass --restart "
-                              "to start over or use another --run-dir")
+            # a setting added since the run started: the flag that resumes it as it ran
+            then = [flag for name, flag in SETTINGS_ADDED.items() if name not in old.get("search", {})
+                    and name in key["search"]]
+            raise BonsaiError(f"{run_dir} holds a run with different settings ({'; '.join(diff)}); pass "
+                              + (f"{' '.join(then)} to resume it as it ran, " if then else "")
+                              + "--restart to start over or use another --run-dir")
         if state.meta["iteration"] >= n_iter:
             log.info("resuming %s: the search finished before (%d iterations); exporting", run_dir, n_iter)
         else:

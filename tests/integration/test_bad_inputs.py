@@ -229,6 +229,15 @@ def test_changed_settings_name_the_keys(done, untouched, capsys):
           "different settings", "search.sparsity: 0.3 -> 0.4", "search.seed: 0 -> 3", "--restart")
 
 
+def test_a_setting_added_since_the_run_started_names_the_flag_that_resumes_it(done, untouched, capsys):
+    # the finished run's state has no prior_memory (off, as runs from before the setting): asking for
+    # the memory must not resume it silently, and the error says how to resume it as it ran
+    _, model, calib, out = done
+    fails(prune_args(model, calib, untouched) + ["--run-dir", str(out) + ".run", "--prior-memory", "1"], capsys,
+          "different settings", "search.prior_memory: None -> 1.0", "--prior-memory 0 to resume it as it ran",
+          "--restart")
+
+
 def test_changed_calibration_text_is_refused(done, untouched, capsys, tmp_path):
     _, model, calib, out = done
     other = tmp_path / "calib.txt"
