@@ -16,11 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda", rank="relevance",
-         candidates="layer"):
+         candidates="layer", prior_memory="auto"):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.2, masks_per_iter=8, seed=seed,
                                         regression=regression, guard=guard, prior=prior, rank=rank,
-                                        candidates=candidates),
+                                        candidates=candidates, prior_memory=prior_memory),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
@@ -169,7 +169,8 @@ def test_regression_best_removes_what_the_lowest_loss_submodel_removed(tiny_mode
     is `--regression none`'s exactly; when a sampled mask has it, every iteration removes that
     mask's removals (or a part of them ordered by the prior, when they exceed the step)."""
     model_dir = tiny_models["llama-gqa-tied"]
-    reference = _run(model_dir, tmp_path, "none", "none", prior="flap-parent", candidates="global")
+    # the same prior in every iteration: --regression none's own, without the memory auto gives it
+    reference = _run(model_dir, tmp_path, "none", "none", prior="flap-parent", candidates="global", prior_memory=0)
     real_evaluate = L.Pruner._evaluate_masks
     seen = []
 
