@@ -135,7 +135,7 @@ def write_scale_docs(result: dict) -> None:
 
 def render_scale(recs: list[dict]) -> list[str]:
     lines = ["## Budgeted pruning at scale (tools/bench_scale.py)", "",
-             "One real Bonsai iteration (`prune.loop.run_pruning`: priors pass, mask sampling, masked evaluation, "
+             "One real Bonsai iteration (`prune.run.run_pruning`: priors pass, mask sampling, masked evaluation, "
              "regression, selection, run state committed) per memory budget on random weights of the named shape. "
              "Stage times in seconds; mask-tok/s and MFU are the masked evaluation's (FLOPs and peak as in the "
              "engine table above); peak GPU is `max_memory_reserved`, peak RSS the process's VmHWM (CUDA "

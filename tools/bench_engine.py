@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.search.engine import evaluate  # noqa: E402
 from bonsai_lite.search.machine import GPU_PEAK_FLOPS, detect_machine, parse_bytes  # noqa: E402
 from bonsai_lite.search.planner import GROUP_TILES, Plan, Work, candidate_cost, flops_per_token, make_plan  # noqa: E402
-from bonsai_lite.structure import UnitLayout, load_spec  # noqa: E402
+from bonsai_lite.structure import UnitLayout  # noqa: E402
+from random_checkpoint import SHAPES, write_random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "PERFORMANCE.md"
@@ -59,27 +61,6 @@ on a CPU (so CPU MFU reads "fraction of the best GEMM this machine does", not of
 Peak memory is the growth of the process's RSS high-water mark on a CPU (what --memory-budget
 bounds there) and `torch.cuda.max_memory_reserved` on a GPU.
 """
-
-LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
-             max_position_embeddings=8192, torch_dtype="bfloat16")
-SHAPES = {
-    "llama-tiny": dict(LLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
-    "smollm2-135m": dict(LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama3-8b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
-    # the other two 7-8B families of issue 12, from their config.json alone
-    "mistral-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu", rms_norm_eps=1e-5,
-                       max_position_embeddings=32768, torch_dtype="bfloat16", hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                       tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None),
-    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
-                       max_position_embeddings=32768, torch_dtype="bfloat16", hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                       tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False),
-}
-
 
 # ---- environment ---------------------------------------------------------------------------------
 def hardware() -> dict:
@@ -123,55 +104,6 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
         best = min(best, time.perf_counter() - t0)
     kind = "bf16" if gemm_dtype == torch.bfloat16 else "fp32"
     return 2 * n**3 / best, f"measured {kind} {n}^3 GEMM, {torch.get_num_threads()} threads"
-
-
-# ---- random model on disk ------------------------------------------------------------------------
-def write_random_model(shape: str, out: Path, *, device: str, shard_bytes: int = 2 * 2**30, seed: int = 0) -> Path:
-    """Random bf16 weights for a shape, as sharded safetensors with an index (what a hub download looks like)."""
-    from safetensors.torch import save_file
-
-    cfg = SHAPES[shape]
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "model.safetensors.index.json").is_file():
-        return out
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    spec = load_spec(out)
-    a, h, hd = spec.adapter, spec.hidden, spec.head_dim
-    rows = {"q": spec.n_heads * hd, "k": spec.n_kv * hd, "v": spec.n_kv * hd, "o": h, "gate": spec.intermediate,
-            "up": spec.intermediate, "down": h}
-    cols = {"q": h, "k": h, "v": h, "o": spec.n_heads * hd, "gate": h, "up": h, "down": spec.intermediate}
-    tensors: list[tuple[str, tuple[int, ...]]] = [(a.embed, (spec.vocab, h))]
-    for layer in range(spec.n_layers):
-        names = a.block_tensor_names(layer)
-        tensors += [(names["attn_norm"], (h,)), (names["mlp_norm"], (h,))]
-        tensors += [(names[f"{r}_w"], (rows[r], cols[r])) for r in rows]
-    tensors.append((a.final_norm, (h,)))
-    if not spec.tie_embeddings:
-        tensors.append((a.lm_head, (spec.vocab, h)))
-    g = torch.Generator(device=device).manual_seed(seed)
-    shard: dict[str, torch.Tensor] = {}
-    files: list[dict[str, torch.Tensor]] = []
-    size = 0
-    for name, shp in tensors:
-        if len(shp) == 1:
-            t = torch.ones(shp, dtype=torch.bfloat16)
-        else:  # std 0.02 as in Llama's init; the forward stays finite and the loss near log(vocab)
-            t = (torch.randn(shp, generator=g, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
-        nbytes = t.numel() * 2
-        if shard and size + nbytes > shard_bytes:
-            files.append(shard)
-            shard, size = {}, 0
-        shard[name], size = t, size + nbytes
-    files.append(shard)
-    weight_map = {}
-    for i, part in enumerate(files):
-        fname = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        save_file(part, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-    total = sum(t.numel() * 2 for part in files for t in part.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    return out
 
 
 # ---- measurement ---------------------------------------------------------------------------------

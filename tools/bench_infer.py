@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_engine as BE  # noqa: E402
 from bench_docs import write_infer_docs  # noqa: E402
-from bench_scale import SHAPES, write_random_model  # noqa: E402
+from random_checkpoint import SHAPES, write_random_model  # noqa: E402
 from bonsai_lite.io.hf import load_causal_lm  # noqa: E402
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
@@ -54,7 +54,7 @@ def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, met
                  seed: int) -> dict:
     """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`."""
     from bonsai_lite.export import export_pruned
-    from bonsai_lite.prune.loop import run_pruning
+    from bonsai_lite.prune.run import run_pruning
 
     p_iter = sparsity / math.ceil(sparsity / MAX_P_ITER)  # one iteration, two above 45%
     cfg = RunConfig(model=str(parent), out=str(out), calib=CalibConfig(text=None, samples=1, seq_len=CALIB_TOKENS),

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_engine as BE  # noqa: E402
 import scale_extras as SX  # noqa: E402
-from bench_scale import SHAPES, shape_bytes, write_random_model  # noqa: E402
+from random_checkpoint import SHAPES, shape_bytes, write_random_model  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.progress import METRICS_NAME, read_metrics  # noqa: E402
 from bonsai_lite.search.machine import fmt_bytes, parse_bytes  # noqa: E402

@@ -2,7 +2,7 @@
 
 For a model shape (random bf16 weights written as sharded safetensors, one shard in host memory at
 a time, drawn on the GPU when there is one) this runs the library's own search loop
-(`prune.loop.run_pruning` with sparsity = p_iter: exactly one iteration of priors pass, mask
+(`prune.run.run_pruning` with sparsity = p_iter: exactly one iteration of priors pass, mask
 sampling, masked evaluation, regression and selection, run state committed as in a real run) under
 each --memory-budget, and reports per stage: wall time, mask-tokens/s, model FLOPs utilisation,
 peak GPU memory (torch.cuda.max_memory_reserved), peak host RSS (VmHWM), bytes read from the
@@ -46,6 +46,7 @@ from bonsai_lite.errors import BudgetError  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune import loop  # noqa: E402
+from bonsai_lite.prune.run import run_pruning  # noqa: E402
 from bonsai_lite.search.machine import detect_machine, fmt_bytes, parse_bytes, search_dtype  # noqa: E402
 from bonsai_lite.search.planner import Work, column_norm_seconds, flops_per_token, make_plan  # noqa: E402
 from bonsai_lite.search.regression import fit_relevance  # noqa: E402
@@ -53,76 +54,11 @@ from bonsai_lite.search.sampling import sample_masks  # noqa: E402
 from bonsai_lite.structure import LayerStructure, UnitLayout, load_spec  # noqa: E402
 
 import scale_extras as SX  # noqa: E402
+from random_checkpoint import SHAPES, shape_bytes, write_random_model  # noqa: E402
 from bench_docs import write_scale_docs  # noqa: E402
 
-SHAPES = {**BE.SHAPES, "tiny": BE.SHAPES["llama-tiny"]}
 PAPER = dict(sparsity=0.5, p_iter=0.05, masks=200, samples=32, seq_len=2048)  # appendix A.2
 PLANNER_TOLERANCE = 1.15  # the issue's acceptance: choice within 15% of the best measured plan
-MAX_SHARD = 2 * 2**30  # what hub checkpoints use; the host holds one shard while it is written
-
-
-# ---- random checkpoint, shard by shard ----------------------------------------------------------
-def tensor_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
-    a, h, hd = spec.adapter, spec.hidden, spec.head_dim
-    rows = {"q": spec.n_heads * hd, "k": spec.n_kv * hd, "v": spec.n_kv * hd, "o": h, "gate": spec.intermediate,
-            "up": spec.intermediate, "down": h}
-    cols = {"q": h, "k": h, "v": h, "o": spec.n_heads * hd, "gate": h, "up": h, "down": spec.intermediate}
-    out: list[tuple[str, tuple[int, ...]]] = [(a.embed, (spec.vocab, h))]
-    for layer in range(spec.n_layers):
-        names = a.block_tensor_names(layer)
-        out += [(names["attn_norm"], (h,)), (names["mlp_norm"], (h,))]
-        out += [(names[f"{r}_w"], (rows[r], cols[r])) for r in rows]
-    out.append((a.final_norm, (h,)))
-    if not spec.tie_embeddings:
-        out.append((a.lm_head, (spec.vocab, h)))
-    return out
-
-
-def write_random_model(shape: str, out: Path, *, device: str, seed: int = 0, layers: int | None = None) -> Path:
-    """Random bf16 weights of `shape` (cut to `layers` decoder blocks if given) as sharded
-    safetensors plus index; reused when complete.
-
-    Only the shard being written is in host memory (2 GiB for an 8B model; a quarter of the model
-    for small ones, so that they are sharded too). The index is written last, by rename: a directory
-    without it is an interrupted generation and is written again.
-    """
-    from safetensors.torch import save_file
-
-    if (out / INDEX_NAME).is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    tensors = tensor_shapes(load_spec(out))
-    total = sum(math.prod(s) * 2 for _, s in tensors)
-    shard_bytes = min(MAX_SHARD, max(2**20, total // 4))
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shp in tensors:
-        if shards[-1] and size + math.prod(shp) * 2 > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shp))
-        size += math.prod(shp) * 2
-    g = torch.Generator(device=device).manual_seed(seed)
-    weight_map = {}
-    for i, names in enumerate(shards):
-        part = {}
-        for name, shp in names:
-            if len(shp) == 1:
-                part[name] = torch.ones(shp, dtype=torch.bfloat16)
-            else:  # std 0.02 as Llama's init: activations stay finite, the loss near log(vocab)
-                t = torch.randn(shp, generator=g, device=device, dtype=torch.float32).mul_(0.02)
-                part[name] = t.to(torch.bfloat16).cpu()
-                del t
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(part, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-        del part
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    tmp.rename(out / INDEX_NAME)
-    return out
 
 
 # ---- per-stage meter ---------------------------------------------------------------------------
@@ -265,7 +201,7 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
     rss0 = BE._status_bytes("VmRSS") or 0
     t0 = time.perf_counter()
     with instrumented(meter):
-        outcome = loop.run_pruning(cfg, ids=ids, run_dir=run_dir, restart=True)
+        outcome = run_pruning(cfg, ids=ids, run_dir=run_dir, restart=True)
     _sync(device)
     seconds = time.perf_counter() - t0
     end_rss = BE._status_bytes("VmHWM") or 0
@@ -461,17 +397,6 @@ def run(args) -> dict:
             tmp.cleanup()
         elif created and not args.keep:
             shutil.rmtree(model_dir, ignore_errors=True)
-
-
-def shape_spec(shape: str):
-    """The ModelSpec of a shape, from its config alone."""
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(SHAPES[shape]))
-        return load_spec(Path(d))
-
-
-def shape_bytes(shape: str) -> int:
-    return sum(math.prod(s) * 2 for _, s in tensor_shapes(shape_spec(shape)))
 
 
 def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, gen_s: float) -> dict:

@@ -18,7 +18,7 @@ from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.io.outdir import check_destination, check_free_space
 from bonsai_lite.prune.distributed import agreement_facts, from_env, host_budget_share
-from bonsai_lite.prune.loop import run_pruning
+from bonsai_lite.prune.run import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress, process_peak_rss_bytes
 from bonsai_lite.search.machine import detect_machine, search_dtype

@@ -8,21 +8,19 @@ inside each group with the prior's allocation) unless the guard finds the prior 
 as well; drop the lowest-scoring units worth p_iter of the parent's non-embedding parameters
 (eq. 2); physically remove them.
 
-Resumable (docs/RELIABILITY.md): the run state (prune/state.py) is committed after the priors and
-sampled masks of an iteration, after every evaluated chunk of sub-models, and after every
-iteration, so a kill loses at most one chunk. Every random draw is seeded from (seed, iteration,
-purpose) rather than from a stateful generator, so a resumed run draws what the uninterrupted run
-drew and ends bit-identical to it. `faults.checkpoint` marks the points a test kills the run at.
+This module is one iteration (`Pruner.iteration`); `prune.run.run_pruning` iterates it to the
+target sparsity and resumes it. The run state (prune/state.py) is committed after the priors and
+sampled masks of an iteration and after every evaluated chunk of sub-models, so a kill loses at
+most one chunk. Every random draw is seeded from (seed, iteration, purpose) rather than from a
+stateful generator, so a resumed run draws what the uninterrupted run drew and ends bit-identical
+to it. `faults.checkpoint` marks the points a test kills the run at.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -30,18 +28,16 @@ from bonsai_lite.calib.data import calibration_tokens
 from bonsai_lite.config import MIN_REGRESSION_MASKS, RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
-from bonsai_lite.progress import NullProgress, fmt_duration
+from bonsai_lite.progress import NullProgress
 from bonsai_lite.prune import compensation as C
 from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
-from bonsai_lite.prune.presets import seconds_left
 from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
 from bonsai_lite.prune.ranking import group_members, rank_candidates
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
                                       unit_costs)
-from bonsai_lite.prune.state import (RunState, group_key, jsonable, layers_from_json, layers_to_json,
-                                     settings_differences)
+from bonsai_lite.prune.state import RunState, group_key, layers_from_json, layers_to_json
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
@@ -58,8 +54,6 @@ log = logging.getLogger(__name__)
 # model that pass can take an hour, so it is split into chunks of at most this many seconds, at the
 # cost of one extra read of the weights per chunk (seconds against minutes of compute).
 CHECKPOINT_SECONDS = 600.0
-# search settings added after runs existed that ran without them, and the flag that resumes those runs
-SETTINGS_ADDED = {"prior_memory": "--prior-memory 0"}
 LOOP_REFIT_DIR = "loop-refit"  # --refit loop: one folder of refitted projections per iteration, in the run dir
 
 
@@ -483,95 +477,3 @@ class Pruner:
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype)
-
-
-def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,
-                progress=None, checkpoint_masks: int | None = None, ranks=None, estimate=None) -> PruneOutcome:
-    """Run (or resume) the search; returns the final structure. Export is the caller's next step.
-
-    `checkpoint_masks` caps the sub-models evaluated between two commits of the run state (speed
-    versus work lost to a kill; results do not depend on it beyond floating-point rounding).
-    `estimate` (`presets.Estimate` of this run): each iteration then logs the time left, the
-    planner's remaining prediction scaled by the pace measured so far.
-    """
-    state = RunState(run_dir)
-    key = {**jsonable(cfg.resume_key()), "calib_tokens_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-           # config.json + tensor names/shapes: a different model at the same path is not resumed
-           "model_layout_sha256": StreamedModel.open(cfg.model).fingerprint()}
-    n_iter = 1 if cfg.search.method == "flap" else cfg.search.iterations
-    if state.exists and not restart:
-        state.load()
-        old = state.meta.get("config", {})
-        diff = settings_differences(old, key)
-        if diff:
-            # a setting added since the run started: the flag that resumes it as it ran
-            then = [flag for name, flag in SETTINGS_ADDED.items() if name not in old.get("search", {})
-                    and name in key["search"]]
-            raise BonsaiError(f"{run_dir} holds a run with different settings ({'; '.join(diff)}); pass "
-                              + (f"{' '.join(then)} to resume it as it ran, " if then else "")
-                              + "--restart to start over or use another --run-dir")
-        if state.meta["iteration"] >= n_iter:
-            log.info("resuming %s: the search finished before (%d iterations); exporting", run_dir, n_iter)
-        else:
-            log.info("resuming %s at iteration %d/%d (%d sub-models of it already evaluated)", run_dir,
-                     state.meta["iteration"] + 1, n_iter, int(state.meta.get("masks_done", 0)))
-    else:
-        if state.exists:
-            log.info("--restart: discarding the run state in %s", run_dir)
-        state.meta = {"config": key, "iteration": 0, "history": [], "layers": None}
-        state.tensors = {}
-    pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
-    layers = layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
-    pruner.progress.iteration(state.meta["iteration"], n_iter)
-    while state.meta["iteration"] < n_iter:
-        it = state.meta["iteration"]
-        biases = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
-        layers, biases, info = pruner.iteration(it, layers, biases)
-        pace = pruner.progress.pace() if estimate is not None else None
-        left = None if pace is None else seconds_left(estimate, it + 1, pace)
-        log.info("iteration %d/%d: %s%s", it + 1, n_iter, iteration_line(info), "" if left is None else
-                 f"; about {fmt_duration(left)} left at this run's pace ({pace:.2f}x the planner's time)")
-        if cfg.refit == "loop" and it + 1 < n_iter:  # the last structure is refitted by the export
-            t0 = time.perf_counter()
-            overlay, refitted = pruner.refit(it, layers)
-            biases = {**biases, **refitted}
-            state.meta["refit_overlay"] = overlay
-            info.update(refit_seconds=time.perf_counter() - t0,
-                        forward_tokens=info["forward_tokens"] + cfg.refit_samples * cfg.refit_seq_len)
-        for name, bias in biases.items():  # totals so far: the next iteration's model carries them
-            state.tensors[f"bias:{name}"] = bias
-        state.meta.update(iteration=it + 1, layers=layers_to_json(layers), masks_done=0, pending=None)
-        state.meta["history"].append(info)
-        if "losses" in state.tensors:  # each sub-model's loss, kept for analysis (and compared across rank counts)
-            state.tensors[f"losses:{it}"] = state.tensors.pop("losses")
-        for name in ("losses", "prior", "masks", "candidates") + tuple(k for k in state.tensors if k.startswith("mean:")):
-            state.tensors.pop(name, None)
-        state.commit()
-        if cfg.refit == "loop":  # older overlays are no longer named by the state
-            for old in (state.dir / LOOP_REFIT_DIR).glob("*"):
-                if old.name != state.meta.get("refit_overlay"):
-                    shutil.rmtree(old, ignore_errors=True)
-        checkpoint("iteration")
-        pruner.progress.record(stage="iteration", **{k: v for k, v in info.items() if k != "regression"},
-                               **({} if left is None else dict(pace=pace, predicted_seconds_left=left)))
-        pruner.progress.iteration(it + 1, n_iter)
-    extra = {k.split(":", 1)[1]: v for k, v in state.tensors.items() if k.startswith("bias:")}
-    return PruneOutcome(layers=layers, extra_biases=extra, history=state.meta["history"])
-
-
-def iteration_line(info: dict) -> str:
-    """One short line for the log: what an iteration removed and how sure the regression was."""
-    parts = [f"removed {info['removed_units']} units", f"{info['params_non_embedding'] / 1e6:.1f}M non-embedding "
-             "params left"]
-    if info.get("cv_kendall_tau") is not None:
-        parts.append(f"tau {info['cv_kendall_tau']:.2f}")
-    if info.get("loss_mean") is not None:
-        parts.append(f"sub-model loss {info['loss_mean']:.3f} +- {info['loss_std']:.3f}")
-    if info.get("confirmed") is False:
-        parts.append(f"sub-model {info['best_mask']} not confirmed on fresh windows ({info['confirm_best']:.3f} "
-                     f"against the prior's proposal's {info['confirm_prior']:.3f}): removed the proposal")
-    elif info.get("best_mask") is not None:
-        parts.append(f"removed as sub-model {info['best_mask']} ({info['loss_best']:.3f}; the prior's proposal "
-                     f"{info['loss_prior']:.3f})")
-    parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")
-    return ", ".join(parts)

@@ -10,7 +10,8 @@ from bonsai_lite.errors import BonsaiError
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune.compensation import column_means, fills
-from bonsai_lite.prune.loop import Pruner, run_pruning
+from bonsai_lite.prune.loop import Pruner
+from bonsai_lite.prune.run import run_pruning
 from bonsai_lite.prune.scores import output_projections
 from bonsai_lite.prune.select import apply_drop
 from bonsai_lite.prune.state import RunState

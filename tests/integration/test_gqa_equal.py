@@ -8,7 +8,7 @@ import torch
 
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.export.gguf import layer_layout
-from bonsai_lite.prune.loop import run_pruning
+from bonsai_lite.prune.run import run_pruning
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ import torch
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import loop as L
+from bonsai_lite.prune import run as R
 from bonsai_lite.search.regression import fit_relevance, tau_null_sd
 from bonsai_lite.structure import UnitLayout
 
@@ -23,7 +24,7 @@ def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, see
                                         candidates=candidates, prior_memory=prior_memory),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
-    return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+    return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
 
 
 def test_prior_only_equals_bonsai_with_zero_beta(tiny_models, tmp_path, monkeypatch):
@@ -260,7 +261,7 @@ def test_a_first_step_removes_its_share_in_one_iteration(tiny_models, tmp_path):
         cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                         search=SearchConfig(method="bonsai", sparsity=0.4, p_iter=p_iter, first_step=first,
                                             masks_per_iter=8, seed=1), device="cpu")
-        return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+        return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
 
     dense = StreamedModel.open(model_dir).spec.non_embedding_params()
     stepped = run("stepped", 0.2)
@@ -287,7 +288,7 @@ def test_one_step_prior_only_is_flap_on_the_steps_windows(tiny_models, tmp_path)
         cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name),
                         calib=CalibConfig(text=None, samples=2, seq_len=16, prior_samples=prior_samples, prior_seq_len=32),
                         search=SearchConfig(method=method, sparsity=0.4, p_iter=0.1, seed=2, **search), device="cpu")
-        return L.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+        return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
 
     one = run("one", "bonsai", 3, first_step=0.4, regression="none", fluctuation="variance")
     assert len(one.history) == 1 and one.history[0]["forward_tokens"] == 4 * 3 * 32
