@@ -160,3 +160,34 @@ def test_ablation_reference_falls_back_to_the_default_row_and_says_so():
     single = key[:4] + ("prior_samples=8",)
     assert reference_seeds(alone, single, {0, 1}) == ({}, False)  # a one-setting variant's reference is the default
     assert reference_seeds(default, single, {1}) == ({1: 41.0}, False)
+
+
+def _row(tokens: float, mean: float, n: int = 3) -> dict:
+    return {"forward_tokens": tokens, "mean": mean, "n": n, "std": 1.0, "min": mean - 1, "max": mean + 1}
+
+
+def test_frontier_keeps_only_rows_no_cheaper_row_beats_and_crossover_is_where_bonsai_stays_lowest():
+    """The frontier against a brute-force reading of its definition, and the crossover on a case where
+    Bonsai is behind at small compute, ahead in the middle, behind once, then ahead for good."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from render_quality import crossover, frontier
+
+    def key(method, i, sp=0.35):
+        return ("m", "standard", f"{method} [v{i}]", sp, "")
+
+    bonsai = [(1e3, 90.0), (4e3, 95.0), (8e3, 50.0), (3e4, 45.0), (6e4, 41.0), (9e4, 60.0)]
+    flap = [(5e2, 80.0), (8e3, 55.0), (2e4, 44.0), (5e4, 43.0)]
+    agg = {key("bonsai", i): _row(t, m) for i, (t, m) in enumerate(bonsai)}
+    agg |= {key("flap", i): _row(t, m) for i, (t, m) in enumerate(flap)}
+    agg[key("flap", 99)] = _row(1e5, 1.0, n=2)  # too few seeds: not on any frontier
+    agg[key("bonsai", 0, sp=0.5)] = _row(1.0, 1.0)  # another sparsity
+    for method, rows in (("bonsai", bonsai), ("flap", flap)):
+        got = [(t, v["mean"]) for t, v, _ in frontier(agg, 0.35, method)]
+        brute = [(t, m) for t, m in sorted(rows) if all(m < m2 for t2, m2 in rows if t2 <= t and (t2, m2) != (t, m))]
+        assert got == brute
+    fronts = {m: frontier(agg, 0.35, m) for m in ("bonsai", "flap")}
+    # at 2e4 flap's 44 beats bonsai's 50; from 3e4 on bonsai (45 > 44 at 3e4!) ... only from 6e4 (41 < 43)
+    assert crossover(fronts) == 6e4
+    fronts["flap"] = frontier(agg, 0.35, "flap")[:2]  # flap stops at 8e3 (55): bonsai lower from 8e3 on
+    assert crossover(fronts) == 8e3
+    assert crossover({"bonsai": [], "flap": fronts["flap"]}) is None
