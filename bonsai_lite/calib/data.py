@@ -97,23 +97,29 @@ def odd_token_share(tokenizer, ids: torch.Tensor) -> float:
     return float(torch.isin(ids, torch.tensor(sorted(odd), dtype=ids.dtype)).float().mean()) if odd else 0.0
 
 
-def windows(ids: torch.Tensor, seq_len: int, *, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows [W, seq_len] covering the first `max_tokens` tokens (all by default)."""
-    check_window_args(seq_len, max_tokens)
+def windows(ids: torch.Tensor, seq_len: int, *, max_tokens: int | None = None, skip_tokens: int = 0) -> torch.Tensor:
+    """Non-overlapping windows [W, seq_len] covering `max_tokens` tokens (all by default) from token
+    `skip_tokens` on (0: the start of the text)."""
+    check_window_args(seq_len, max_tokens, skip_tokens)
+    total = ids.numel()
+    ids = ids[skip_tokens:]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = ids.numel() // seq_len
     if n == 0:
-        raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        after = f" after skipping {skip_tokens:,}" if skip_tokens else ""
+        raise DataError(f"the text has {total:,} tokens, {ids.numel():,}{after}: fewer than one window of {seq_len}")
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def check_window_args(seq_len: int, max_tokens: int | None = None) -> None:
+def check_window_args(seq_len: int, max_tokens: int | None = None, skip_tokens: int = 0) -> None:
     """A loss needs a token and the next; a token budget must be positive (a negative slice drops tokens)."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2 (a token and the next to predict), got {seq_len}")
     if max_tokens is not None and max_tokens < seq_len:
         raise DataError(f"--max-tokens must be at least --seq-len ({seq_len}), got {max_tokens}")
+    if skip_tokens < 0:
+        raise DataError(f"--skip-tokens must be 0 or more, got {skip_tokens}")
 
 
 def calibration_tokens(ids: torch.Tensor, *, samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -12,12 +12,14 @@ from bonsai_lite.search.planner import Work, make_plan
 
 
 def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tokens: int | None = None,
-               budget: int | None = None, device: str | None = None, dtype: str | None = None, spill_dir=None,
-               log=None) -> dict:
-    check_window_args(seq_len, max_tokens)  # before any work
+               skip_tokens: int = 0, budget: int | None = None, device: str | None = None, dtype: str | None = None,
+               spill_dir=None, log=None) -> dict:
+    """`max_tokens` tokens of `text` from token `skip_tokens` on: `skip_tokens` = the tokens a
+    setting was chosen on gives a held-out slice of the same file."""
+    check_window_args(seq_len, max_tokens, skip_tokens)  # before any work
     model = StreamedModel.open(model_dir)
     ids = tokenize(load_tokenizer(model_dir), read_text(text))
-    win = windows(ids, seq_len, max_tokens=max_tokens)
+    win = windows(ids, seq_len, max_tokens=max_tokens, skip_tokens=skip_tokens)
     machine = detect_machine(device=device, budget=budget, spill_dir=spill_dir, checkpoint=model_dir)
     plan = make_plan(model.spec, model.layers, Work(1, win.shape[0], seq_len), machine, dtype=dtype)
     if log:
@@ -30,6 +32,7 @@ def perplexity(model_dir: str | Path, *, text: str | Path, seq_len: int, max_tok
         "tokens": int(win.numel()),
         "windows": int(win.shape[0]),
         "seq_len": seq_len,
+        "skip_tokens": skip_tokens,
         "params": model.params(),
         "seconds": res.stats.seconds,
         "plan": plan.to_json(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,12 +20,16 @@ FIELDS = {"kind", "model", "method", "sparsity", "seed", "preset", "eval_tokens"
           "prune_seconds", "forward_tokens", "commit", "hardware"}
 
 
-def _bench(*args):
+def _tool(script, *args, ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_quality.py"), *args], capture_output=True,
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True,
                          text=True, env=env, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    assert (out.returncode == 0) is ok, out.stderr[-3000:]
+    return out.stdout if ok else out.stderr
+
+
+def _bench(*args):
+    return _tool("bench_quality.py", *args)
 
 
 def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
@@ -83,6 +88,31 @@ def test_bench_quality_records_resume_and_render(tiny_models, tmp_path):
     assert f"{mean:.2f}" in row or f"{mean:.1f}" in row or f"{mean:,.0f}" in row
     plain = text.replace("**", "")
     assert "| flap +comp |" in plain and "| flap |" in plain
+    # the held-out slice (tools/bench_heldout.py): the same exported models on the next 256 tokens
+    from bench_heldout import render as render_heldout
+
+    from bonsai_lite.eval.perplexity import perplexity
+
+    names = [f"quality-tiny-quick-bonsai-20-s{s}" for s in (0, 1)]
+    held = ["--work", str(tmp_path / "work"), "--eval", str(calib), "--skip-tokens", "256", "--eval-tokens", "256",
+            "--results-dir", str(results)]
+    _tool("bench_heldout.py", *held, *[str(results / f"{n}.json") for n in names])
+    out = [json.loads((results / f"heldout-{n}.json").read_text()) for n in names]
+    for n, r in zip(names, out):
+        direct = perplexity(tmp_path / "work" / n, text=calib, seq_len=32, max_tokens=256, skip_tokens=256)
+        first = json.loads((results / f"{n}.json").read_text())["perplexity"]
+        assert r["kind"] == "heldout" and r["perplexity"] == direct["perplexity"] and r["first_perplexity"] == first
+        assert r["perplexity"] != first  # other tokens, or the table would show the first slice twice
+    mean = statistics.fmean(r["perplexity"] for r in out)
+    assert any(f"{mean:.1f}" in line or f"{mean:,.0f}" in line for line in render_heldout(out).splitlines()
+               if line.startswith("| quick | 0.20 |"))
+    # a folder that no longer holds the record's model is refused before anything is written
+    fake = {**json.loads((results / f"{names[0]}.json").read_text())}
+    fake["params"] += 1
+    (results / "quality-tiny-quick-bonsai-20-s9.json").write_text(json.dumps(fake))
+    shutil.copytree(tmp_path / "work" / names[0], tmp_path / "work" / "quality-tiny-quick-bonsai-20-s9")
+    err = _tool("bench_heldout.py", *held, str(results / "quality-tiny-quick-bonsai-20-s9.json"), ok=False)
+    assert "not the record's model" in err and not (results / "heldout-quality-tiny-quick-bonsai-20-s9.json").exists()
 
 
 def test_render_reads_compute_settings_from_the_record_not_the_variant_name():
