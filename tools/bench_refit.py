@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_engine as BE  # noqa: E402
 import scale_extras as SX  # noqa: E402
-from bench_scale import _reset_rss_peak, shrunk  # noqa: E402
+from bench_scale import _reset_rss_peak  # noqa: E402
+from scale_extras import shrunk  # noqa: E402
 from random_checkpoint import SHAPES, shape_bytes, shape_spec, write_random_model  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402

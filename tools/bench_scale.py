@@ -49,15 +49,12 @@ from bonsai_lite.prune import loop  # noqa: E402
 from bonsai_lite.prune.run import run_pruning  # noqa: E402
 from bonsai_lite.search.machine import detect_machine, fmt_bytes, parse_bytes, search_dtype  # noqa: E402
 from bonsai_lite.search.planner import Work, column_norm_seconds, flops_per_token, make_plan  # noqa: E402
-from bonsai_lite.search.regression import fit_relevance  # noqa: E402
-from bonsai_lite.search.sampling import sample_masks  # noqa: E402
-from bonsai_lite.structure import LayerStructure, UnitLayout, load_spec  # noqa: E402
+from bonsai_lite.structure import load_spec  # noqa: E402
 
 import scale_extras as SX  # noqa: E402
 from random_checkpoint import SHAPES, shape_bytes, write_random_model  # noqa: E402
 from bench_docs import write_scale_docs  # noqa: E402
 
-PAPER = dict(sparsity=0.5, p_iter=0.05, masks=200, samples=32, seq_len=2048)  # appendix A.2
 PLANNER_TOLERANCE = 1.15  # the issue's acceptance: choice within 15% of the best measured plan
 
 
@@ -187,7 +184,7 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
                     run_dir: Path, peak: float, dtype: str | None = None) -> dict:
     cfg = RunConfig(model=str(model_dir), out=str(run_dir / "out"),
                     calib=CalibConfig(text=None, samples=work.samples, seq_len=work.tokens),
-                    search=SearchConfig(method="bonsai", sparsity=PAPER["p_iter"], p_iter=PAPER["p_iter"],
+                    search=SearchConfig(method="bonsai", sparsity=SX.PAPER["p_iter"], p_iter=SX.PAPER["p_iter"],
                                         masks_per_iter=work.masks, seed=seed),
                     budget=budget, device=device, dtype=dtype)
     parent = StreamedModel.open(model_dir)
@@ -268,73 +265,6 @@ def hf_forward(model_dir: Path, *, device: str, dtype: str, batch: int, seq_len:
             "flops_per_s": flops / seconds, "mfu": flops / seconds / peak, "peak_bytes": peak_mem, "dtype": dtype}
 
 
-# ---- extrapolation to the paper's run ----------------------------------------------------------
-def shrunk(layers, frac: float) -> tuple[LayerStructure, ...]:
-    """Every layer cut to `frac` of its heads and MLP units (the model after i iterations, uniformly)."""
-    out = []
-    for s in layers:
-        h, m = max(1, round(frac * len(s.heads))), max(1, round(frac * len(s.mlp)))
-        out.append(LayerStructure(s.heads[:h], s.kv_of_head[:h], s.mlp[:m]))
-    return tuple(out)
-
-
-def paper_regression_seconds(model: StreamedModel, seed: int) -> float:
-    """fit_relevance at the paper's 200 masks over the parent's units, on a planted linear problem."""
-    layout = UnitLayout.of(model.layers)
-    g = torch.Generator().manual_seed(seed)
-    prior = torch.rand(layout.total, generator=g, dtype=torch.float64) + 0.1
-    masks = sample_masks(prior, groups=layout.groups(), p_iter=PAPER["p_iter"], n_masks=PAPER["masks"],
-                         generator=g).masks
-    losses = 5.0 - masks.double() @ (torch.rand(layout.total, generator=g, dtype=torch.float64) * 1e-3)
-    losses += 1e-3 * torch.randn(len(losses), generator=g, dtype=torch.float64)
-    t0 = time.perf_counter()
-    fit_relevance(masks, losses, seed=seed)
-    return time.perf_counter() - t0
-
-
-def extrapolate(model: StreamedModel, r: dict, work: Work, *, device: str, regression_s: float | None) -> dict:
-    """The paper's 10 iterations from this budget's measured rates and the shrinking model.
-
-    Iteration i has (1 - 0.05 i) of the heads and MLP units; its priors pass and masked evaluation
-    cost their tokens x FLOPs per token over the FLOP/s this budget reached in those stages
-    (rates measured at the smaller work here: the paper's work has more rows per pass, so weight
-    traffic is amortised better and this errs long). The regression is the one timed at 200 masks
-    when `regression_s` is given, else this run's scaled by masks; both scaled by the unit count.
-    A second estimate runs the planner on each iteration's shape and scales its prediction by
-    measured / predicted of this budget's evaluation (None when a paper-sized pass does not fit).
-    """
-    st, p = r["stages"], PAPER
-    spec, t = model.spec, p["seq_len"]
-    n_iter = math.ceil(p["sparsity"] / p["p_iter"] - 1e-9)
-    machine = detect_machine(device=device, budget=r["budget"])
-    ev = st["evaluate"]
-    plan_ratio = ev["seconds"] / ev["predicted_seconds"] if ev["predicted_seconds"] > 0 else None
-    fixed = sum(st[k]["seconds"] for k in ("sampling", "selection") if k in st) + r["other_seconds"]
-    total, planned, rows = 0.0, (0.0 if plan_ratio else None), []
-    for i in range(n_iter):
-        frac = 1.0 - p["p_iter"] * i
-        layers = shrunk(model.layers, frac)
-        fpt = flops_per_token(spec, layers, t)
-        pri = p["samples"] * t * fpt / st["priors"]["flops_per_s"]
-        evs = p["masks"] * p["samples"] * t * fpt / ev["flops_per_s"]
-        reg = regression_s if regression_s is not None else st["regression"]["seconds"] * p["masks"] / work.masks
-        reg *= frac
-        total += pri + evs + reg + fixed
-        row = {"iteration": i, "fraction": frac, "priors_s": pri, "evaluate_s": evs, "regression_s": reg}
-        if planned is not None:
-            try:
-                pe = make_plan(spec, layers, Work(p["masks"], p["samples"], t), machine).predicted_seconds
-                pp = make_plan(spec, layers, Work(1, p["samples"], t), machine).predicted_seconds
-            except BudgetError:
-                planned = None
-            else:
-                row["planner_s"] = (pe + pp) * plan_ratio
-                planned += row["planner_s"] + reg + fixed
-        rows.append(row)
-    return {"setting": p, "iterations": n_iter, "seconds": total, "planner_scaled_seconds": planned,
-            "regression_measured_at_200": regression_s is not None, "per_iteration": rows}
-
-
 # ---- planner check -------------------------------------------------------------------------------
 def sweep(model: StreamedModel, work: Work, device: str, budget: int | None, *, per_order: int, max_predicted: float,
           seed: int, peak: float, deadline: float) -> dict:
@@ -413,7 +343,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     compute_peak = BE.peak_flops(device, dtype) if dtype != "float32" else (peak, peak_src)
     masks, wids = BE._inputs(model, 1, 1, min(args.seq_len, 32), args.seed)  # warm-up: kernels, page cache
     loop.evaluate(model, wids, masks, make_plan(model.spec, model.layers, Work(1, 1, wids.shape[1]), unbounded))
-    reg_s = paper_regression_seconds(model, args.seed) if args.paper_regression else None
+    reg_s = SX.paper_regression_seconds(model, args.seed) if args.paper_regression else None
     runs = []
     for budget in budgets:
         if args.hold_ram:
@@ -442,8 +372,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
                                                         cold=model_dir if args.hold_ram else None)
             except Exception as e:  # noqa: BLE001  # a third-party failure is a result; it must not lose ours
                 r["accelerate"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
-        r["extrapolation"] = extrapolate(model, r, work, device=device, regression_s=reg_s)
-        r["preset_extrapolation"] = SX.preset_extrapolation(model, r, shrink=shrunk, gemm_flops=peak,
+        r["extrapolation"] = SX.extrapolate(model, r, work, device=device, regression_s=reg_s)
+        r["preset_extrapolation"] = SX.preset_extrapolation(model, r, shrink=SX.shrunk, gemm_flops=peak,
                                                             cores=BE.hardware()["cores"])
         runs.append(r)
     ok = [r for r in runs if "error" not in r]

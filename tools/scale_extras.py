@@ -1,6 +1,7 @@
 """bench_scale's comparisons and records: what a user would otherwise do (accelerate's offloaded
 transformers model at the same budget), the pruned export evaluated under the same budget, the
-full-prune extrapolation per preset, and one `kind: "scale"` JSON record per budget.
+full-prune extrapolations (the paper's run and each preset), and one `kind: "scale"` JSON record
+per budget.
 
 Kept apart from bench_scale.py, which measures the prune iteration itself.
 """
@@ -22,12 +23,17 @@ import torch
 
 import bench_engine as BE
 from bonsai_lite.config import PRESETS
+from bonsai_lite.errors import BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.machine import detect_machine, fmt_bytes
 from bonsai_lite.search.planner import Work, flops_per_token, make_plan
+from bonsai_lite.search.regression import fit_relevance
+from bonsai_lite.search.sampling import sample_masks
+from bonsai_lite.structure import LayerStructure, UnitLayout
 
 ROOT = Path(__file__).resolve().parents[1]
+PAPER = dict(sparsity=0.5, p_iter=0.05, masks=200, samples=32, seq_len=2048)  # appendix A.2
 RESULTS = ROOT / "docs" / "results"
 # An 8-core laptop is not measured here: its estimate scales this machine's measured GEMM rate per
 # core by 8 cores (laptop cores boost less under all-core load, so this errs short).
@@ -278,3 +284,70 @@ def write_records(recs: list[dict], directory: Path = RESULTS, *, extra: str = "
         tmp.rename(p)
         paths.append(p)
     return paths
+
+
+# ---- extrapolation to the paper's run ----------------------------------------------------------
+def shrunk(layers, frac: float) -> tuple[LayerStructure, ...]:
+    """Every layer cut to `frac` of its heads and MLP units (the model after i iterations, uniformly)."""
+    out = []
+    for s in layers:
+        h, m = max(1, round(frac * len(s.heads))), max(1, round(frac * len(s.mlp)))
+        out.append(LayerStructure(s.heads[:h], s.kv_of_head[:h], s.mlp[:m]))
+    return tuple(out)
+
+
+def paper_regression_seconds(model: StreamedModel, seed: int) -> float:
+    """fit_relevance at the paper's 200 masks over the parent's units, on a planted linear problem."""
+    layout = UnitLayout.of(model.layers)
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.rand(layout.total, generator=g, dtype=torch.float64) + 0.1
+    masks = sample_masks(prior, groups=layout.groups(), p_iter=PAPER["p_iter"], n_masks=PAPER["masks"],
+                         generator=g).masks
+    losses = 5.0 - masks.double() @ (torch.rand(layout.total, generator=g, dtype=torch.float64) * 1e-3)
+    losses += 1e-3 * torch.randn(len(losses), generator=g, dtype=torch.float64)
+    t0 = time.perf_counter()
+    fit_relevance(masks, losses, seed=seed)
+    return time.perf_counter() - t0
+
+
+def extrapolate(model: StreamedModel, r: dict, work: Work, *, device: str, regression_s: float | None) -> dict:
+    """The paper's 10 iterations from this budget's measured rates and the shrinking model.
+
+    Iteration i has (1 - 0.05 i) of the heads and MLP units; its priors pass and masked evaluation
+    cost their tokens x FLOPs per token over the FLOP/s this budget reached in those stages
+    (rates measured at the smaller work here: the paper's work has more rows per pass, so weight
+    traffic is amortised better and this errs long). The regression is the one timed at 200 masks
+    when `regression_s` is given, else this run's scaled by masks; both scaled by the unit count.
+    A second estimate runs the planner on each iteration's shape and scales its prediction by
+    measured / predicted of this budget's evaluation (None when a paper-sized pass does not fit).
+    """
+    st, p = r["stages"], PAPER
+    spec, t = model.spec, p["seq_len"]
+    n_iter = math.ceil(p["sparsity"] / p["p_iter"] - 1e-9)
+    machine = detect_machine(device=device, budget=r["budget"])
+    ev = st["evaluate"]
+    plan_ratio = ev["seconds"] / ev["predicted_seconds"] if ev["predicted_seconds"] > 0 else None
+    fixed = sum(st[k]["seconds"] for k in ("sampling", "selection") if k in st) + r["other_seconds"]
+    total, planned, rows = 0.0, (0.0 if plan_ratio else None), []
+    for i in range(n_iter):
+        frac = 1.0 - p["p_iter"] * i
+        layers = shrunk(model.layers, frac)
+        fpt = flops_per_token(spec, layers, t)
+        pri = p["samples"] * t * fpt / st["priors"]["flops_per_s"]
+        evs = p["masks"] * p["samples"] * t * fpt / ev["flops_per_s"]
+        reg = regression_s if regression_s is not None else st["regression"]["seconds"] * p["masks"] / work.masks
+        reg *= frac
+        total += pri + evs + reg + fixed
+        row = {"iteration": i, "fraction": frac, "priors_s": pri, "evaluate_s": evs, "regression_s": reg}
+        if planned is not None:
+            try:
+                pe = make_plan(spec, layers, Work(p["masks"], p["samples"], t), machine).predicted_seconds
+                pp = make_plan(spec, layers, Work(1, p["samples"], t), machine).predicted_seconds
+            except BudgetError:
+                planned = None
+            else:
+                row["planner_s"] = (pe + pp) * plan_ratio
+                planned += row["planner_s"] + reg + fixed
+        rows.append(row)
+    return {"setting": p, "iterations": n_iter, "seconds": total, "planner_scaled_seconds": planned,
+            "regression_measured_at_200": regression_s is not None, "per_iteration": rows}
