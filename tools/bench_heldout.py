@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_quality import RESULTS_DIR, commit, hardware  # noqa: E402
-from render_quality import _f, _variant, label  # noqa: E402
+from render_quality import _f, _variant, label, write_docs  # noqa: E402
 
 DOCS = ROOT / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- heldout:begin -->", "<!-- heldout:end -->"
@@ -98,16 +98,6 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, doc_path: Path = DOCS) -> None:
-    doc = doc_path.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Held-out slice (tools/bench_heldout.py)\n\n" + block + "\n"
-    doc_path.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("records", nargs="*", help="quality records (docs/results/quality-*.json) whose models to re-read")
@@ -124,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         records = [json.loads(p.read_text()) for p in sorted(Path(args.results_dir).glob("heldout-*.json"))]
         if not records:
             ap.error(f"no held-out records in {args.results_dir}; {DOCS.name} left as it is")
-        write_docs(render(records))
+        write_docs(render(records), DOCS, begin=BEGIN, end=END, heading="Held-out slice (tools/bench_heldout.py)")
         return
     if not args.eval or not (args.records or args.parent):
         ap.error("give --eval and the records (or --parent) to evaluate, or --render")

@@ -392,13 +392,16 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     return written
 
 
-def write_docs(text: str, doc_path: Path = DOCS) -> None:
+def write_docs(text: str, doc_path: Path = DOCS, *, begin: str = BEGIN, end: str = END,
+               heading: str = "Method comparison (tools/bench_quality.py)") -> None:
+    """`text` between the `begin`/`end` markers of the page (a new `heading` section at its end when
+    the markers are not there yet); the rest of the page is left as it is."""
     doc = doc_path.read_text() if doc_path.is_file() else "# Results\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
-        doc = doc.rstrip() + "\n\n## Method comparison (tools/bench_quality.py)\n\n" + block + "\n"
+        doc = doc.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     doc_path.write_text(doc)
 
 
