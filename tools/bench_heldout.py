@@ -71,8 +71,9 @@ def run(args) -> None:
         print(f"{path.stem}: {r['first_perplexity']:.2f} -> {r['perplexity']:.2f}", flush=True)
 
 
-def render(records: list[dict]) -> str:
-    """Rows (preset, method as the quality table names it, sparsity, variant) with both slices' means."""
+def render(records: list[dict], first_parent: dict | None = None) -> str:
+    """Rows (preset, method as the quality table names it, sparsity, variant) with both slices' means;
+    `first_parent`: the parent's quality record on the table's slice, for its line."""
     parents = [r for r in records if r["method"] == PARENT]
     groups = defaultdict(list)
     for r in records:
@@ -80,8 +81,10 @@ def render(records: list[dict]) -> str:
             groups[(r["preset"], r["sparsity"], label(r), _variant(r))].append(r)
     lines = []
     for p in parents:
+        first = (f" ({first_parent['perplexity']:.2f} on the first {first_parent['eval_tokens']:,})"
+                 if first_parent else "")
         lines.append(f"Parent: **{p['perplexity']:.2f}** on tokens {p['skip_tokens']:,}-"
-                     f"{p['skip_tokens'] + p['eval_tokens']:,} (20.82 on the first 32,768).")
+                     f"{p['skip_tokens'] + p['eval_tokens']:,}{first}.")
     hw = sorted({r["hardware"]["cpu"] for r in records})
     lines += ["", f"Records: {len(records)} `heldout-*.json` files in `docs/results/` (commits "
               + ", ".join(sorted({r["commit"] for r in records})) + f"); CPU: {'; '.join(hw)}.", "",
@@ -114,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         records = [json.loads(p.read_text()) for p in sorted(Path(args.results_dir).glob("heldout-*.json"))]
         if not records:
             ap.error(f"no held-out records in {args.results_dir}; {DOCS.name} left as it is")
-        write_docs(render(records), DOCS, begin=BEGIN, end=END, heading="Held-out slice (tools/bench_heldout.py)")
+        firsts = [r for r in (json.loads(p.read_text()) for p in Path(args.results_dir).glob("quality-*-parent-*.json"))
+                  if r.get("method") == "parent" and r.get("seq_len") == args.seq_len]
+        write_docs(render(records, max(firsts, key=lambda r: r["eval_tokens"], default=None)), DOCS, begin=BEGIN, end=END, heading="Held-out slice (tools/bench_heldout.py)")
         return
     if not args.eval or not (args.records or args.parent):
         ap.error("give --eval and the records (or --parent) to evaluate, or --render")

@@ -157,21 +157,25 @@ def _at(points: list, tokens: float) -> dict | None:
     return below[-1] if below else None
 
 
+def _lowest_at(fronts: dict[str, list], method: str, tokens: float) -> bool:
+    """Whether `method`'s frontier is at or below every other method's at this compute."""
+    mine = _at(fronts[method], tokens)
+    if mine is None:
+        return False
+    others = (_at(pts, tokens) for m, pts in fronts.items() if m != method)
+    return all(o is None or mine["mean"] <= o["mean"] for o in others)
+
+
 def crossover(fronts: dict[str, list], method: str = "bonsai") -> float | None:
     """The fewest forward tokens from which `method`'s frontier is at or below every other method's
     at every larger compute measured (None when it never is)."""
     if not fronts.get(method):
         return None
-    steps = sorted({t for pts in fronts.values() for t, _, _ in pts})
-    ok = [(mine := _at(fronts[method], t)) is not None
-          and all(o is None or mine["mean"] <= o["mean"] for m, pts in fronts.items() if m != method
-                  for o in [_at(pts, t)])
-          for t in steps]
     start = None
-    for t, good in zip(reversed(steps), reversed(ok)):
-        if not good:
+    for tokens in sorted({t for pts in fronts.values() for t, _, _ in pts}, reverse=True):
+        if not _lowest_at(fronts, method, tokens):
             break
-        start = t
+        start = tokens
     return start
 
 
