@@ -1,8 +1,8 @@
 """A whole `bonsai-lite prune` at a model's shape, through the CLI, against the planner's prediction.
 
 Writes a random bf16 checkpoint of --shape (tools/bench_scale.py's generator; the tokenizer copied
-from --tokenizer-from, a local model directory, so that --calib text can be read), then runs, each as
-its own process:
+from --tokenizer-from, a local model directory, so that --calib text can be read), or takes a real
+model folder as it is (--parent: only read, never deleted), then runs, each as its own process:
 
   bonsai-lite prune PARENT --sparsity S --preset P --memory-budget B --calib TEXT --out OUT --json [EXTRA]
   bonsai-lite eval OUT --data EVAL --seq-len T --max-tokens N --memory-budget B --json
@@ -18,6 +18,9 @@ DIR, where DIR holds prune.json and eval.json (stdout of the commands above) and
   python tools/bench_prune.py --shape llama3-8b --preset standard --sparsity 0.5 --budget 8GB --threads 2 \\
       --tokenizer-from /work/smollm2 --calib ../shared/data/wikitext2-valid.txt \\
       --eval ../shared/data/wikitext2-raw-test.txt --work-dir /work/e2e8b --record
+  python tools/bench_prune.py --parent /work/smollm2 --preset quick --sparsity 0.5 --threads 2 \
+      --calib ../shared/data/wikitext2-valid.txt --eval ../shared/data/wikitext2-raw-test.txt \
+      --work-dir /work/e2e-smollm2 --record idle
 """
 from __future__ import annotations
 
@@ -185,17 +188,21 @@ def write_docs() -> None:
 
 def run(args, extra: list[str]) -> dict:
     work = Path(args.work_dir)
-    parent, out = work / "parent", work / "pruned"
-    created = not (parent / INDEX_NAME).is_file()  # never delete a checkpoint this run did not write
+    out = work / "pruned"
+    parent = Path(args.parent) if args.parent else work / "parent"
+    # never delete a checkpoint this run did not write; a --parent is only read
+    created = not args.parent and not (parent / INDEX_NAME).is_file()
     if created:  # the checkpoint, the export (at most as large) and room for the run state
         need = int(shape_bytes(args.shape) * (2 - args.sparsity * 0.8)) + 2**30
         SX.check_disk(work, need)
         print(f"[generate] {args.shape} in {parent} (the run needs about {fmt_bytes(need)})", file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        write_random_model(args.shape, parent, device="cpu", seed=args.seed)
-        for name in TOKENIZER_FILES:
-            if (Path(args.tokenizer_from) / name).is_file() and not (parent / name).exists():
-                shutil.copy2(Path(args.tokenizer_from) / name, parent / name)
+        if not args.parent:
+            write_random_model(args.shape, parent, device="cpu", seed=args.seed)
+            for name in TOKENIZER_FILES:
+                if (Path(args.tokenizer_from) / name).is_file() and not (parent / name).exists():
+                    shutil.copy2(Path(args.tokenizer_from) / name, parent / name)
         budget = ["--memory-budget", args.budget] if args.budget else []
         rusage = {"prune": _cli(["prune", str(parent), "--sparsity", str(args.sparsity), "--preset", args.preset,
                                  "--calib", args.calib, "--out", str(out), "--overwrite", "--restart", *budget, "--json",
@@ -211,7 +218,9 @@ def run(args, extra: list[str]) -> dict:
 
 
 def _settings(args, extra: list[str]) -> dict:
-    return {"shape": args.shape, "device": "cpu", "preset": args.preset, "sparsity": args.sparsity,
+    # a real model (--parent) is named by its folder, a random one by its shape
+    return {"shape": Path(args.parent).name if args.parent else args.shape, "real_weights": bool(args.parent),
+            "device": "cpu", "preset": args.preset, "sparsity": args.sparsity,
             "budget_bytes": parse_bytes(args.budget) if args.budget else None, "threads": args.threads,
             "extra_args": extra, "eval_seq_len": args.eval_seq_len}
 
@@ -230,7 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--tokenizer-from", required=True, help="a local model directory whose tokenizer files are copied")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokenizer-from", help="a local model directory whose tokenizer files are copied "
+                     "into the random checkpoint")
+    src.add_argument("--parent", help="prune this model folder (real weights, only read) instead of a random "
+                     "checkpoint of --shape; the record is named by the folder")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", required=True)
@@ -238,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--collect", action="store_true", help="only read the finished run in --work-dir")
     ap.add_argument("--record", default=None, metavar="TAG", help="write the JSON to docs/results/ under this tag")
     args = ap.parse_args(argv)
-    name = f"prune-scale-{args.shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
+    shape = Path(args.parent).name if args.parent else args.shape
+    name = f"prune-scale-{shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
     record = collect(Path(args.work_dir), _settings(args, extra)) if args.collect else run(args, extra)
     if args.collect and args.record and (RESULTS / name).is_file():  # re-collected: the code it ran is what it was
         old = json.loads((RESULTS / name).read_text())

@@ -317,3 +317,11 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
     stages = {"refit": {"peak_rss_bytes": 150}}
     assert bench_prune.prune_peak({"peak_rss_bytes": 100}, stages, 10**12) == 150
     assert bench_prune.prune_peak({}, stages, 10**12) == 10**12
+    # --parent: a real model folder pruned as it is, named by its folder, only read (never deleted)
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    r2 = _run("bench_prune.py", "--parent", str(src), "--preset", "quick", "--sparsity", "0.3",
+              "--calib", str(calib), "--eval", str(calib), "--eval-seq-len", "16", "--eval-tokens", "256",
+              "--work-dir", str(tmp_path / "work2"), "--", "--seq-len", "16", "--calib-samples", "2", "--prior-samples", "8")
+    assert r2["shape"] == src.name and r2["real_weights"] and r2["iterations"] == 3
+    assert r2["params_before"] != r["params_before"] and r2["params_after"] < r2["params_before"]  # src, not "tiny"
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
