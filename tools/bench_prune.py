@@ -18,8 +18,8 @@ DIR, where DIR holds prune.json and eval.json (stdout of the commands above) and
   python tools/bench_prune.py --shape llama3-8b --preset standard --sparsity 0.5 --budget 8GB --threads 2 \\
       --tokenizer-from /work/smollm2 --calib ../shared/data/wikitext2-valid.txt \\
       --eval ../shared/data/wikitext2-raw-test.txt --work-dir /work/e2e8b --record
-  python tools/bench_prune.py --parent /work/smollm2 --preset quick --sparsity 0.5 --threads 2 \
-      --calib ../shared/data/wikitext2-valid.txt --eval ../shared/data/wikitext2-raw-test.txt \
+  python tools/bench_prune.py --parent /work/smollm2 --preset quick --sparsity 0.5 --threads 2 \\
+      --calib ../shared/data/wikitext2-valid.txt --eval ../shared/data/wikitext2-raw-test.txt \\
       --work-dir /work/e2e-smollm2 --record idle
 """
 from __future__ import annotations
@@ -217,9 +217,13 @@ def run(args, extra: list[str]) -> dict:
     return record
 
 
+def _shape(args) -> str:
+    """A real model (--parent) is named by its folder, a random one by its shape."""
+    return Path(args.parent).name if args.parent else args.shape
+
+
 def _settings(args, extra: list[str]) -> dict:
-    # a real model (--parent) is named by its folder, a random one by its shape
-    return {"shape": Path(args.parent).name if args.parent else args.shape, "real_weights": bool(args.parent),
+    return {"shape": _shape(args), "real_weights": bool(args.parent),
             "device": "cpu", "preset": args.preset, "sparsity": args.sparsity,
             "budget_bytes": parse_bytes(args.budget) if args.budget else None, "threads": args.threads,
             "extra_args": extra, "eval_seq_len": args.eval_seq_len}
@@ -251,8 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--collect", action="store_true", help="only read the finished run in --work-dir")
     ap.add_argument("--record", default=None, metavar="TAG", help="write the JSON to docs/results/ under this tag")
     args = ap.parse_args(argv)
-    shape = Path(args.parent).name if args.parent else args.shape
-    name = f"prune-scale-{shape}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
+    name = f"prune-scale-{_shape(args)}-{args.preset}-{round(args.sparsity * 100)}-{args.record}.json"
     record = collect(Path(args.work_dir), _settings(args, extra)) if args.collect else run(args, extra)
     if args.collect and args.record and (RESULTS / name).is_file():  # re-collected: the code it ran is what it was
         old = json.loads((RESULTS / name).read_text())
