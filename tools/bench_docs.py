@@ -72,16 +72,18 @@ def save_records(tool: str, records: list[dict]) -> None:
             path.write_text(text)
 
 
-def write_block(tool: str, lines: list[str], page: Path | None = None) -> None:
-    """Rewrite only what lies between the tool's markers (appended at the end when absent)."""
+def write_block(tool: str, lines: list[str], page: Path | None = None, *, heading: str | None = None,
+                intro: str | None = None) -> None:
+    """Rewrite only what lies between the tool's markers (appended at the end when absent, under a new
+    `## heading` when one is given; a page that does not exist yet starts with `intro`)."""
     begin, end = f"<!-- {tool}:begin -->", f"<!-- {tool}:end -->"
     block = begin + "\n" + "\n".join(lines) + "\n" + end
     target = page or DOCS
-    doc = target.read_text() if target.is_file() else BE.INTRO
+    doc = target.read_text() if target.is_file() else (intro or BE.INTRO)
     if begin in doc and end in doc:
         doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
+        doc = doc.rstrip() + "\n\n" + (f"## {heading}\n\n" if heading else "") + block + "\n"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(doc)
 

@@ -29,7 +29,7 @@ from bench_quality import RESULTS_DIR, commit, hardware  # noqa: E402
 from render_quality import _f, _variant, label, write_docs  # noqa: E402
 
 DOCS = ROOT / "docs" / "RESULTS.md"
-BEGIN, END = "<!-- heldout:begin -->", "<!-- heldout:end -->"
+BLOCK = "heldout"
 PARENT = "parent"  # the `of` of the parent's held-out record
 
 
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"no held-out records in {args.results_dir}; {DOCS.name} left as it is")
         firsts = [r for r in (json.loads(p.read_text()) for p in Path(args.results_dir).glob("quality-*-parent-*.json"))
                   if r.get("method") == "parent" and r.get("seq_len") == args.seq_len]
-        write_docs(render(records, max(firsts, key=lambda r: r["eval_tokens"], default=None)), DOCS, begin=BEGIN, end=END, heading="Held-out slice (tools/bench_heldout.py)")
+        first = max(firsts, key=lambda r: r["eval_tokens"], default=None)
+        write_docs(render(records, first), DOCS, tool=BLOCK, heading="Held-out slice (tools/bench_heldout.py)")
         return
     if not args.eval or not (args.records or args.parent):
         ap.error("give --eval and the records (or --parent) to evaluate, or --render")

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_quality import VARIANTS  # noqa: E402
 from bonsai_lite.config import PRESETS, auto_first_step  # noqa: E402
 
-BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+BLOCK = "bench_quality"
+BEGIN, END = f"<!-- {BLOCK}:begin -->", f"<!-- {BLOCK}:end -->"
 TARGET_SEEDS = 3
 # (settings key, variant name) of the settings a preset sets: the ones that set a run's compute
 COMPUTE_SETTINGS = tuple((field, name) for name, (field, _, where) in VARIANTS.items() if where == "preset")
@@ -396,17 +397,13 @@ def plots(records: list[dict], out_dir: Path = IMG) -> list[Path]:
     return written
 
 
-def write_docs(text: str, doc_path: Path = DOCS, *, begin: str = BEGIN, end: str = END,
+def write_docs(text: str, doc_path: Path = DOCS, *, tool: str = BLOCK,
                heading: str = "Method comparison (tools/bench_quality.py)") -> None:
-    """`text` between the `begin`/`end` markers of the page (a new `heading` section at its end when
-    the markers are not there yet); the rest of the page is left as it is."""
-    doc = doc_path.read_text() if doc_path.is_file() else "# Results\n"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc:
-        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
-    doc_path.write_text(doc)
+    """`text` between the tool's markers on the page (`bench_docs.write_block`: a new `heading` section
+    at its end when the markers are not there yet); the rest of the page is left as it is."""
+    import bench_docs
+
+    bench_docs.write_block(tool, text.split("\n"), doc_path, heading=heading, intro="# Results\n")
 
 
 def render_docs(records: list[dict], doc_path: Path = DOCS, img_dir: Path = IMG) -> None:
