@@ -36,6 +36,9 @@ __all__ = [
 # diagonal of the second moments; the residual fluctuation models what that refit cannot recover,
 # so it damps the inputs' covariance the same way.
 RIDGE_DAMP = 0.01
+# `ActivationStats.update` converts a tile to float64 this many bytes at a time: under glibc's mmap
+# threshold (1 MiB, `search.machine.MMAP_THRESHOLD`), so the heap reuses the block.
+UPDATE_CHUNK_BYTES = 2**19
 
 
 @dataclass
@@ -73,16 +76,21 @@ class ActivationStats:
         """Accumulate a tile ``x`` of shape ``[..., width]`` (any float dtype, any device)."""
         if x.shape[-1] != self.width:
             raise ValueError(f"expected last dim {self.width}, got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.width).to(torch.float64)
+        rows = x.reshape(-1, self.width)
         # Reduce on x's device, move only the three width-long vectors: a tile can be
-        # thousands of rows and the stats may live on the CPU.
+        # thousands of rows and the stats may live on the CPU. A few rows at a time: a float64
+        # copy of a whole tile is a fresh mapping on a CPU (search.machine.bound_host_allocator)
+        # whose page faults cost 5-9x the sums themselves (docs/PERFORMANCE.md, twenty-third session).
         dev = self.sum.device
-        self.sum += rows.sum(0).to(dev)
-        self.sq_sum += rows.square().sum(0).to(dev)
-        self.abs_sum += rows.abs().sum(0).to(dev)
+        step = max(1, UPDATE_CHUNK_BYTES // (8 * self.width))
+        for part in rows.split(step):
+            part = part.to(torch.float64, copy=True)  # a copy even of a float64 tile: squared in place below
+            self.sum += part.sum(0).to(dev)
+            self.abs_sum += part.abs().sum(0).to(dev)
+            self.sq_sum += part.square_().sum(0).to(dev)
         if self.gram is not None:  # a float32 product per tile, summed in float64: 5x faster than float64
-            r32 = x.reshape(-1, self.width).float()
-            self.gram += (r32.T @ r32).to(dev, torch.float64)
+            r32 = rows.float()
+            self.gram.add_((r32.T @ r32).to(dev))
         self.count += rows.shape[0]
 
     def merge(self, other: ActivationStats) -> ActivationStats:

@@ -114,6 +114,28 @@ def test_stats_streamed_in_chunks_equal_one_shot():
     torch.testing.assert_close(merged.mean, ref.mean(0))
 
 
+def test_stats_update_in_row_chunks_matches_float64_reference(monkeypatch):
+    """A tile wider than one conversion chunk (3 rows here) gives the sums and second moments of the
+    whole tile taken at once in float64."""
+    import bonsai_lite.search.priors as P
+
+    monkeypatch.setattr(P, "UPDATE_CHUNK_BYTES", 3 * 8 * WIDTH)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 17, WIDTH, generator=g) * torch.linspace(0.1, 3.0, WIDTH) - 1.5
+    ref = x.reshape(-1, WIDTH).double()
+    stats = ActivationStats.empty(WIDTH, gram=True)
+    stats.update(x)
+    x64 = ref.clone()
+    ActivationStats.empty(WIDTH).update(x64)
+    torch.testing.assert_close(x64, ref, rtol=0, atol=0)  # a float64 tile is not squared in place
+    assert stats.count == 34
+    torch.testing.assert_close(stats.sum, ref.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.abs_sum, ref.abs().sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.sq_sum, ref.square().sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.gram, ref.T @ ref, rtol=1e-5, atol=1e-5)  # a float32 product per tile
+    torch.testing.assert_close(x.reshape(-1, WIDTH).double(), ref, rtol=0, atol=0)
+
+
 def test_stats_reject_wrong_width_and_empty():
     stats = ActivationStats.empty(WIDTH)
     with pytest.raises(ValueError):
