@@ -292,6 +292,12 @@ FP32_GPU_FACTOR = 0.07
 # unscaled prediction, and the refit stage of a whole 8B prune (all heads and 38% of the MLP kept,
 # 32 x 128, 4 GB budget) 1.52x; this share puts them at 0.94x, 0.89x and 1.14x (docs/PERFORMANCE.md).
 REFIT_CPU_EFFICIENCY = 0.75
+# ... and its elementwise work (norms, rotary, activations, index copies, float64 sums), which the
+# GEMM count leaves out: per token and layer, REFIT_ELEMENT_FLOPS GEMM flops for each activation the
+# block produces (hidden + attention width + MLP width). Small, wide-vocabulary models pay it most:
+# the SmolLM2 refit took 1.38x (128 x 128) and 1.50x (128 x 512) the prediction without it, the 8B
+# shape 1.18x and 0.94x; with it 0.95-1.13x (tools/bench_refit.py, docs/PERFORMANCE.md, twenty-third session).
+REFIT_ELEMENT_FLOPS = 2400
 
 
 def _large_gemm_flops(machine: Machine) -> float:
@@ -351,7 +357,8 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     cached = _cached_share(spec, machine)
     compute = forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
     if not machine.is_cuda:
-        compute /= REFIT_CPU_EFFICIENCY
+        elements = tokens * sum(spec.hidden + len(s.heads) * spec.head_dim + len(s.mlp) for s in spec.layers)
+        compute = compute / REFIT_CPU_EFFICIENCY + elements * REFIT_ELEMENT_FLOPS / fp32
     return compute + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS
 
 
