@@ -105,6 +105,13 @@ class NullProgress:
         the first): how much slower (>1) or faster this machine runs than the planner said."""
         return self.spent / self.planned if self.planned > 0 else None
 
+    def start_over(self) -> None:
+        """A new run in this run directory: the metrics of the run it replaces go, so that what reads
+        the file (`bonsai-lite report`, tools/bench_prune.py) does not sum their stages with its own."""
+        if self.metrics_path is not None:
+            with contextlib.suppress(OSError):
+                self.metrics_path.unlink(missing_ok=True)
+
     def record(self, **fields) -> None:
         if self.metrics_path is None:
             return

@@ -43,7 +43,8 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
            # config.json + tensor names/shapes: a different model at the same path is not resumed
            "model_layout_sha256": StreamedModel.open(cfg.model).fingerprint()}
     n_iter = 1 if cfg.search.method == "flap" else cfg.search.iterations
-    if state.exists and not restart:
+    fresh = not state.exists or restart
+    if not fresh:
         state.load()
         old = state.meta.get("config", {})
         diff = settings_differences(old, key)
@@ -65,6 +66,8 @@ def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, resta
         state.meta = {"config": key, "iteration": 0, "history": [], "layers": None}
         state.tensors = {}
     pruner = Pruner(cfg, ids=ids, state=state, progress=progress, checkpoint_masks=checkpoint_masks, ranks=ranks)
+    if fresh:  # the metrics of a run that is not resumed are not this run's
+        pruner.progress.start_over()
     layers = layers_from_json(state.meta["layers"]) if state.meta["layers"] else pruner.parent.layers
     pruner.progress.iteration(state.meta["iteration"], n_iter)
     while state.meta["iteration"] < n_iter:

@@ -249,12 +249,17 @@ def test_changed_calibration_text_is_refused(done, untouched, capsys, tmp_path):
 def test_restart_discards_the_saved_run(done, tmp_path, caplog):
     _, model, calib, out = done
     run = Path(shutil.copytree(str(out) + ".run", tmp_path / "run"))
+    old_lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert sum('"stage": "iteration"' in x for x in old_lines) >= 2
     with caplog.at_level("INFO"):
         assert main(prune_args(model, calib, tmp_path / "o") + ["--run-dir", str(run), "--sparsity", "0.2",
                                                                  "--restart"]) == 0
     assert "--restart: discarding the run state" in caplog.text
     meta = RunState(run).load().meta
     assert meta["config"]["search"]["sparsity"] == 0.2 and meta["iteration"] == 2
+    # the discarded run's metrics went with it: `report` and bench_prune read this run's stages only
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines if m["stage"] == "iteration"] == [0, 1]
 
 
 def test_unreadable_run_state(done, capsys, tmp_path):
