@@ -101,7 +101,7 @@ def _commit_time(commit: str) -> int:
     """Commit time of `commit` in this repository (0 where unknown): rows in the order the code changed."""
     import subprocess  # noqa: PLC0415
 
-    done = subprocess.run(["git", "log", "-1", "--format=%ct", commit.removesuffix("-dirty")], capture_output=True,
+    done = subprocess.run(["git", "log", "-1", "--format=%ct", commit.removesuffix("+dirty")], capture_output=True,
                           text=True, cwd=RESULTS.parent.parent)
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
