@@ -296,7 +296,8 @@ REFIT_CPU_EFFICIENCY = 0.75
 # GEMM count leaves out: per token and layer, REFIT_ELEMENT_FLOPS GEMM flops for each activation the
 # block produces (hidden + attention width + MLP width). Small, wide-vocabulary models pay it most:
 # the SmolLM2 refit took 1.38x (128 x 128) and 1.50x (128 x 512) the prediction without it, the 8B
-# shape 1.18x and 0.94x; with it 0.95-1.13x (tools/bench_refit.py, docs/PERFORMANCE.md, twenty-third session).
+# shape 1.18x and 0.94x; with it 0.96x and 1.05x, 1.13x and 0.89x (tools/bench_refit.py, docs/PERFORMANCE.md,
+# twenty-third session).
 REFIT_ELEMENT_FLOPS = 2400
 
 

@@ -78,11 +78,12 @@ class ActivationStats:
             raise ValueError(f"expected last dim {self.width}, got shape {tuple(x.shape)}")
         rows = x.reshape(-1, self.width)
         # Reduce on x's device, move only the three width-long vectors: a tile can be
-        # thousands of rows and the stats may live on the CPU. A few rows at a time: a float64
-        # copy of a whole tile is a fresh mapping on a CPU (search.machine.bound_host_allocator)
-        # whose page faults cost 5-9x the sums themselves (docs/PERFORMANCE.md, twenty-third session).
+        # thousands of rows and the stats may live on the CPU. On a CPU a few rows at a time: a
+        # float64 copy of a whole tile is a fresh mapping (search.machine.bound_host_allocator)
+        # whose page faults cost 5-9x the sums themselves (docs/PERFORMANCE.md, twenty-third
+        # session); on a GPU the whole tile, each part's sums being a copy to the stats' device.
         dev = self.sum.device
-        step = max(1, UPDATE_CHUNK_BYTES // (8 * self.width))
+        step = max(1, UPDATE_CHUNK_BYTES // (8 * self.width)) if rows.device.type == "cpu" else max(1, len(rows))
         for part in rows.split(step):
             part = part.to(torch.float64, copy=True)  # a copy even of a float64 tile: squared in place below
             self.sum += part.sum(0).to(dev)
