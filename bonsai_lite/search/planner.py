@@ -148,17 +148,23 @@ class _Shape:
     max_heads: int
     max_width: int
     attn_heads: int  # query heads over all layers
+    mlp_units: int  # MLP units over all layers
 
     @classmethod
     def of(cls, spec: ModelSpec, layers) -> "_Shape":
         return cls(spec.hidden, spec.vocab, spec.head_dim, spec.sliding_window, len(layers),
                    tuple(spec.block_params(s) for s in layers), max(_largest_tensor_params(spec, s) for s in layers),
-                   max(len(s.heads) for s in layers), max(len(s.mlp) for s in layers), sum(len(s.heads) for s in layers))
+                   max(len(s.heads) for s in layers), max(len(s.mlp) for s in layers), sum(len(s.heads) for s in layers),
+                   sum(len(s.mlp) for s in layers))
 
     def flops_per_token(self, tokens: int) -> float:
         """Dense forward FLOPs per token: 2 x block params, causal attention over half the context, the head."""
         ctx = min(tokens, self.window or tokens) / 2
         return 2 * sum(self.block_params) + 4 * ctx * self.attn_heads * self.head_dim + 2 * self.hidden * self.vocab
+
+    def elements_per_token(self) -> int:
+        """Activations the blocks produce per token: hidden + attention width + MLP width, each layer."""
+        return self.n_layers * self.hidden + self.attn_heads * self.head_dim + self.mlp_units
 
     def activation_bytes_per_row(self, tokens: int, b: int) -> int:
         per_token = max(3 * self.hidden + 8 * self.max_heads * self.head_dim, 3 * self.hidden + 4 * self.max_width)
@@ -358,8 +364,7 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     cached = _cached_share(spec, machine)
     compute = forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
     if not machine.is_cuda:
-        elements = tokens * sum(spec.hidden + len(s.heads) * spec.head_dim + len(s.mlp) for s in spec.layers)
-        compute = compute / REFIT_CPU_EFFICIENCY + elements * REFIT_ELEMENT_FLOPS / fp32
+        compute = compute / REFIT_CPU_EFFICIENCY + tokens * m.elements_per_token() * REFIT_ELEMENT_FLOPS / fp32
     return compute + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS
 
 
