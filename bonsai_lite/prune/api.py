@@ -262,7 +262,7 @@ def _search_and_export(cfg: RunConfig, parent, ids, *, run_dir, restart: bool, o
 # --refit auto leaves the refit out when it is predicted to take longer than this many times the
 # search itself (an 8B model's float32 refit on a 2-core CPU: 21 min measured, 3.9x its 5.4-minute
 # quick search). 3, not 2, since the planner counts the refit's elementwise work
-# (planner.REFIT_ELEMENT_FLOPS): SmolLM2's quick refit of 128 windows, 1.75x its search measured and
+# (planner.ELEMENT_FLOPS): SmolLM2's quick refit of 128 windows, 1.75x its search measured and
 # the preset's largest quality gain (docs/RESULTS.md), was then predicted at 2.2x and cut to 64 windows.
 REFIT_TIME_RATIO = 3.0
 

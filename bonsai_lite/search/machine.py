@@ -22,13 +22,12 @@ from bonsai_lite.structure import ModelSpec
 # Fraction of free host RAM / disk we allow ourselves: the OS and page cache need the rest.
 HOST_RAM_FRACTION = 0.7
 DISK_FRACTION = 0.8
-# Throughputs for the time model. CPU: the engine's F.linear calls ran at ~58 GFLOP/s per thread on
-# the development machine's EPYC against 105 for an isolated fp32 GEMM; elementwise work and other
-# jobs take the rest (docs/PERFORMANCE.md). A probed CPU times its own one-core GEMM
-# (`cpu_gemm_probe`) and is planned at CPU_ENGINE_FRACTION of it per thread; a described one
-# (`nominal_machine`) at CPU_FLOPS_PER_CORE. GPU: fraction of the dense bf16 peak a block reaches.
-CPU_FLOPS_PER_CORE = 50e9
-CPU_ENGINE_FRACTION = 0.55
+# Throughputs for the time model. CPU: a probed CPU's `flops` is its own one-core fp32 GEMM rate
+# (`cpu_gemm_probe`) times its threads; the planner splits an engine pass into GEMMs at that rate and
+# elementwise work (planner.ELEMENT_FLOPS). A described one (`nominal_machine`) is taken at
+# CPU_FLOPS_PER_CORE, about what this project's EPYC and Xeon VMs probed (65-160 GFLOP/s).
+# GPU: fraction of the dense bf16 peak a block reaches.
+CPU_FLOPS_PER_CORE = 90e9
 GPU_EFFICIENCY = 0.55
 GPU_PEAK_FLOPS = {"H100": 990e12, "H200": 990e12, "A100": 312e12, "4090": 165e12, "3090": 71e12, "A6000": 155e12}
 DEFAULT_GPU_FLOPS = 80e12
@@ -155,7 +154,7 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     bound_host_allocator()
     threads = torch.get_num_threads()
     budget = budget or free_ram
-    flops = CPU_ENGINE_FRACTION * cpu_gemm_probe()[0] * threads
+    flops = cpu_gemm_probe()[0] * threads
     return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
                    bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached)
 

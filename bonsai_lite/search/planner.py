@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bonsai_lite.errors import BudgetError
-from bonsai_lite.search.machine import (CPU_ENGINE_FRACTION, DISK_BPS, LOW_PRECISION_CPU_FACTOR, Machine,
+from bonsai_lite.search.machine import (DISK_BPS, LOW_PRECISION_CPU_FACTOR, Machine,
                                        fmt_bytes)
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
@@ -38,6 +38,14 @@ FP16_ONLY_GPUS = ("V100", "T4", "P100", "P40", "1080", "2080")
 # GEMMs are bound by memory and launch latency. CPU: one thread ran a 64-token fp32 GEMM as fast as
 # a 2048-token one; GPU: an H100 needs ~1k tokens per GEMM to pass half its bf16 peak.
 HALF_EFFICIENCY_TOKENS = {"cpu": 32, "cuda": 1024}
+# A CPU engine pass (`_cost`): its GEMMs at the probed rate (x the bf16 factor, x the tile's
+# `_efficiency`), plus ELEMENT_FLOPS probe-rate flops per activation element per token for the
+# elementwise work beside them (norms, rotary, SiLU, softmax, copies: `_Shape.elements_per_token`),
+# which weighs most in small models. Re-planning every stored 8B-shape run (docs/PERFORMANCE.md,
+# twenty-fourth session) puts all fourteen idle ones within 30% (0.73-1.28; one engine rate at 0.55
+# of the probe had eight), and SmolLM2's dense passes at 0.94x of that rate's predictions, which
+# fitted them: the 8B shape's extra rows ran at 0.90-0.98 of the probe on an EPYC in fp32 and bf16.
+ELEMENT_FLOPS = 2400
 # Fixed cost of one block call / one LM-head chunk call on one tile: Python and ~30 kernel launches.
 CALL_SECONDS = {"cpu": 5e-4, "cuda": 4e-4}
 # LLM.int8 matmuls (quantise the activations, int8 GEMM, dequantise, outlier columns in fp16) reach
@@ -246,12 +254,16 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     tile_calls = n_passes * math.ceil(group_rows / tile)
     kind = "cuda" if cuda else "cpu"
     flops_per_token = m.flops_per_token(t)
-    rate = machine.flops * _efficiency(machine, tile * t)
-    if weights_8bit:
-        rate *= INT8_FACTOR
-    elif not cuda and dtype != "float32":
-        rate *= machine.bf16_factor if dtype == "bfloat16" else LOW_PRECISION_CPU_FACTOR
-    compute = rows * t * flops_per_token / rate
+    if cuda:
+        rate = machine.flops * _efficiency(machine, tile * t) * (INT8_FACTOR if weights_8bit else 1.0)
+        compute = rows * t * flops_per_token / rate
+    else:  # GEMMs near the probe's rate, and the elementwise work beside them at a cost per activation
+        rate = machine.flops * _efficiency(machine, tile * t)
+        if dtype == "bfloat16":
+            rate *= machine.bf16_factor
+        elif dtype != "float32":
+            rate *= LOW_PRECISION_CPU_FACTOR
+        compute = rows * t * (flops_per_token / rate + m.elements_per_token() * ELEMENT_FLOPS / machine.flops)
     compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
     # Weights: read each pass (once when resident); the first read is cold except for what the page
     # cache holds at the start, later ones come from the page cache when the checkpoint fits there.
@@ -299,20 +311,16 @@ FP32_GPU_FACTOR = 0.07
 # 32 x 128, 4 GB budget) 1.52x; this share puts them at 0.94x, 0.89x and 1.14x (docs/PERFORMANCE.md).
 REFIT_CPU_EFFICIENCY = 0.75
 # ... and its elementwise work (norms, rotary, activations, index copies, float64 sums), which the
-# GEMM count leaves out: per token and layer, REFIT_ELEMENT_FLOPS GEMM flops for each activation the
-# block produces (hidden + attention width + MLP width). Small, wide-vocabulary models pay it most:
-# the SmolLM2 refit took 1.38x (128 x 128) and 1.50x (128 x 512) the prediction without it, the 8B
-# shape 1.18x and 0.94x; with it 0.96x and 1.05x, 1.13x and 0.89x (tools/bench_refit.py, docs/PERFORMANCE.md,
-# twenty-third session).
-REFIT_ELEMENT_FLOPS = 2400
+# GEMM count leaves out, at the engine's ELEMENT_FLOPS per activation element per token. Small,
+# wide-vocabulary models pay it most: the SmolLM2 refit took 1.38x (128 x 128) and 1.50x (128 x 512)
+# the prediction without it, the 8B shape 1.18x and 0.94x; with it 0.96x and 1.05x, 1.13x and 0.89x
+# (tools/bench_refit.py, docs/PERFORMANCE.md, twenty-third session, where it was fitted on its own).
 
 
 def _large_gemm_flops(machine: Machine) -> float:
     """float32 rate of the few large GEMMs of the second moments and the refit (thousands of rows
-    each): on a CPU the probe's own rate, not the engine's CPU_ENGINE_FRACTION of it (the refit of
-    SmolLM2 was predicted at 162-164 s with the engine's rate and took 95-100 s); on a GPU its
-    float32 rate."""
-    return machine.flops * FP32_GPU_FACTOR if machine.is_cuda else machine.flops / CPU_ENGINE_FRACTION
+    each): on a CPU the probed rate; on a GPU its float32 rate."""
+    return machine.flops * FP32_GPU_FACTOR if machine.is_cuda else machine.flops
 
 
 def _projection_inputs(spec: ModelSpec, layers) -> list[int]:
@@ -364,7 +372,7 @@ def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: M
     cached = _cached_share(spec, machine)
     compute = forward / fp32 + second_moment_seconds(spec, pruned, tokens, machine, solve_outputs=spec.hidden, kept=kept)
     if not machine.is_cuda:
-        compute = compute / REFIT_CPU_EFFICIENCY + tokens * m.elements_per_token() * REFIT_ELEMENT_FLOPS / fp32
+        compute = compute / REFIT_CPU_EFFICIENCY + tokens * m.elements_per_token() * ELEMENT_FLOPS / fp32
     return compute + _first_read_seconds(weights, cached, machine) + weights / HOST_COPY_BPS
 
 

@@ -153,8 +153,8 @@ def test_cpu_bf16_factor_drives_the_time_model_and_the_search_dtype(specs):
 
 
 def test_the_measured_gemm_rate_sets_the_cpu_time_model(specs, monkeypatch):
-    # A probed CPU is planned at CPU_ENGINE_FRACTION of its own one-core GEMM rate per thread, so a
-    # machine twice as fast is predicted (almost) twice as fast; the probe's rate is a real measurement.
+    # A probed CPU is planned from its own one-core GEMM rate per thread, so a machine twice as fast is
+    # predicted (almost) twice as fast; the probe's rate is a real measurement.
     from bonsai_lite.search import machine
 
     rate, factor = machine.cpu_gemm_probe()
@@ -164,7 +164,7 @@ def test_the_measured_gemm_rate_sets_the_cpu_time_model(specs, monkeypatch):
     for probed in (50e9, 100e9):
         monkeypatch.setattr(machine, "cpu_gemm_probe", lambda probed=probed: (probed, 1.0))
         m = detect_machine(device="cpu", budget=8 * GB)
-        assert m.flops == pytest.approx(machine.CPU_ENGINE_FRACTION * probed * torch.get_num_threads())
+        assert m.flops == pytest.approx(probed * torch.get_num_threads())
         plan = make_plan(spec, spec.layers, w, m, dtype="float32")
         seconds[probed] = plan.breakdown["compute_s"]
     assert 1.8 < seconds[50e9] / seconds[100e9] <= 2.0
