@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# A rough CPU GEMM probe will do for tests (bonsai_lite.search.machine.PROBE_SECONDS); the CLI
+# processes they start inherit it.
+os.environ.setdefault("BONSAI_LITE_PROBE_SECONDS", "0.3")
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 

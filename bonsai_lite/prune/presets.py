@@ -57,9 +57,13 @@ class Estimate:
 
 
 def seconds_left(e: Estimate, done: int, pace: float) -> float:
-    """What is left of the prune `e` predicts once `done` iterations are over, at `pace` (the run's
-    measured seconds per planned second so far: the planner calibrated on the run itself)."""
-    return pace * (sum(e.iterations[done:]) + e.refit)
+    """What is left of the prune `e` predicts once `done` iterations are over: its iterations at
+    `pace` (the run's measured seconds per planned second so far: the planner calibrated on the run
+    itself), the refit after the search at its own prediction. The refit's time model was fitted
+    apart from the search's (`planner.refit_seconds`), and a search running slow does not make it
+    slow: SmolLM2 at 50% (docs/PERFORMANCE.md) searched at 1.12x and 1.15x its plan while its refit
+    ran at 0.87x and 0.83x of its own, which the pace read as 1.27-1.37x of the time left."""
+    return pace * sum(e.iterations[done:]) + e.refit
 
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,

@@ -183,7 +183,7 @@ def test_a_larger_first_step_pays_its_larger_dense_pass(tiny_models):
 
 def test_the_estimate_splits_into_iterations_and_the_refit(tiny_models):
     # seconds = FLAP's column read + each iteration (its own refit under --refit loop) + the refit after
-    # the search; what is left after k iterations is the rest of that, scaled by the measured pace
+    # the search; what is left after k iterations: the rest of the search at the measured pace, then the refit
     from bonsai_lite.prune.presets import seconds_left
     from bonsai_lite.search.planner import column_norm_seconds, refit_seconds
 
@@ -200,8 +200,8 @@ def test_the_estimate_splits_into_iterations_and_the_refit(tiny_models):
     assert ls.iterations == off.iterations  # the search's passes do not depend on the refit after it
     assert loop.iterations == pytest.approx([i + one for i in off.iterations[:-1]] + [off.iterations[-1]])
     assert seconds_left(ls, 0, 1.0) == pytest.approx(ls.seconds - ls.start)
-    assert seconds_left(ls, 2, 1.5) == pytest.approx(1.5 * (sum(ls.iterations[2:]) + one))
-    assert seconds_left(loop, 5, 2.0) == pytest.approx(2 * one)
+    assert seconds_left(ls, 2, 1.5) == pytest.approx(1.5 * sum(ls.iterations[2:]) + one)  # the refit at its own
+    assert seconds_left(loop, 5, 2.0) == pytest.approx(one)
     # the iterations shrink with the model the search leaves (the planner's time is its compute)
     assert all(a > b for a, b in zip(off.iterations, off.iterations[1:]))
 
