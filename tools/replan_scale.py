@@ -3,9 +3,10 @@
 Each `kind: "scale"` CPU record whose machine was probed (it stores `gemm_flops_per_s` and
 `bf16_factor`) holds the measured engine seconds of one dense pass (`priors`) and one masked
 evaluation (`evaluate`), and what the planner of its day predicted. The machine's disk rate and page
-cache at the time are not stored, so the re-plan is a difference: both the `--base` commit's planner
-and the current one plan the two passes on the recorded machine, and the record's own prediction
-moves by the change. Prints JSON (one row per record, and how many are within 30% before and after):
+cache at the time are not stored, so the re-plan is a difference: the planner of the record's own
+commit (`--base` where that commit's planner cannot be loaded) and the current one both plan the two
+passes on the recorded machine, and the record's prediction moves by the change. Prints JSON (one
+row per record, and how many are within 30% before and after):
 
     python tools/replan_scale.py --base 9545c28 --out docs/results/replan-scale-s24.json
 """
@@ -52,10 +53,22 @@ def _machine_flops(machine_mod, gemm: float) -> float:
     return getattr(machine_mod, "CPU_ENGINE_FRACTION", 1.0) * gemm
 
 
+def _planner_at(commit: str, cache: dict):
+    """(machine module, planner module) of `commit`, or None where they do not load here."""
+    if commit not in cache:
+        tag = commit.replace("+", "_")
+        try:
+            mach = _module_at(commit, "bonsai_lite/search/machine.py", f"machine_{tag}", {})
+            plan = _module_at(commit, "bonsai_lite/search/planner.py", f"planner_{tag}",
+                              {"bonsai_lite.search.machine": f"machine_{tag}"})
+            cache[commit] = (mach, plan)
+        except (subprocess.CalledProcessError, ImportError, AttributeError, SyntaxError, TypeError):
+            cache[commit] = None
+    return cache[commit]
+
+
 def replan(base: str) -> dict:
-    old_machine = _module_at(base, "bonsai_lite/search/machine.py", "base_machine", {})
-    old = _module_at(base, "bonsai_lite/search/planner.py", "base_planner",
-                     {"bonsai_lite.search.machine": "base_machine"})
+    cache: dict = {}
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
@@ -64,6 +77,9 @@ def replan(base: str) -> dict:
             continue
         if r.get("device") != "cpu" or not r.get("bf16_factor") or "priors" not in st or "evaluate" not in st:
             continue
+        own = r["commit"].split("+")[0]
+        used = own if _planner_at(own, cache) else base
+        old_machine, old = _planner_at(used, cache)
         spec = shape_spec(r["shape"])
         m = Machine("cpu", r["budget_bytes"], r["budget_bytes"], 10**11, r["gemm_flops_per_s"], r["threads"],
                     page_cache=20 * 2**30, bf16_factor=r["bf16_factor"])
@@ -76,7 +92,7 @@ def replan(base: str) -> dict:
         after = sum(current.make_plan(spec, spec.layers, current.Work(*w), m, dtype=r["dtype"]).predicted_seconds
                     for w in works)
         predicted = r["predicted_seconds"] + after - before
-        rows.append({"record": path.name, "commit": r["commit"],
+        rows.append({"record": path.name, "commit": r["commit"], "replanned_against": used,
                      "cpu": r["hardware"]["cpu"], "dtype": r["dtype"], "bf16_factor": round(r["bf16_factor"], 2),
                      "load_average": r.get("load_average", [None])[0], "engine_seconds": round(r["engine_seconds"], 1),
                      "stored_predicted": round(r["predicted_seconds"], 1), "replanned": round(predicted, 1),

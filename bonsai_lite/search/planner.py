@@ -300,10 +300,22 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
     return _first_read_seconds(src, cached, machine) + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
 
 
-# float64 work on a CPU (the second moments' inverses and solves) at half the planned fp32 rate; a
-# GPU's fp32 (no tensor cores: the refit runs in float32) at 7% of its bf16 peak (H100: 67 of 989 TFLOP/s).
-FP64_CPU_FACTOR = 0.5
+# float64 factorisations (the second moments' inverses and solves) at this share of the fp32 rate:
+# on a CPU, torch's cholesky + cholesky_inverse of 576- and 1536-wide float64 matrices ran at 66
+# GFLOP/s (2 d^3) on 2 threads of the EPYC VM whose fp32 probe read 193 (twenty-fourth session); a
+# GPU's at half its float32 rate. A GPU's fp32 (no tensor cores: the refit runs in float32) at 7% of
+# its bf16 peak (H100: 67 of 989 TFLOP/s).
+FP64_CPU_FACTOR = 0.35
+FP64_GPU_FACTOR = 0.5
 FP32_GPU_FACTOR = 0.07
+# The residual metric's second moments on a CPU, beyond those FLOPs (SmolLM2's dense passes with and
+# without them, 2,048 / 4,096 / 8,192 tokens: 10.3 / 11.1 / 17.0 s, where the FLOP count gave 4.1 /
+# 5.9 / 9.4): the tile products summed as float32 GEMMs at SECOND_MOMENT_GEMM_EFFICIENCY of the probe
+# (a profile put them at ~0.7), and per pass ~MATRIX_ELEMENT_SECONDS for each element of every d x d
+# float64 matrix (covariance, symmetrising, damping, the triangular copies, their fresh pages): with
+# both, 9.7 / 12.0 / 16.5 s.
+SECOND_MOMENT_GEMM_EFFICIENCY = 0.75
+MATRIX_ELEMENT_SECONDS = 5e-8
 # The refit on a CPU (its block pass, tile products summed into float64 moments, solves and per-layer
 # host work) ran below the rates above: tools/bench_refit.py (Llama-3-8B shape cut to 2 layers, half
 # of every layer kept, 2 threads, idle) took 1.24x (32 x 128 windows) and 1.19x (32 x 512) the
@@ -348,7 +360,13 @@ def second_moment_seconds(spec: ModelSpec, layers, rows: int, machine: Machine, 
         products = sum(2 * rows * (k * k + k * h) for k in kept or widths)
         factor = sum(k**3 / 3 + 2 * k * k * h for k in kept or widths)
     fp32 = _large_gemm_flops(machine)
-    return products / fp32 + factor / (fp32 * FP64_CPU_FACTOR)
+    if machine.is_cuda:
+        return products / fp32 + factor / (fp32 * FP64_GPU_FACTOR)
+    seconds = factor / (fp32 * FP64_CPU_FACTOR)
+    if solve_outputs is not None:  # the refit's products: refit_seconds scales them (REFIT_CPU_EFFICIENCY)
+        return seconds + products / fp32
+    matrices = sum(d * d for d in widths) * MATRIX_ELEMENT_SECONDS
+    return seconds + products / (fp32 * SECOND_MOMENT_GEMM_EFFICIENCY) + matrices
 
 
 def refit_seconds(spec: ModelSpec, layers, tokens: int, seq_len: int, machine: Machine, *, keep: float = 1.0) -> float:
