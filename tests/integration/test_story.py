@@ -129,7 +129,7 @@ def test_metrics_file_lists_every_stage(demo):
         before = [p for p in planned if lines.index(p) < i]
         assert m["pace"] == pytest.approx(sum(p["seconds"] for p in before) / sum(p["predicted_seconds"] for p in before),
                                           rel=0.05)
-    rest = [m["predicted_seconds_left"] / m["pace"] for _, m in iters]  # the planner's own remaining seconds
+    rest = [m["predicted_seconds_left"] / m["pace"] for _, m in iters]  # per unit of pace: shrinks as the run goes
     assert rest[0] > rest[1] > 0  # the second iteration and the refit, then the refit alone
     adapted = report["models"][2]["dir"]
     lines = [json.loads(x) for x in open(f"{adapted}.run/metrics.jsonl").read().splitlines()]
