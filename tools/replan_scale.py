@@ -39,12 +39,13 @@ def _module_at(commit: str, path: str, name: str, replace_imports: dict[str, str
                          text=True).stdout
     for old, new in replace_imports.items():
         src = src.replace(f"from {old} import", f"from {new} import")
-    file = Path(tempfile.mkdtemp()) / f"{name}.py"
-    file.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory() as tmp:  # the source is read once, when the module executes
+        file = Path(tmp) / f"{name}.py"
+        file.write_text(src)
+        spec = importlib.util.spec_from_file_location(name, file)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
     return mod
 
 

@@ -313,7 +313,7 @@ FP32_GPU_FACTOR = 0.07
 # 5.9 / 9.4): the tile products summed as float32 GEMMs at SECOND_MOMENT_GEMM_EFFICIENCY of the probe
 # (a profile put them at ~0.7), and per pass ~MATRIX_ELEMENT_SECONDS for each element of every d x d
 # float64 matrix (covariance, symmetrising, damping, the triangular copies, their fresh pages): with
-# both, 9.7 / 12.0 / 16.5 s.
+# both, 9.7 / 12.0 / 16.6 s.
 SECOND_MOMENT_GEMM_EFFICIENCY = 0.75
 MATRIX_ELEMENT_SECONDS = 5e-8
 # The refit on a CPU (its block pass, tile products summed into float64 moments, solves and per-layer
