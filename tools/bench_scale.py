@@ -403,7 +403,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
                      "device": device, "dtype": dtype, "seed": args.seed, "params": model.params(),
                      "weights_bytes": model.ckpt.nbytes(), "generate_seconds": gen_s,
                      "cold_read_bps": unbounded.disk_bps, "planned_flops_per_s": unbounded.flops,
-                     "bf16_factor": unbounded.bf16_factor,
+                     "bf16_factor": unbounded.bf16_factor, "fresh_page_bps": unbounded.fresh_page_bps,
                      "paper_regression_seconds": reg_s},
         "peak": {"flops": peak, "source": peak_src},
         "compute_peak": {"flops": compute_peak[0], "source": compute_peak[1]}, "runs": runs, "reference": reference,

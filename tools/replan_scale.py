@@ -87,6 +87,10 @@ def replan(base: str) -> dict:
         mo = old_machine.Machine("cpu", r["budget_bytes"], r["budget_bytes"], 10**11,
                                  _machine_flops(old_machine, r["gemm_flops_per_s"]), r["threads"],
                                  page_cache=20 * 2**30, bf16_factor=r["bf16_factor"])
+        if r.get("fresh_page_bps"):  # probed since the twenty-fifth session; before, the nominal rate
+            m = replace(m, fresh_page_bps=r["fresh_page_bps"])
+            if hasattr(mo, "fresh_page_bps"):
+                mo = replace(mo, fresh_page_bps=r["fresh_page_bps"])
         works = [(1, r["samples"], r["seq_len"]), (r["masks"], r["samples"], r["seq_len"])]
         before = sum(old.make_plan(spec, spec.layers, old.Work(*w), mo, dtype=r["dtype"]).predicted_seconds
                      for w in works)

@@ -256,7 +256,7 @@ def records(result: dict) -> list[dict]:
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
             "threads": result["hardware"]["threads"], "load_average": result.get("load_average"),
             "cold_read_bps": s.get("cold_read_bps"), "planned_flops_per_s": s.get("planned_flops_per_s"),
-            "bf16_factor": s.get("bf16_factor"),
+            "bf16_factor": s.get("bf16_factor"), "fresh_page_bps": s.get("fresh_page_bps"),
             "commit": result["commit"], "hardware": result["hardware"], "command": result.get("command"),
         })
     return out

@@ -46,6 +46,14 @@ DISK_BPS = 2e9  # cold NVMe-class read
 # weight tensors and large activations; smaller ones reuse the heap without page faults. 64 KiB
 # gave 21 MiB RSS growth on the budget test but 1.4x its page faults of 1 MiB (24 MiB growth).
 MMAP_THRESHOLD = 2**20
+# Under `bound_host_allocator` every large host tensor is a fresh mapping whose 4 KiB pages fault in
+# (and are zeroed) on first touch: the read buffer of each checkpoint tensor, its sliced and cast
+# copies, the large activations. A probed CPU measures its own rate (`fresh_page_probe`); a
+# described one takes this (~1.4 us a page on the Xeon VM: 3 GB re-read cost 2.5 s of system time).
+# The EPYC VM faults at 2.1-2.4 GB/s; there the loader's 8B pass was predicted 0.65-0.85x of the
+# measured one at 3 GB/s (tools/bench_loader.py).
+FRESH_PAGE_BPS = 3e9
+FRESH_PROBE_BYTES = 64 * 2**20
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -119,6 +127,7 @@ class Machine:
     bf16_factor: float = LOW_PRECISION_CPU_FACTOR  # CPU bf16 GEMM rate / fp32 GEMM rate
     disk_bps: float = DISK_BPS  # cold reads of the checkpoint (measured by io.disk where it can be)
     cached: float = 0.0  # share of the checkpoint in the page cache at the start (io.disk.cached_fraction)
+    fresh_page_bps: float = FRESH_PAGE_BPS  # bytes/s of fresh host pages faulted in (`fresh_page_probe`)
 
     @property
     def is_cuda(self) -> bool:
@@ -157,7 +166,28 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     budget = budget or free_ram
     flops = cpu_gemm_probe()[0] * threads
     return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
-                   bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached)
+                   bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached, fresh_page_bps=fresh_page_probe())
+
+
+@functools.lru_cache(maxsize=1)
+def fresh_page_probe() -> float:
+    """Bytes/s at which one thread of this process touches fresh host memory: the best of 8 writes
+    of a new 64 MiB tensor, each a fresh mapping once `bound_host_allocator` is in force (called
+    first), so nearly all of the time is page faults; once per process."""
+    import time
+
+    bound_host_allocator()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loader's reads and copies of one tensor run on one thread
+    try:
+        best = math.inf
+        for _ in range(8):
+            t0 = time.perf_counter()
+            torch.empty(FRESH_PROBE_BYTES, dtype=torch.uint8).fill_(1)
+            best = min(best, time.perf_counter() - t0)
+        return FRESH_PROBE_BYTES / best
+    finally:
+        torch.set_num_threads(threads)
 
 
 PROBE_SHAPE = (256, 1024, 1024)
@@ -182,7 +212,7 @@ def cpu_gemm_probe() -> tuple[float, float]:
     m, k, n = PROBE_SHAPE
     # into a preallocated output: a fresh 1 MiB result per call is a new mapping under
     # `bound_host_allocator`, whose page faults made the fp32 probe read 8% slow (the planner counts
-    # the engine's fresh pages apart, FRESH_PAGE_BPS)
+    # the engine's fresh pages apart, `fresh_page_probe`)
     pairs = [(torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt), torch.empty(m, n, dtype=dt))
              for dt in (torch.float32, torch.bfloat16)]
     threads = torch.get_num_threads()

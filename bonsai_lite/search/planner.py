@@ -57,10 +57,6 @@ INT8_SLAB_TRANSIENT = 48 * 2**20
 PAGE_CACHE_BPS = 6e9  # re-reading a checkpoint that the OS keeps in its page cache (one reader thread)
 H2D_BPS = {"pinned": 25e9, "pageable": 12e9}
 HOST_COPY_BPS = 8e9  # memcpy-class host work: slicing, casting, pinning
-# On a CPU run every large tensor is a fresh mapping (`bound_host_allocator`): one minor fault per
-# 4 KiB page, ~1.4 us with the zeroing. Re-reading 3 GB of weights cost 2.5 s of system time on the
-# budget test (1.5M faults), which made many small passes slower than one spilling pass.
-FRESH_PAGE_BPS = 3e9
 
 
 @dataclass(frozen=True)
@@ -137,6 +133,15 @@ def flops_per_token(spec: ModelSpec, layers, tokens: int) -> float:
     return _Shape.of(spec, layers).flops_per_token(tokens)
 
 
+def _sliced_params(spec: ModelSpec, layer: LayerStructure, parent: LayerStructure) -> int:
+    """Parameters of `layer` that the loader copies out of the checkpoint's tensors: a projection
+    whose units are all kept is passed through uncut (`slicing.is_identity`)."""
+    h, hd = spec.hidden, spec.head_dim
+    return (2 * len(layer.heads) * hd * h * (layer.heads != parent.heads)  # q rows, o columns
+            + 2 * len(layer.kv) * hd * h * (layer.kv != parent.kv)  # k, v rows
+            + 3 * len(layer.mlp) * h * (layer.mlp != parent.mlp))  # gate, up rows, down columns
+
+
 def _efficiency(machine: Machine, tile_tokens: int) -> float:
     half = HALF_EFFICIENCY_TOKENS["cuda" if machine.is_cuda else "cpu"]
     return tile_tokens / (tile_tokens + half)
@@ -157,13 +162,17 @@ class _Shape:
     max_width: int
     attn_heads: int  # query heads over all layers
     mlp_units: int  # MLP units over all layers
+    read_params: int  # block parameters the loader reads: the checkpoint's, whatever was pruned since
+    sliced_params: int  # block parameters it copies out of them (`slicing.slice_param` on pruned projections)
 
     @classmethod
     def of(cls, spec: ModelSpec, layers) -> "_Shape":
+        parents = spec.layers if len(spec.layers) == len(layers) else layers
         return cls(spec.hidden, spec.vocab, spec.head_dim, spec.sliding_window, len(layers),
                    tuple(spec.block_params(s) for s in layers), max(_largest_tensor_params(spec, s) for s in layers),
                    max(len(s.heads) for s in layers), max(len(s.mlp) for s in layers), sum(len(s.heads) for s in layers),
-                   sum(len(s.mlp) for s in layers))
+                   sum(len(s.mlp) for s in layers), sum(spec.block_params(p) for p in parents),
+                   sum(_sliced_params(spec, s, p) for s, p in zip(layers, parents)))
 
     def flops_per_token(self, tokens: int) -> float:
         """Dense forward FLOPs per token: 2 x block params, causal attention over half the context, the head."""
@@ -267,15 +276,21 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
     # Weights: read each pass (once when resident); the first read is cold except for what the page
     # cache holds at the start, later ones come from the page cache when the checkpoint fits there.
-    src_total = (params + m.vocab * h) * src_bytes
+    # The loader reads the checkpoint's whole tensors, copies the kept units out of pruned ones and
+    # casts what is not in the compute dtype (on a GPU run it pins the result): an unpruned bf16
+    # model computed in bf16 is only read (8B shape: 16 GB of fresh read buffers a pass, which the
+    # per-pass sum of three copies predicted at 13-14 s where 6-11 s were measured).
+    src_total = (m.read_params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
     warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else machine.disk_bps
     read = _first_read_seconds(src_total, machine.cached, machine) + (loads - 1) * src_total / warm_bps
+    sliced = m.sliced_params * src_bytes
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
-    prep = loads * (src_total + cast_bytes) / HOST_COPY_BPS  # slice + cast (+ pin) on the host
-    if not cuda:  # the read buffer, the sliced copy and the cast copy all fault their pages in
-        prep += loads * (2 * src_total + cast_bytes) / FRESH_PAGE_BPS
-        compute += rows * m.n_layers * m.activation_bytes_per_row(t, b) / FRESH_PAGE_BPS
+    if cuda:  # slice, cast and pin on the host
+        prep = loads * (sliced + cast_bytes + (params + m.vocab * h) * b) / HOST_COPY_BPS
+    else:  # slice and cast; the read buffer, the sliced copy and the cast copy all fault their pages in
+        prep = loads * ((sliced + cast_bytes) / HOST_COPY_BPS + (src_total + sliced + cast_bytes) / machine.fresh_page_bps)
+        compute += rows * m.n_layers * m.activation_bytes_per_row(t, b) / machine.fresh_page_bps
     h2d = loads * (blocks_bytes + head_full) / H2D_BPS["pinned"] if cuda else 0.0
     cache_bw = {"device": math.inf, "host": H2D_BPS["pinned"] if cuda else HOST_COPY_BPS, "disk": DISK_BPS}[cache]
     spill = 2 * rows * row_state * m.n_layers / cache_bw
@@ -297,7 +312,7 @@ def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
     params = sum(spec.hidden * (len(s.heads) * spec.head_dim + len(s.mlp)) for s in spec.layers)
     src = params * spec.dtype.itemsize
     cached = _cached_share(spec, machine)
-    return _first_read_seconds(src, cached, machine) + src / FRESH_PAGE_BPS + 2 * params * 4 / HOST_COPY_BPS
+    return _first_read_seconds(src, cached, machine) + src / machine.fresh_page_bps + 2 * params * 4 / HOST_COPY_BPS
 
 
 # float64 factorisations (the second moments' inverses and solves) at this share of the fp32 rate:

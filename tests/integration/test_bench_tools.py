@@ -326,3 +326,20 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
     assert r2["shape"] == src.name and r2["real_weights"] and r2["iterations"] == 3
     assert r2["params_before"] != r["params_before"] and r2["params_after"] < r2["params_before"]  # src, not "tiny"
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+def test_bench_loader_times_the_parent_and_a_cut_structure(results):
+    # tools/bench_loader.py: one loading pass per dtype and structure beside the planner's weight
+    # handling; the cut keeps whole GQA groups, so the loader builds every block of it
+    work, _, _ = results
+    r = _run("bench_loader.py", "--model", str(work / "tiny"), "--dtypes", "bfloat16,float32", "--keep", "0.5",
+             "--repeats", "1")
+    assert r["kind"] == "loader" and r["fresh_page_bps"] > 0
+    rows = {(x["dtype"], x["structure"]): x for x in r["rows"]}
+    assert set(rows) == {(d, s) for d in ("bfloat16", "float32") for s in ("parent", "keep 0.5")}
+    for d in ("bfloat16", "float32"):
+        parent, cut = rows[d, "parent"], rows[d, "keep 0.5"]
+        assert 0 < cut["block_params"] < parent["block_params"]
+        assert parent["seconds"] > 0 and parent["predicted_seconds"] > 0
+    # computing in the checkpoint's dtype reads; float32 also casts every tensor
+    assert rows["float32", "parent"]["predicted_seconds"] > rows["bfloat16", "parent"]["predicted_seconds"]

@@ -260,3 +260,58 @@ def test_a_slow_spell_during_the_probe_leaves_the_bf16_factor(monkeypatch):
     m, k, n = machine.PROBE_SHAPE
     assert rate == pytest.approx(2 * m * k * n / 1e-3)
     assert factor == pytest.approx(5.0)
+
+
+def test_weight_handling_prices_the_loaders_copies(specs):
+    # The loader reads each checkpoint tensor whole, copies the kept units out of a pruned projection
+    # and casts what is not in the compute dtype (io/blocks.py). An unpruned bf16 model computed in
+    # bf16 is only read; pruning the MLPs reads the same bytes and adds their sliced copies, so it
+    # costs more weight handling per pass, not less (the planner once priced the kept bytes only,
+    # and three copies of them whatever the dtypes).
+    from dataclasses import replace
+
+    from bonsai_lite.search import planner
+    from bonsai_lite.search.planner import candidate_cost
+
+    big = specs["llama3-8b"]
+    cpu = replace(nominal_machine(device="cpu", budget=8 * GB), page_cache=10**15, cached=1.0, fresh_page_bps=2e9)
+    kw = dict(order="mask-group-major", cache="device", group_rows=8, tile_rows=8, head_chunk=4096,
+              prefetch=False, weights_8bit=False, src_bytes=2)
+    w = Work(8, 1, 128)
+    head = big.vocab * big.hidden
+    src = 2 * (sum(big.block_params(s) for s in big.layers) + head)
+    read = src / planner.PAGE_CACHE_BPS
+
+    def io(layers, dtype):
+        return candidate_cost(big, layers, w, cpu, dtype=dtype, **kw)[2]["weights_io_s"]
+
+    assert io(big.layers, "bfloat16") == pytest.approx(read + src / cpu.fresh_page_bps, rel=1e-3)
+    cast = 4 * (sum(big.block_params(s) for s in big.layers) + head)
+    assert io(big.layers, "float32") == pytest.approx(
+        read + cast / planner.HOST_COPY_BPS + (src + cast) / cpu.fresh_page_bps, rel=1e-3)
+    halved = tuple(replace(s, mlp=s.mlp[: len(s.mlp) // 2]) for s in big.layers)
+    sliced = 2 * 3 * big.hidden * (big.intermediate // 2) * len(halved)
+    assert io(halved, "bfloat16") == pytest.approx(
+        read + sliced / planner.HOST_COPY_BPS + (src + sliced) / cpu.fresh_page_bps, rel=1e-3)
+    assert io(halved, "bfloat16") > io(big.layers, "bfloat16")
+
+
+def test_a_probed_cpu_prices_fresh_pages_at_its_own_rate(specs, monkeypatch):
+    # Every weight buffer is a fresh mapping (bound_host_allocator): the EPYC VM faults its pages in
+    # at ~2.2 GB/s, the Xeon VM at ~3. detect_machine measures the rate, and the loader's pages are
+    # priced at it: halving it adds the pass's fresh bytes once more at the old rate.
+    from bonsai_lite.search import machine
+    from bonsai_lite.search.planner import candidate_cost
+
+    assert 1e8 < machine.fresh_page_probe() < 1e12
+    big = specs["llama3-8b"]
+    kw = dict(dtype="bfloat16", order="mask-group-major", cache="device", group_rows=8, tile_rows=8,
+              head_chunk=4096, prefetch=False, weights_8bit=False, src_bytes=2)
+    io = {}
+    for rate in (1e9, 2e9):
+        monkeypatch.setattr(machine, "fresh_page_probe", lambda rate=rate: rate)
+        m = detect_machine(device="cpu", budget=8 * GB)
+        assert m.fresh_page_bps == rate
+        io[rate] = candidate_cost(big, big.layers, Work(8, 1, 128), m, **kw)[2]["weights_io_s"]
+    src = 2 * (sum(big.block_params(s) for s in big.layers) + big.vocab * big.hidden)
+    assert io[1e9] - io[2e9] == pytest.approx(src / 2e9, rel=1e-3)
