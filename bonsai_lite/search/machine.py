@@ -46,12 +46,13 @@ DISK_BPS = 2e9  # cold NVMe-class read
 # weight tensors and large activations; smaller ones reuse the heap without page faults. 64 KiB
 # gave 21 MiB RSS growth on the budget test but 1.4x its page faults of 1 MiB (24 MiB growth).
 MMAP_THRESHOLD = 2**20
-# Under `bound_host_allocator` every large host tensor is a fresh mapping whose 4 KiB pages fault in
-# (and are zeroed) on first touch: the read buffer of each checkpoint tensor, its sliced and cast
-# copies, the large activations. A probed CPU measures its own rate (`fresh_page_probe`); a
-# described one takes this (~1.4 us a page on the Xeon VM: 3 GB re-read cost 2.5 s of system time).
-# The EPYC VM faults at 2.1-2.4 GB/s; there the loader's 8B pass was predicted 0.65-0.85x of the
-# measured one at 3 GB/s (tools/bench_loader.py).
+# Under `bound_host_allocator` every large host tensor is a fresh mapping whose pages fault in (and
+# are zeroed) on first touch: the read buffer of each checkpoint tensor, its sliced and cast copies,
+# the large activations. A probed CPU measures its own rate (`fresh_page_probe`); a described one
+# takes this (4 KiB pages at ~1.4 us each on the Xeon VM: 3 GB re-read cost 2.5 s of system time).
+# The EPYC VM faults 4 KiB pages at 2.1-2.4 GB/s (at 3 GB/s the loader's 8B pass was predicted
+# 0.65-0.85x of the measured one, tools/bench_loader.py) and huge pages (bonsai_lite/__init__.py)
+# at 7-10 GB/s.
 FRESH_PAGE_BPS = 3e9
 FRESH_PROBE_BYTES = 64 * 2**20
 

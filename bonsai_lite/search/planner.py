@@ -45,9 +45,10 @@ HALF_EFFICIENCY_TOKENS = {"cpu": 32, "cuda": 1024}
 # twenty-fourth session) puts all fourteen idle ones within 30% (0.73-1.28; one engine rate at 0.55
 # of the probe had eight), and SmolLM2's dense passes at 0.94x of that rate's predictions, which
 # fitted them: the 8B shape's extra rows ran at 0.90-0.98 of the probe on an EPYC in fp32 and bf16.
-# With the loader's weight handling priced as it happens (`_cost`, twenty-fifth session) the EPYC's
-# thirteen runs re-plan at 0.88-1.17 and its three new ones ran at 0.99-1.05; five of the Xeon VM's
-# thirteen, its fastest, at 0.58-0.74 (its engine took 49-76 s for the same work).
+# With the loader's weight handling priced as it happens (`_cost`, twenty-fifth session) all
+# eighteen EPYC runs re-plan within 30% (0.73-1.17; the 0.73 is fp32 on huge pages, whose 128-token
+# GEMMs ran slower than this rate); five of the Xeon VM's thirteen, its fastest, at 0.58-0.74 (its
+# engine took 49-76 s for the same work).
 ELEMENT_FLOPS = 2400
 # Fixed cost of one block call / one LM-head chunk call on one tile: Python and ~30 kernel launches.
 CALL_SECONDS = {"cpu": 5e-4, "cuda": 4e-4}
