@@ -26,23 +26,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import bench_engine as BE  # noqa: E402
+from scale_extras import shrunk  # noqa: E402
 
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.search.machine import detect_machine  # noqa: E402
 from bonsai_lite.search.planner import Work, candidate_cost  # noqa: E402
 
 HEAD_CHUNK = 4096
-
-
-def cut(layers, keep: float):
-    """Every layer keeps the first `keep` of its query heads (whole GQA groups) and MLP units."""
-    out = []
-    for s in layers:
-        group = len(s.heads) // len(s.kv)
-        heads = max(group, round(len(s.heads) * keep) // group * group)
-        out.append(replace(s, heads=s.heads[:heads], kv_of_head=s.kv_of_head[:heads],
-                           mlp=s.mlp[: max(1, round(len(s.mlp) * keep))]))
-    return tuple(out)
 
 
 def load_pass(model: StreamedModel, layers, dtype: torch.dtype) -> float:
@@ -74,7 +64,7 @@ def main(argv=None) -> dict:
     rows = []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        for label, layers in (("parent", spec.layers), (f"keep {args.keep:g}", cut(spec.layers, args.keep))):
+        for label, layers in (("parent", spec.layers), (f"keep {args.keep:g}", shrunk(spec.layers, args.keep))):
             load_pass(model, layers, dtype)  # page cache, kernels
             seconds = min(load_pass(model, layers, dtype) for _ in range(args.repeats))
             predicted = candidate_cost(spec, layers, Work(1, 1, 1), warm, dtype=name, order="layer-major",
@@ -86,7 +76,8 @@ def main(argv=None) -> dict:
             print(f"[loader] {name} {label}: {seconds:.2f} s measured, {predicted:.2f} s predicted", file=sys.stderr)
     result = {"kind": "loader", "model": str(args.model), "checkpoint_dtype": str(spec.dtype).removeprefix("torch."),
               "layers": len(spec.layers), "head_chunk": HEAD_CHUNK, "repeats": args.repeats, "rows": rows,
-              "probe_flops_per_s": machine.flops, "fresh_page_bps": machine.fresh_page_bps, "commit": BE.commit(), "hardware": BE.hardware(),
+              "probe_flops_per_s": machine.flops, "fresh_page_bps": machine.fresh_page_bps,
+              "commit": BE.commit(), "hardware": BE.hardware(),
               "command": "python tools/bench_loader.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(result, indent=1))
     if args.record:

@@ -330,7 +330,7 @@ def test_bench_prune_runs_the_cli_and_checks_the_time_left_against_the_plan(tmp_
 
 def test_bench_loader_times_the_parent_and_a_cut_structure(results):
     # tools/bench_loader.py: one loading pass per dtype and structure beside the planner's weight
-    # handling; the cut keeps whole GQA groups, so the loader builds every block of it
+    # handling, the cut structure from scale_extras.shrunk (the loader builds every block of it)
     work, _, _ = results
     r = _run("bench_loader.py", "--model", str(work / "tiny"), "--dtypes", "bfloat16,float32", "--keep", "0.5",
              "--repeats", "1")
