@@ -155,6 +155,12 @@ class SearchConfig:
     # "auto" (resolved at construction): PRIOR_MEMORY_AUTO for bonsai on the prior alone (--regression
     # none) with a flap-parent/anchored prior, else 0.
     prior_memory: float | str = "auto"
+    # How the removal splits between heads and MLP units and between edge and middle layers: "prior":
+    # as the prior's global scale decides (FLAP's z-scores: about the same share of every group);
+    # "search": each iteration evaluates the sub-models of a small grid of head / edge-layer offsets
+    # to the prior and removes the best one's units, if fresh windows confirm it (search/offsets.py).
+    # FLAP's z-scores only (offsets in z units). "auto" (resolved at construction): prior.
+    allocation: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -173,6 +179,14 @@ class SearchConfig:
             remembers = (self.method == "bonsai" and self.regression == "none"
                          and self.prior in ("flap-parent", "flap-anchored"))
             object.__setattr__(self, "prior_memory", PRIOR_MEMORY_AUTO if remembers else 0.0)
+        if self.allocation == "auto":
+            object.__setattr__(self, "allocation", "prior")
+        if self.allocation not in ("prior", "search"):
+            raise BonsaiError(f"--allocation must be auto, prior or search, got {self.allocation!r}")
+        if self.allocation == "search" and not (self.method == "bonsai" and self.prior.startswith("flap") and (
+                self.regression == "none" or (self.regression == "unit" and self.rank == "within"))):
+            raise BonsaiError("--allocation search shifts FLAP's z-scores: it needs --method bonsai with a flap prior "
+                              "and --regression none (or unit with --rank within)")
         if not 0.0 < self.sparsity < 1.0:
             raise BonsaiError(f"--sparsity must be in (0, 1), got {self.sparsity}")
         if not 0.0 < self.p_iter <= self.sparsity:
@@ -296,6 +310,8 @@ class RunConfig:
         for name in ("first_step", "prior_memory"):  # runs from before the setting existed resume
             if not getattr(self.search, name):
                 d["search"].pop(name)
+        if self.search.allocation == "prior":
+            d["search"].pop("allocation")
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")
             d.pop("refit_samples")

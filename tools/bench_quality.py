@@ -15,7 +15,7 @@ command continues a benchmark across sessions. `--git-commit` commits each recor
 Variants (`name=value`, comma separated, each run for every method it applies to, in addition to
 the default row): compensate=on|off, refit=off|ls|auto (the least-squares refit after the search;
 auto as `bonsai-lite prune` resolves it), refit_samples=N (default: auto, as the CLI; records hold
-the resolved count), masks=N, p_iter=X, first_step=X, prior_memory=W, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
+the resolved count), masks=N, p_iter=X, first_step=X, prior_memory=W, allocation=prior|search, samples=N, seq=N, prior_samples=N, prior_seq=N, rank=R, spread=X, regression=unit|allocation|none|best|best-confirmed (none: the prior
 alone, no sub-models; best: the lowest-loss sub-model's removals; best-confirmed: best, kept only if
 it beats the prior's proposal again on fresh windows), gqa=any|equal, multiple_of=N,
 prior=wanda|activation|flap|flap-parent|flap-anchored, fluctuation=variance|residual, guard=on|off,
@@ -54,6 +54,7 @@ VARIANTS = {
     "fluctuation": ("fluctuation", str, "search"),
     "guard": ("guard", lambda v: v == "on", "search"), "candidates": ("candidates", str, "search"),
     "cv_scope": ("cv_scope", str, "search"), "prior_memory": ("prior_memory", float, "search"),
+    "allocation": ("allocation", str, "search"),
     "refit": ("refit", str, "preset"), "refit_samples": ("refit_samples", int, "preset"),
 }
 # what a variant can change for a method that evaluates no sub-models (the others do not apply)

@@ -65,6 +65,8 @@ def label(r: dict) -> str:
                 parts.append(f"cv {settings['cv_scope']}")
         if settings.get("prior_memory"):
             parts.append(f"prior memory {settings['prior_memory']:g}")
+        if settings.get("allocation", "prior") != "prior":
+            parts.append(f"allocation {settings['allocation']}")
     shown = f" [{', '.join(parts)}]" if parts else ""
     residual = " +residual" if settings.get("fluctuation", "variance") == "residual" else ""
     refit = {"off": "", "ls": " +refit", "loop": " +refit loop"}[settings.get("refit", "off")]
@@ -85,7 +87,7 @@ def _variant(r: dict) -> str:
     settings: a run that set it to that value is the default, a default run from before it resolved
     so is the variant it now is."""
     shown = ("compensate=", "prior=", "rank=", "regression=", "candidates=", "cv_scope=", "refit=", "fluctuation=",
-             "prior_memory=")
+             "prior_memory=", "allocation=")
     named = tuple(f"{name}=" for _, name in COMPUTE_SETTINGS) + ("first_step=",)
     parts = [p for p in r.get("variant", "").split("+") if p and not p.startswith(shown + named)]
     preset, settings = PRESETS.get(r.get("preset"), {}), r.get("settings", {})

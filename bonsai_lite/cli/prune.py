@@ -42,6 +42,10 @@ SEARCH_CHOICES = (
      "scale per group, ranked per parameter (docs/search-maths.md); none: no sub-models, the prior alone; best: "
      "remove what the lowest-loss sub-model removed (the prior's proposal evaluated among them); best-confirmed: "
      "best, kept only if it still beats the prior's proposal on a fresh draw of windows"),
+    ("--allocation", ["auto", "prior", "search"],
+     "how the removal splits between heads and MLP units and between edge and middle layers: as the prior's "
+     "global scale decides, or search: each iteration evaluates the sub-models of a small grid of head / "
+     "edge-layer offsets to FLAP's z-scores and keeps the best if fresh windows confirm it (auto: prior)"),
     ("--compensate", ["auto", "on", "off"],
      "masked units read as their calibration mean during the search and removed units' mean output folded into "
      "the output biases (auto: where it measured better, docs/RESULTS.md)"),
@@ -147,7 +151,7 @@ def config_from_args(args) -> RunConfig:
                           candidates=args.candidates, cv_scope=args.cv_scope,
                           penalty=args.penalty, rank=args.rank, keep_spread=args.keep_spread, uniform=args.uniform, seed=args.seed,
                           compensate=args.compensate, regression=regression, multiple_of=_multiple_of(args),
-                          gqa=args.gqa)
+                          gqa=args.gqa, allocation=args.allocation)
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir,

@@ -41,6 +41,7 @@ from bonsai_lite.prune.state import RunState, group_key, layers_from_json, layer
 from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
+from bonsai_lite.search.offsets import allocation_grid, allocation_offsets, distinct
 from bonsai_lite.search.machine import detect_machine
 from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.search.regression import fit_relevance
@@ -355,6 +356,7 @@ class Pruner:
         tokens = self._tokens(it)
         self.it = it
         t0 = time.perf_counter()
+        search_model = model
         if s.method in ("bonsai", "bonsai-noregress"):
             info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
             search_model = model.with_fills(C.fills(means, layers, model.spec.head_dim)) if s.compensates else model
@@ -424,13 +426,20 @@ class Pruner:
         costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._need(it, model)
         tiebreak = normalised_prior(prior, layout.groups())  # ties (e.g. beta all 0) go by the prior
-        drop = (greedy_drop(scores, costs, need, tiebreak=tiebreak) if need > 0
-                else torch.zeros(layout.total, dtype=torch.bool))
-        if s.uniform:
-            drop = uniform_drop(scores, drop, layout, layers, tiebreak=tiebreak)
-        if s.gqa == "equal" and not s.uniform:  # uniform_drop already keeps groups equal
-            drop = equal_groups_drop(scores, drop, layout, layers, tiebreak)
-        drop = align_drop(scores, drop, layout, s.multiple_of)
+
+        def select(ranked: torch.Tensor) -> torch.Tensor:
+            drop = (greedy_drop(ranked, costs, need, tiebreak=tiebreak) if need > 0
+                    else torch.zeros(layout.total, dtype=torch.bool))
+            if s.uniform:
+                drop = uniform_drop(ranked, drop, layout, layers, tiebreak=tiebreak)
+            if s.gqa == "equal" and not s.uniform:  # uniform_drop already keeps groups equal
+                drop = equal_groups_drop(ranked, drop, layout, layers, tiebreak)
+            return align_drop(ranked, drop, layout, s.multiple_of)
+
+        if s.allocation == "search" and need > 0:
+            drop = self._allocated(search_model, tokens, scores, select, layout, info)
+        else:
+            drop = select(scores)
         new_layers = apply_drop(layers, layout, drop)
         new_biases = dict(biases or {})
         if s.compensates:  # FLAP's bias compensation, for every method: removed units' mean output
@@ -439,7 +448,7 @@ class Pruner:
         # Forward tokens spent (the compute a user pays): the dense pass plus every sub-model x window.
         n_masks = len(masks) if s.method in ("bonsai", "bonsai-noregress") and s.regression != "none" else 0
         info["forward_tokens"] = (self._prior_tokens(it, tokens).numel() + n_masks * tokens.numel()
-                                  + info.get("confirm_tokens", 0))
+                                  + info.get("confirm_tokens", 0) + info.get("allocation_tokens", 0))
         info.update(removed_units=int(drop.sum()), seconds=time.perf_counter() - t0,
                     removed_heads=[int(drop[h].sum()) for h in layout.heads],
                     removed_mlp=[int(drop[m].sum()) for m in layout.mlp],
@@ -467,10 +476,32 @@ class Pruner:
         lift = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 0.0
         return torch.where(masks[best].bool() & candidates, ranked_prior + lift, ranked_prior)
 
-    def _confirm_tokens(self, iteration: int, tokens: torch.Tensor) -> torch.Tensor:
-        """`best-confirmed`'s windows: a draw of its own, shaped like the step's."""
+    def _allocated(self, model, tokens, scores, select, layout, info: dict) -> torch.Tensor:
+        """`--allocation search`: the removal of the candidate allocation (search/offsets.py) whose
+        sub-model has the lowest loss on the step's windows, kept only if it beats the prior's own
+        allocation again on a fresh draw of windows (as `best-confirmed`); else the prior's."""
+        grid = allocation_grid()
+        drops = [select(scores + allocation_offsets(layout, a, e)) for a, e in grid]
+        tried = distinct(drops)  # the prior's allocation, grid[0], is always the first
+        losses = self._confirm_losses(model, tokens, torch.stack([~drops[i] for i in tried]))
+        best = tried[int(torch.nan_to_num(losses, nan=math.inf).argmin())]
+        spent = len(tried) * tokens.numel()
+        info.update(allocation_losses={f"{grid[i][0]:g},{grid[i][1]:g}": float(x) for i, x in zip(tried, losses)})
+        if best != 0:
+            fresh = self._confirm_tokens(self.it, tokens, salt=7)
+            pair = self._confirm_losses(model, fresh, torch.stack([~drops[best], ~drops[0]]))
+            spent += 2 * fresh.numel()
+            info.update(allocation_confirm=[float(pair[0]), float(pair[1])], allocation_confirmed=bool(pair[0] < pair[1]))
+            if not pair[0] < pair[1]:
+                best = 0
+        info.update(allocation=list(grid[best]), allocation_tokens=spent)
+        log.info("iteration %d: allocation (heads %+g, edge layers %+g) of %d tried", self.it + 1, *grid[best], len(tried))
+        return drops[best]
+
+    def _confirm_tokens(self, iteration: int, tokens: torch.Tensor, salt: int = 6) -> torch.Tensor:
+        """`best-confirmed`'s (and the allocation search's) windows: a draw of their own, shaped like the step's."""
         return calibration_tokens(self.ids, samples=len(tokens), seq_len=tokens.shape[1],
-                                  seed=_seed(self.cfg, iteration, 6))
+                                  seed=_seed(self.cfg, iteration, salt))
 
     def _confirm_losses(self, model, tokens, masks) -> torch.Tensor:
         """Losses of the two sub-models `best-confirmed` compares (not checkpointed: two sub-models)."""

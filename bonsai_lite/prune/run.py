@@ -26,7 +26,7 @@ from bonsai_lite.prune.state import RunState, jsonable, layers_from_json, layers
 log = logging.getLogger(__name__)
 
 # search settings added after runs existed that ran without them, and the flag that resumes those runs
-SETTINGS_ADDED = {"prior_memory": "--prior-memory 0"}
+SETTINGS_ADDED = {"prior_memory": "--prior-memory 0", "allocation": "--allocation prior"}
 
 
 def run_pruning(cfg: RunConfig, *, ids: torch.Tensor, run_dir: str | Path, restart: bool = False,

@@ -1,0 +1,110 @@
+"""`--allocation search`: each iteration removes the units of the head / edge-layer offset whose
+sub-model measured lowest (when fresh windows confirm it), checked against the prior-only runs with
+each offset added to the prior by hand (the reference path), and against a direct evaluation of
+those runs' sub-models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+from bonsai_lite.errors import BonsaiError
+from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.prune import loop as L
+from bonsai_lite.prune import run as R
+from bonsai_lite.search.engine import evaluate
+from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.offsets import allocation_grid, allocation_offsets, distinct, edge_layers
+from bonsai_lite.search.planner import Work, make_plan
+from bonsai_lite.structure import UnitLayout
+
+pytestmark = pytest.mark.integration
+
+
+def _run(model_dir, tmp_path, name, *, allocation="prior", seed=0, sparsity=0.3):
+    cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
+                    search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.15, masks_per_iter=8, seed=seed,
+                                        regression="none", prior="flap-parent", candidates="global",
+                                        allocation=allocation),
+                    device="cpu")
+    ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(1))
+    return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+
+
+def _shifted(monkeypatch, model_dir, head, edge):
+    """The reference: the prior-only frame (one iteration) selecting on its scores plus one allocation's
+    offsets, added by hand on the parent's layout."""
+    real = L.greedy_drop
+    offsets = allocation_offsets(UnitLayout.of(StreamedModel.open(str(model_dir)).layers), head, edge)
+    monkeypatch.setattr(L, "greedy_drop", lambda scores, *a, **k: real(scores + offsets, *a, **k))
+
+
+def test_offsets_shift_heads_and_edge_layers_only():
+    layout = UnitLayout.of(tuple(type("S", (), {"heads": tuple(range(3)), "mlp": tuple(range(4))})() for _ in range(12)))
+    off = allocation_offsets(layout, 0.5, 2.0)
+    assert edge_layers(12) == {0, 11} and edge_layers(30) == {0, 1, 2, 27, 28, 29} and edge_layers(1) == {0}
+    for layer, (h, m) in enumerate(zip(layout.heads, layout.mlp)):
+        edge = 2.0 if layer in (0, 11) else 0.0
+        assert torch.equal(off[h], torch.full((3,), 0.5 + edge, dtype=torch.float64))
+        assert torch.equal(off[m], torch.full((4,), edge, dtype=torch.float64))
+    assert allocation_grid()[0] == (0.0, 0.0) and len(set(allocation_grid())) == len(allocation_grid())
+    a, b = torch.tensor([True, False]), torch.tensor([False, True])
+    assert distinct([a, b, a.clone(), b, a]) == [0, 1]
+
+
+def test_search_removes_what_the_winning_offset_removes(tiny_models, tmp_path, monkeypatch):
+    """Per seed, the searched run's structure is the prior-only run's with the offset it chose (that
+    offset measured lowest among the grid, or the prior's own when the fresh windows did not confirm
+    it), and at least one seed chooses an offset that changes the structure."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    changed = False
+    for seed in range(3):
+        searched = _run(model_dir, tmp_path, f"s{seed}", allocation="search", seed=seed, sparsity=0.15)
+        (h,) = searched.history
+        losses = h["allocation_losses"]
+        head, edge = h["allocation"]
+        best = min(losses, key=losses.get)
+        if h.get("allocation_confirmed", True) and best != "0,0":
+            assert f"{head:g},{edge:g}" == best
+        else:
+            assert (head, edge) == (0.0, 0.0)
+        assert h["forward_tokens"] > h["allocation_tokens"] >= len(losses) * 2 * 16
+        with monkeypatch.context() as m:
+            _shifted(m, model_dir, head, edge)
+            reference = _run(model_dir, tmp_path, f"r{seed}", seed=seed, sparsity=0.15)
+        assert searched.layers == reference.layers
+        changed |= searched.layers != _run(model_dir, tmp_path, f"p{seed}", seed=seed, sparsity=0.15).layers
+    assert changed
+
+
+def test_recorded_losses_are_the_sub_models_losses(tiny_models, tmp_path, monkeypatch):
+    """The losses the search records are those of the sub-models it selected: the same masks evaluated
+    again through the engine, one at a time, on the same windows."""
+    model_dir = tiny_models["llama-gqa-tied"]
+    seen = []
+    real = L.Pruner._confirm_losses
+
+    def spy(self, model, tokens, masks):
+        out = real(self, model, tokens, masks)
+        seen.append((model, tokens, masks, out))
+        return out
+
+    monkeypatch.setattr(L.Pruner, "_confirm_losses", spy)
+    searched = _run(model_dir, tmp_path, "spy", allocation="search", sparsity=0.15)
+    model, tokens, masks, losses = seen[0]
+    assert len(masks) == len(searched.history[0]["allocation_losses"]) >= 2
+    assert len(set(map(tuple, masks.int().tolist()))) == len(masks)  # each distinct removal once
+    machine = detect_machine(device="cpu", budget=None)
+    for k, m in enumerate(masks):  # the batched evaluation against one sub-model at a time
+        plan = make_plan(model.spec, model.layers, Work(1, len(tokens), tokens.shape[1]), machine)
+        one = evaluate(model, tokens, m[None], plan).nll[0]
+        assert float(one) == pytest.approx(float(losses[k]), rel=1e-4, abs=1e-5)
+
+
+def test_allocation_search_needs_flap_scores():
+    with pytest.raises(BonsaiError, match="--allocation search"):
+        SearchConfig(method="bonsai", sparsity=0.3, prior="wanda", regression="none", allocation="search")
+    with pytest.raises(BonsaiError, match="--allocation search"):
+        SearchConfig(method="flap", sparsity=0.3, allocation="search")
+    with pytest.raises(BonsaiError, match="--allocation"):
+        SearchConfig(method="bonsai", sparsity=0.3, allocation="sideways")
