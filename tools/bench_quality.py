@@ -153,6 +153,8 @@ def prune_and_eval(args, method: str, sparsity: float, seed: int, variant: str) 
         # the guard's choice per iteration, and the prior's own pair tau it was compared with
         "ranked_by": [h["ranked_by"] for h in hist if "ranked_by" in h],
         "prior_pair_tau": [h["prior_pair_tau"] for h in hist if "prior_pair_tau" in h],
+        # --allocation search: the (head, edge-layer) offset each iteration removed by
+        "allocation": [h["allocation"] for h in hist if "allocation" in h],
         "params": res["params_after"], "prunable_params": res["prunable_params_after"],
         "prunable_params_before": res["prunable_params_before"],
         **args.code, "hardware": hardware(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
