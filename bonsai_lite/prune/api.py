@@ -302,7 +302,7 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
     s = cfg.search
     try:
         search = estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
-                          first_step=s.first_step, regression=s.regression)
+                          first_step=s.first_step, regression=s.regression, allocation=s.allocation)
     except BudgetError:
         return None
     return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine,
@@ -318,7 +318,7 @@ def _run_estimate(cfg: RunConfig, spec, machine):
     try:
         return estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
                         refit=cfg.refit, refit_samples=cfg.refit_samples, fluctuation=s.fluctuation,
-                        first_step=s.first_step, regression=s.regression)
+                        first_step=s.first_step, regression=s.regression, allocation=s.allocation)
     except BudgetError:
         return None
 

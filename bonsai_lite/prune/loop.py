@@ -495,7 +495,6 @@ class Pruner:
             if not pair[0] < pair[1]:
                 best = 0
         info.update(allocation=list(grid[best]), allocation_tokens=spent)
-        log.info("iteration %d: allocation (heads %+g, edge layers %+g) of %d tried", self.it + 1, *grid[best], len(tried))
         return drops[best]
 
     def _confirm_tokens(self, iteration: int, tokens: torch.Tensor, salt: int = 6) -> torch.Tensor:

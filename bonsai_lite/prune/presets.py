@@ -16,6 +16,7 @@ from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
 from bonsai_lite.search.machine import Machine
+from bonsai_lite.search.offsets import allocation_grid
 from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.structure import ModelSpec
 
@@ -68,7 +69,8 @@ def seconds_left(e: Estimate, done: int, pace: float) -> float:
 
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
              dtype: str | None = None, refit: str = "off", refit_samples: int = 0,
-             fluctuation: str = "variance", first_step: float | str = 0.0, regression: str = "unit") -> Estimate:
+             fluctuation: str = "variance", first_step: float | str = 0.0, regression: str = "unit",
+             allocation: str = "prior") -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
@@ -77,7 +79,10 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     `fluctuation` ("auto": residual when the run refits and `refit.residual_fits`) adds the residual
     metric's second moments to each dense pass of the methods that use FLAP's metric; `first_step`
     is --first-step (`config.removal_schedule`; "auto": `config.auto_first_step`); `regression` "none"
-    evaluates no sub-models ("auto": `config.auto_regression` of the rung's windows)."""
+    evaluates no sub-models ("auto": `config.auto_regression` of the rung's windows); `allocation`
+    "search" adds, per iteration, the sub-models of the whole offset grid and the two that confirm a
+    winner (an upper bound: identical removals are evaluated once, and a confirmation only when the
+    prior's allocation does not win)."""
     p_iter = min(settings["p_iter"], sparsity)
     if regression == "auto":
         regression = auto_regression(method, settings["samples"], settings["seq_len"])
@@ -115,6 +120,11 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
         ev_seconds = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine,
                                dtype=dtype).predicted_seconds
         ev_tokens = k * settings["samples"] * settings["seq_len"]
+    if allocation == "search" and method in SEARCH_METHODS:  # the grid's sub-models, then a confirming pair
+        k = len(allocation_grid()) + 2
+        ev_seconds += make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine,
+                                dtype=dtype).predicted_seconds
+        ev_tokens += k * settings["samples"] * settings["seq_len"]
     # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
     # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)
     iterations = [max(0.05, 1.0 - (schedule[it - 1] if it else 0.0)) * (per_scale[scales[it]] + ev_seconds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -120,5 +121,13 @@ def iteration_line(info: dict) -> str:
     elif info.get("best_mask") is not None:
         parts.append(f"removed as sub-model {info['best_mask']} ({info['loss_best']:.3f}; the prior's proposal "
                      f"{info['loss_prior']:.3f})")
+    if info.get("allocation") is not None:
+        (a, e), losses = info["allocation"], info["allocation_losses"]
+        text = (f"allocation heads {a:+g}, edge layers {e:+g} of {len(losses)} tried (loss "
+                f"{losses.get(f'{a:g},{e:g}', math.nan):.3f}; the prior's {losses['0,0']:.3f})")
+        if info.get("allocation_confirmed") is False:
+            text = (f"allocation: the prior's, the best of {len(losses)} tried not confirmed on fresh windows "
+                    f"(its {info['allocation_confirm'][0]:.3f} against the prior's {info['allocation_confirm'][1]:.3f})")
+        parts.append(text)
     parts.append(f"dense loss {info['dense_nll']:.3f}, {info['seconds']:.0f} s")
     return ", ".join(parts)

@@ -108,3 +108,15 @@ def test_allocation_search_needs_flap_scores():
         SearchConfig(method="flap", sparsity=0.3, allocation="search")
     with pytest.raises(BonsaiError, match="--allocation"):
         SearchConfig(method="bonsai", sparsity=0.3, allocation="sideways")
+
+
+def test_the_log_line_names_the_allocation():
+    from bonsai_lite.prune.run import iteration_line
+
+    base = dict(removed_units=3, params_non_embedding=1e6, dense_nll=3.0, seconds=2)
+    won = iteration_line(dict(base, allocation=[0.5, 1.0], allocation_losses={"0,0": 3.9, "0.5,1": 3.7},
+                              allocation_confirmed=True, allocation_confirm=[3.7, 3.8]))
+    assert "allocation heads +0.5, edge layers +1 of 2 tried (loss 3.700; the prior's 3.900)" in won
+    lost = iteration_line(dict(base, allocation=[0.0, 0.0], allocation_losses={"0,0": 3.9, "0.5,1": 3.7},
+                               allocation_confirmed=False, allocation_confirm=[3.95, 3.8]))
+    assert "not confirmed on fresh windows (its 3.950 against the prior's 3.800)" in lost

@@ -222,3 +222,25 @@ def test_progress_pace_is_measured_over_planned_seconds(monkeypatch):
         pass
     assert p.pace() == pytest.approx(9 / 10)
     assert [P.fmt_duration(s) for s in (42, 600, 9000)] == ["42 s", "10 min", "2.5 h"]
+
+
+def test_the_allocation_search_is_counted(tiny_models):
+    """--allocation search: every iteration adds the grid's sub-models and a confirming pair on the
+    step's windows, priced as the planner prices that many sub-models on the structure left."""
+    from bonsai_lite.search.offsets import allocation_grid
+    from bonsai_lite.search.planner import Work, make_plan
+
+    spec = load_spec(tiny_models["llama-gqa-tied"])
+    machine = nominal_machine(device="cpu", budget=2**30)
+    settings = dict(LADDER[2][1])  # standard
+    kw = dict(method="bonsai", sparsity=0.35, machine=machine, regression="none")
+    base = estimate(spec, settings, **kw)
+    searched = estimate(spec, settings, allocation="search", **kw)
+    k = len(allocation_grid()) + 2
+    n_iter = 7  # p_iter 0.05 to 0.35
+    assert searched.forward_tokens == base.forward_tokens + n_iter * k * settings["samples"] * settings["seq_len"]
+    per = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine).predicted_seconds
+    shares = sum(max(0.05, 1 - it * settings["p_iter"]) for it in range(n_iter))
+    assert searched.seconds == pytest.approx(base.seconds + shares * per)
+    # FLAP evaluates no sub-models: the setting costs it nothing
+    assert estimate(spec, settings, **dict(kw, method="flap"), allocation="search") == estimate(spec, settings, **dict(kw, method="flap"))
