@@ -24,6 +24,29 @@ ALLOCATION_SPREAD = 0.5  # keep_spread the allocation model samples with unless 
 REGRESSION_MIN_TOKENS = 2048
 
 
+# `--allocation auto`: the allocation search on steps of at least this share. SmolLM2-135M, 3 seeds
+# (docs/RESULTS.md, eighteenth round): `standard` 20% in one step 27.6 against 29.3 (std 0.07 / 0.22),
+# `quick` 35% in 10% steps 47.1 against 52.2; in `standard`'s 5% steps the allocations' sub-model losses
+# differ by less than their noise on 4 x 128 tokens, and 35/50% gave 42.0 / 63.4 against 42.5 / 64.1
+# with twice to five times the spread, for 23-29% more forward tokens.
+ALLOCATION_MIN_STEP = 0.1
+
+
+def auto_allocation(method: str, prior: str, regression: str, step: float) -> str:
+    """What `--allocation auto` runs: search (search/offsets.py) for bonsai ranking by a FLAP z-scored
+    prior alone (--regression none) when its steps (`smallest_step`) remove at least ALLOCATION_MIN_STEP,
+    else prior."""
+    searches = method == "bonsai" and prior.startswith("flap") and regression == "none"
+    return "search" if searches and step >= ALLOCATION_MIN_STEP - 1e-9 else "prior"
+
+
+def smallest_step(schedule: tuple[float, ...]) -> float:
+    """The smallest step of a removal schedule but the last, which only tops up to the target (the
+    only step when there is one)."""
+    steps = [b - a for a, b in zip((0.0,) + schedule[:-1], schedule)]
+    return min(steps[:-1] or steps)
+
+
 def auto_regression(method: str, samples: int, seq_len: int) -> str:
     """What `--regression auto` runs: the paper's per-unit regression when `samples` x `seq_len`
     tokens per sub-model reach REGRESSION_MIN_TOKENS, else none (Bonsai's frame on the prior alone)."""
@@ -159,7 +182,8 @@ class SearchConfig:
     # as the prior's global scale decides (FLAP's z-scores: about the same share of every group);
     # "search": each iteration evaluates the sub-models of a small grid of head / edge-layer offsets
     # to the prior and removes the best one's units, if fresh windows confirm it (search/offsets.py).
-    # FLAP's z-scores only (offsets in z units). "auto" (resolved at construction): prior.
+    # FLAP's z-scores only (offsets in z units). "auto": `auto_allocation` of the schedule (resolved at
+    # construction, or with --first-step auto by prune.api once the first step is; unresolved it is prior).
     allocation: str = "auto"
 
     def __post_init__(self):
@@ -179,9 +203,7 @@ class SearchConfig:
             remembers = (self.method == "bonsai" and self.regression == "none"
                          and self.prior in ("flap-parent", "flap-anchored"))
             object.__setattr__(self, "prior_memory", PRIOR_MEMORY_AUTO if remembers else 0.0)
-        if self.allocation == "auto":
-            object.__setattr__(self, "allocation", "prior")
-        if self.allocation not in ("prior", "search"):
+        if self.allocation not in ("auto", "prior", "search"):
             raise BonsaiError(f"--allocation must be auto, prior or search, got {self.allocation!r}")
         if self.allocation == "search" and not (self.method == "bonsai" and self.prior.startswith("flap") and (
                 self.regression == "none" or (self.regression == "unit" and self.rank == "within"))):
@@ -232,6 +254,8 @@ class SearchConfig:
         if self.method == "bonsai" and self.regression != "none" and self.masks_per_iter < MIN_REGRESSION_MASKS:
             raise BonsaiError(f"--masks-per-iter must be at least {MIN_REGRESSION_MASKS} for bonsai's regression (it "
                               f"cross-validates on held-out mask pairs), got {self.masks_per_iter}")
+        if self.allocation == "auto" and self.first_step != "auto":  # else prune.api resolves it with the first step
+            object.__setattr__(self, "allocation", self.auto_allocation())
 
     @property
     def iterations(self) -> int:
@@ -244,6 +268,9 @@ class SearchConfig:
     @property
     def _first(self) -> float:
         return 0.0 if self.first_step == "auto" else self.first_step
+
+    def auto_allocation(self) -> str:
+        return auto_allocation(self.method, self.prior, self.regression, smallest_step(self.schedule))
 
     def step(self, iteration: int) -> float:
         """Share of the parent's non-embedding parameters iteration `iteration` removes."""
@@ -310,7 +337,7 @@ class RunConfig:
         for name in ("first_step", "prior_memory"):  # runs from before the setting existed resume
             if not getattr(self.search, name):
                 d["search"].pop(name)
-        if self.search.allocation == "prior":
+        if self.search.allocation in ("prior", "auto"):  # unresolved "auto" runs as prior
             d["search"].pop("allocation")
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")

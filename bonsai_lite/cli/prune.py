@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bonsai_lite.cli.common import add_budget_args, show_progress
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.config import (METHODS, PRESETS, REGRESSION_MIN_TOKENS, REGRESSIONS, ONE_STEP_SPARSITY,
+from bonsai_lite.config import (ALLOCATION_MIN_STEP, METHODS, PRESETS, REGRESSION_MIN_TOKENS, REGRESSIONS, ONE_STEP_SPARSITY,
                                 CalibConfig, RunConfig, SearchConfig, auto_regression)
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.search.machine import parse_bytes
@@ -45,7 +45,9 @@ SEARCH_CHOICES = (
     ("--allocation", ["auto", "prior", "search"],
      "how the removal splits between heads and MLP units and between edge and middle layers: as the prior's "
      "global scale decides, or search: each iteration evaluates the sub-models of a small grid of head / "
-     "edge-layer offsets to FLAP's z-scores and keeps the best if fresh windows confirm it (auto: prior)"),
+     "edge-layer offsets to FLAP's z-scores and keeps the best if fresh windows confirm it (auto: search for "
+     f"bonsai on a flap prior with --regression none when every step removes at least {ALLOCATION_MIN_STEP:g}, "
+     "where it measured better, docs/RESULTS.md)"),
     ("--compensate", ["auto", "on", "off"],
      "masked units read as their calibration mean during the search and removed units' mean output folded into "
      "the output biases (auto: where it measured better, docs/RESULTS.md)"),
@@ -171,7 +173,7 @@ def _fit_time_budget(args) -> dict:
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
                         refit_samples=getattr(args, "refit_samples", 0), fluctuation=args.fluctuation,
-                        first_step=args.first_step, regression=args.regression)
+                        first_step=args.first_step, regression=args.regression, allocation=args.allocation)
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings

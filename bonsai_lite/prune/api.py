@@ -12,7 +12,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
-from bonsai_lite.config import RunConfig, auto_first_step
+from bonsai_lite.config import ALLOCATION_MIN_STEP, RunConfig, auto_first_step
+from bonsai_lite.search.offsets import allocation_grid
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
@@ -330,7 +331,8 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
     times the search's, else off; `--fluctuation auto`: residual when the run
     refits and its second moments fit too (both measured better together, docs/RESULTS.md), or
     `earlier`, what the run being resumed searched with (a finished search re-exported with another
-    --refit is not searched again); `--first-step auto`: `config.auto_first_step` of the result."""
+    --refit is not searched again); `--first-step auto`: `config.auto_first_step` of the result;
+    `--allocation auto`: `config.auto_allocation` of the resulting steps."""
     from bonsai_lite.prune.refit import refit_peak_bytes, residual_fits
 
     if cfg.refit == "auto":
@@ -361,6 +363,15 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
                      "ranking on them; measured better than %g steps at this size, docs/RESULTS.md); --first-step 0 "
                      "keeps the paper's equal steps", first, round(first / s.p_iter), s.p_iter)
         cfg = replace(cfg, search=replace(s, first_step=first))
+    s = cfg.search
+    if s.allocation == "auto":
+        allocation = s.auto_allocation()
+        if allocation == "search":
+            log.info("--allocation auto: search: each step's split between heads and MLP units and between edge and "
+                     "middle layers is chosen among %d offsets by their sub-models' losses (measured better on steps "
+                     "of %g and more, docs/RESULTS.md); --allocation prior leaves it to the prior",
+                     len(allocation_grid()), ALLOCATION_MIN_STEP)
+        cfg = replace(cfg, search=replace(s, allocation=allocation))
     return cfg
 
 

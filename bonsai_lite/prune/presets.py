@@ -12,7 +12,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from bonsai_lite.config import PRESETS, auto_first_step, auto_regression, dense_scale, removal_schedule
+from bonsai_lite.config import (PRESETS, auto_allocation, auto_first_step, auto_regression, dense_scale, removal_schedule,
+                                smallest_step)
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
 from bonsai_lite.search.machine import Machine
@@ -82,7 +83,7 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     evaluates no sub-models ("auto": `config.auto_regression` of the rung's windows); `allocation`
     "search" adds, per iteration, the sub-models of the whole offset grid and the two that confirm a
     winner (an upper bound: identical removals are evaluated once, and a confirmation only when the
-    prior's allocation does not win)."""
+    prior's allocation does not win; "auto": `config.auto_allocation`)."""
     p_iter = min(settings["p_iter"], sparsity)
     if regression == "auto":
         regression = auto_regression(method, settings["samples"], settings["seq_len"])
@@ -102,6 +103,9 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
                                      p_iter, sparsity)
     schedule = (sparsity,) if method == "flap" else removal_schedule(sparsity, p_iter, first_step)
     n_iter = len(schedule)
+    if allocation == "auto":  # bonsai's default prior is FLAP's (flap-parent)
+        allocation = auto_allocation(method, "flap-parent" if method == "bonsai" else "wanda", regression,
+                                     smallest_step(schedule))
     # FLAP's scores read every o/down projection once per run
     start = column_norm_seconds(spec, machine) if flap_metric else 0.0
 

@@ -120,3 +120,27 @@ def test_the_log_line_names_the_allocation():
     lost = iteration_line(dict(base, allocation=[0.0, 0.0], allocation_losses={"0,0": 3.9, "0.5,1": 3.7},
                                allocation_confirmed=False, allocation_confirm=[3.95, 3.8]))
     assert "not confirmed on fresh windows (its 3.950 against the prior's 3.800)" in lost
+
+
+def test_auto_searches_on_steps_of_a_tenth_and_more(tiny_models):
+    """--allocation auto: search where it measured better (bonsai on a flap prior alone, steps of at
+    least 0.1), the prior elsewhere; with --first-step auto, prune.api resolves it with the first step."""
+    from bonsai_lite.prune.api import _resolve_refit
+    from bonsai_lite.structure import load_spec
+
+    kw = dict(method="bonsai", regression="none", prior="flap-parent")
+    assert SearchConfig(sparsity=0.35, p_iter=0.1, **kw).allocation == "search"
+    assert SearchConfig(sparsity=0.2, p_iter=0.05, first_step=0.2, **kw).allocation == "search"
+    assert SearchConfig(sparsity=0.35, p_iter=0.05, **kw).allocation == "prior"
+    assert SearchConfig(sparsity=0.3, p_iter=0.05, first_step=0.2, **kw).allocation == "prior"  # then 5% steps
+    assert SearchConfig(sparsity=0.05, p_iter=0.05, **kw).allocation == "prior"  # one small step
+    assert SearchConfig(sparsity=0.35, p_iter=0.1, **dict(kw, regression="unit")).allocation == "prior"
+    assert SearchConfig(sparsity=0.35, p_iter=0.1, **dict(kw, prior="wanda")).allocation == "prior"
+    assert SearchConfig(method="flap", sparsity=0.35, p_iter=0.1).allocation == "prior"
+    model = tiny_models["llama-gqa-tied"]
+    for sparsity, want in ((0.2, "search"), (0.35, "prior")):
+        search = SearchConfig(sparsity=sparsity, p_iter=0.05, first_step="auto", fluctuation="residual", **kw)
+        assert search.allocation == "auto"
+        cfg = RunConfig(model=str(model), out="unused", calib=CalibConfig(text=None), search=search, device="cpu")
+        resolved = _resolve_refit(cfg, load_spec(model), 2**30).search
+        assert (resolved.first_step, resolved.allocation) == ((0.2, "search") if want == "search" else (0.0, "prior"))

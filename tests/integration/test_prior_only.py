@@ -17,11 +17,11 @@ pytestmark = pytest.mark.integration
 
 
 def _run(model_dir, tmp_path, name, regression, *, guard=True, sparsity=0.4, seed=4, prior="wanda", rank="relevance",
-         candidates="layer", prior_memory="auto"):
+         candidates="layer", prior_memory="auto", allocation="prior"):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.2, masks_per_iter=8, seed=seed,
                                         regression=regression, guard=guard, prior=prior, rank=rank,
-                                        candidates=candidates, prior_memory=prior_memory),
+                                        candidates=candidates, prior_memory=prior_memory, allocation=allocation),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
     return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
@@ -290,7 +290,7 @@ def test_one_step_prior_only_is_flap_on_the_steps_windows(tiny_models, tmp_path)
                         search=SearchConfig(method=method, sparsity=0.4, p_iter=0.1, seed=2, **search), device="cpu")
         return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
 
-    one = run("one", "bonsai", 3, first_step=0.4, regression="none", fluctuation="variance")
+    one = run("one", "bonsai", 3, first_step=0.4, regression="none", fluctuation="variance", allocation="prior")
     assert len(one.history) == 1 and one.history[0]["forward_tokens"] == 4 * 3 * 32
     flap = run("flap", "flap", 12, fluctuation="variance")
     assert one.layers == flap.layers

@@ -244,3 +244,7 @@ def test_the_allocation_search_is_counted(tiny_models):
     assert searched.seconds == pytest.approx(base.seconds + shares * per)
     # FLAP evaluates no sub-models: the setting costs it nothing
     assert estimate(spec, settings, **dict(kw, method="flap"), allocation="search") == estimate(spec, settings, **dict(kw, method="flap"))
+    # auto: the prior's allocation on standard's 5% steps, the search on quick's 10% steps (config.auto_allocation)
+    assert estimate(spec, settings, allocation="auto", **kw) == base
+    quick = dict(LADDER[0][1])
+    assert estimate(spec, quick, allocation="auto", **kw) == estimate(spec, quick, allocation="search", **kw)
