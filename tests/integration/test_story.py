@@ -177,7 +177,9 @@ def test_json_stdout_is_clean(tiny, tmp_path, capsys, command):
 def test_default_prune_of_a_small_target_is_flap_on_the_replaced_steps_windows(tiny, tmp_path, capsys):
     # `prune --preset standard --sparsity 0.2` as a user runs it: --regression auto (no sub-models at 4 x 128
     # tokens each) and --first-step auto (one step with the residual metric, its dense pass over the four
-    # replaced steps' windows) export exactly what `--method flap` exports given those windows
+    # replaced steps' windows) rank as `--method flap` given those windows; --allocation auto then picks the
+    # split among the offsets' sub-models: with --allocation prior the export is exactly FLAP's, and the
+    # default's is too exactly when the prior's own allocation won
     from safetensors.torch import load_file
 
     from bonsai_lite.cli import main as cli
@@ -185,16 +187,23 @@ def test_default_prune_of_a_small_target_is_flap_on_the_replaced_steps_windows(t
     model, text = tiny
     common = ["--sparsity", "0.2", "--calib", str(text), "--preset", "standard", "--prior-seq-len", "32",
               "--refit-samples", "4", "--device", "cpu", "--json"]
-    assert cli.main(["prune", str(model), "--out", str(tmp_path / "bonsai"), *common]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["iterations"] == 1 and result["history"][0]["forward_tokens"] == 4 * 16 * 32
-    assert cli.main(["prune", str(model), "--out", str(tmp_path / "flap"), "--method", "flap", "--prior-samples", "64",
-                     *common]) == 0
+    runs = {}
+    for name, extra in (("default", []), ("prior", ["--allocation", "prior"]),
+                        ("flap", ["--method", "flap", "--prior-samples", "64"])):
+        assert cli.main(["prune", str(model), "--out", str(tmp_path / name), *extra, *common]) == 0
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (searched,), (prior,) = runs["default"]["history"], runs["prior"]["history"]
+    assert prior["forward_tokens"] == 4 * 16 * 32 and "allocation" not in prior
+    assert searched["forward_tokens"] == 4 * 16 * 32 + searched["allocation_tokens"] > 4 * 16 * 32
 
     def weights(d):
         return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
 
-    ours, flap = weights(tmp_path / "bonsai"), weights(tmp_path / "flap")
-    assert ours.keys() == flap.keys()
-    for k in ours:
-        torch.testing.assert_close(ours[k], flap[k], rtol=0, atol=0)
+    flap = weights(tmp_path / "flap")
+    for name in ("prior", "default") if searched["allocation"] == [0.0, 0.0] else ("prior",):
+        ours = weights(tmp_path / name)
+        assert ours.keys() == flap.keys()
+        for k in ours:
+            torch.testing.assert_close(ours[k], flap[k], rtol=0, atol=0)
+    if searched["allocation"] != [0.0, 0.0]:  # another split: within a group the order is the prior's
+        assert (searched["removed_heads"], searched["removed_mlp"]) != (prior["removed_heads"], prior["removed_mlp"])
