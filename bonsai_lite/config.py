@@ -26,9 +26,9 @@ REGRESSION_MIN_TOKENS = 2048
 
 # `--allocation auto`: the allocation search on steps of at least this share. SmolLM2-135M, 3 seeds
 # (docs/RESULTS.md, eighteenth round): `standard` 20% in one step 27.6 against 29.3 (std 0.07 / 0.22),
-# `quick` 35% in 10% steps 47.1 against 52.2; in `standard`'s 5% steps the allocations' sub-model losses
-# differ by less than their noise on 4 x 128 tokens, and 35/50% gave 42.0 / 63.4 against 42.5 / 64.1
-# with twice to five times the spread, for 23-29% more forward tokens.
+# `quick` in 10% steps 30.1 / 46.0 / 85.6 against 31.4 / 52.2 / 94.1 at 20 / 35 / 50%; on `standard`'s 5%
+# steps the allocations' sub-model losses differ by less than their noise on 4 x 128 tokens, and 35/50%
+# gave 42.0 / 63.4 against 42.5 / 64.1 with two to five times the spread, for 23-29% more forward tokens.
 ALLOCATION_MIN_STEP = 0.1
 
 
