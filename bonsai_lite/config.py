@@ -255,7 +255,7 @@ class SearchConfig:
             raise BonsaiError(f"--masks-per-iter must be at least {MIN_REGRESSION_MASKS} for bonsai's regression (it "
                               f"cross-validates on held-out mask pairs), got {self.masks_per_iter}")
         if self.allocation == "auto" and self.first_step != "auto":  # else prune.api resolves it with the first step
-            object.__setattr__(self, "allocation", self.auto_allocation())
+            object.__setattr__(self, "allocation", self.resolved_allocation())
 
     @property
     def iterations(self) -> int:
@@ -269,7 +269,8 @@ class SearchConfig:
     def _first(self) -> float:
         return 0.0 if self.first_step == "auto" else self.first_step
 
-    def auto_allocation(self) -> str:
+    def resolved_allocation(self) -> str:
+        """What --allocation auto resolves to on this schedule (`auto_allocation`)."""
         return auto_allocation(self.method, self.prior, self.regression, smallest_step(self.schedule))
 
     def step(self, iteration: int) -> float:

@@ -13,7 +13,6 @@ from safetensors.torch import save as save_tensors
 
 from bonsai_lite.calib.data import calibration_tokens, load_tokenizer, read_text, tokenize
 from bonsai_lite.config import ALLOCATION_MIN_STEP, RunConfig, auto_first_step
-from bonsai_lite.search.offsets import allocation_grid
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.fingerprint import model_fingerprint
 from bonsai_lite.io.model import StreamedModel
@@ -23,6 +22,7 @@ from bonsai_lite.prune.run import run_pruning
 from bonsai_lite.prune.state import RunState, atomic_write_bytes
 from bonsai_lite.progress import METRICS_NAME, fmt_duration, make_progress, process_peak_rss_bytes
 from bonsai_lite.search.machine import detect_machine, search_dtype
+from bonsai_lite.search.offsets import allocation_grid
 from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.search.sampling import _n_fixed
 
@@ -365,7 +365,7 @@ def _resolve_refit(cfg: RunConfig, spec, budget: int, *, earlier: str | None = N
         cfg = replace(cfg, search=replace(s, first_step=first))
     s = cfg.search
     if s.allocation == "auto":
-        allocation = s.auto_allocation()
+        allocation = s.resolved_allocation()
         if allocation == "search":
             log.info("--allocation auto: search: each step's split between heads and MLP units and between edge and "
                      "middle layers is chosen among %d offsets by their sub-models' losses (measured better on steps "

@@ -503,7 +503,8 @@ class Pruner:
                                   seed=_seed(self.cfg, iteration, salt))
 
     def _confirm_losses(self, model, tokens, masks) -> torch.Tensor:
-        """Losses of the two sub-models `best-confirmed` compares (not checkpointed: two sub-models)."""
+        """Losses of the few sub-models `best-confirmed` and the allocation search compare (at most the
+        offset grid's 9; not checkpointed: a killed run evaluates them again)."""
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
         res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype)
