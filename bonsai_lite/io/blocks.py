@@ -1,8 +1,9 @@
 """Materialise one decoder block (or the embedding rows, final norm, LM-head chunks) at a time.
 
-Every tensor comes from the lazy `Checkpoint`, is cut to the current `Structure` and cast to the
-compute dtype on its way to the device; the caller drops the block when done, so at most the
-blocks the memory plan allows (one, or two with prefetch) are ever alive.
+Every tensor comes from the lazy `Checkpoint` (mapped, not copied: `Checkpoint.map`), is cut to the
+current `Structure` and cast to the compute dtype on its way to the device; the caller drops the
+block when done, so at most the blocks the memory plan allows (one, or two with prefetch) are ever
+alive. A weight that needs neither cut nor cast is the mapping itself.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class BlockLoader:
                 kw[key] = None
                 continue
             role = key.rsplit("_", 1)[0] if key not in ("attn_norm", "mlp_norm") else key
-            t = slice_param(self.ckpt.read(name), role, is_bias=is_bias, layer=structure, head_dim=self.spec.head_dim)
+            t = slice_param(self.ckpt.map(name), role, is_bias=is_bias, layer=structure, head_dim=self.spec.head_dim)
             kw[key] = self._to_device(t)
         head_fill, mlp_fill = self.fills.get(layer, (None, None))
         for key, fill in (("head_fill", head_fill), ("mlp_fill", mlp_fill)):
@@ -78,4 +79,4 @@ class BlockLoader:
         name = self.head_name()
         vocab = self.ckpt.info(name).shape[0]
         for v0 in range(0, vocab, chunk_rows):
-            yield v0, self._to_device(self.ckpt.read(name, slice(v0, min(vocab, v0 + chunk_rows))))
+            yield v0, self._to_device(self.ckpt.map(name, slice(v0, min(vocab, v0 + chunk_rows))))

@@ -1,15 +1,21 @@
 """Lazy, read-only view of a safetensors checkpoint (single file or sharded with an index).
 
-Tensors are read with plain positional reads into freshly allocated buffers, not through mmap:
-mapped pages would count towards the process's resident memory and blur the memory budget, and a
-positional read lets us fetch a row range (an LM-head chunk, a few embedding rows) without
-touching the rest of the tensor. Only safetensors are ever read; pickles are refused.
+`read` copies a tensor (or a range of its rows) into a fresh buffer with a positional read.
+`map` gives the same values without the copy: a private, copy-on-write mapping of just that range of
+the file, unmapped when the tensor is freed. The streamed engine maps its block weights and LM-head
+chunks (io/blocks.py): a weight used as stored then comes straight from the page cache, and a sliced
+or cast one is copied once instead of twice; its mapped pages count towards the resident memory
+only while the tensor lives, as a read buffer's would. Every other reader (export, refit, scores)
+reads. Only safetensors are ever read; pickles are refused.
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,11 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python's mmap module names it from 3.13): map every
+# page of a new mapping now, reading from disk what the page cache lacks, so that the thread that
+# maps (the engine's prefetch thread) waits for the disk, not the GEMMs that first touch the pages.
+# Elsewhere MADV_WILLNEED starts the reads without waiting for them.
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 @dataclass(frozen=True)
@@ -168,8 +179,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor, or a contiguous range of its leading dimension."""
+    def _span(self, name: str, rows: slice | None) -> tuple[TensorInfo, int, int, list[int]]:
+        """(info, file offset, bytes, shape) of the tensor or a contiguous range of its rows."""
         info = self.info(name)
         shape = list(info.shape)
         offset, nbytes = info.offset, info.nbytes
@@ -180,6 +191,41 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             offset += start * row_bytes
             nbytes = (stop - start) * row_bytes
             shape[0] = stop - start
+        return info, offset, nbytes, shape
+
+    def map(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """`read`'s tensor as a private mapping of the file (no copy; writes stay in this process).
+
+        The mapping starts at the page boundary below the data and lives as long as the tensor. A
+        file cut short since the checkpoint was opened is a CheckpointError here, as in `read` (its
+        size is checked, and populating a mapping past the end fails); cut short while a block is
+        in use, a mapped page would fault instead, so only the engine's weights, mapped again every
+        pass from a checkpoint nobody is writing, are mapped."""
+        info, offset, nbytes, shape = self._span(name, rows)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        truncated = CheckpointError(f"{info.file}: truncated while reading {name!r}; re-download this file")
+        try:
+            with open(info.file, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset + nbytes:
+                    raise truncated
+                mapped = mmap.mmap(f.fileno(), offset - base + nbytes, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError):  # a filesystem that cannot map: read it instead
+            return self.read(name, rows)
+        advice = _POPULATE if _POPULATE is not None else getattr(mmap, "MADV_WILLNEED", None)
+        if advice is not None and hasattr(mapped, "madvise"):
+            try:
+                mapped.madvise(advice)
+            except OSError as e:  # EFAULT: past the end of the file; else an older kernel (pages fault in on first touch)
+                if e.errno == errno.EFAULT:
+                    raise truncated from None
+        self.bytes_read += nbytes
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - base).view(info.dtype).reshape(shape)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, or a contiguous range of its leading dimension."""
+        info, offset, nbytes, shape = self._span(name, rows)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as f:
             f.seek(offset)

@@ -59,6 +59,9 @@ INT8_FACTOR = 0.6
 # in the compute dtype, its fp16 copy and its int8 result (int8.QUANT_CHUNK_BYTES).
 INT8_SLAB_TRANSIENT = 48 * 2**20
 PAGE_CACHE_BPS = 6e9  # re-reading a checkpoint that the OS keeps in its page cache (one reader thread)
+# The engine maps its weights (`Checkpoint.map`): a cached page costs its page-table entry, not a copy
+# (madvise populate of 6.3 GB of cached shards took 0.41-0.50 s on one thread of the EPYC VM).
+MAPPED_BPS = 12e9
 H2D_BPS = {"pinned": 25e9, "pageable": 12e9}
 HOST_COPY_BPS = 8e9  # memcpy-class host work: slicing, casting, pinning
 
@@ -278,22 +281,22 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
             rate *= LOW_PRECISION_CPU_FACTOR
         compute = rows * t * (flops_per_token / rate + m.elements_per_token() * ELEMENT_FLOPS / machine.flops)
     compute += tile_calls * (m.n_layers + math.ceil(m.vocab / head_chunk)) * CALL_SECONDS[kind]
-    # Weights: read each pass (once when resident); the first read is cold except for what the page
-    # cache holds at the start, later ones come from the page cache when the checkpoint fits there.
-    # The loader reads the checkpoint's whole tensors, copies the kept units out of pruned ones and
-    # casts what is not in the compute dtype (on a GPU run it pins the result): an unpruned bf16
-    # model computed in bf16 is only read (8B shape: 16 GB of fresh read buffers a pass, which the
-    # per-pass sum of three copies predicted at 13-14 s where 6-11 s were measured).
+    # Weights: mapped each pass (once when resident); the first pass reads from disk what the page
+    # cache lacks at the start, later ones find it all there when the checkpoint fits. The loader
+    # maps the checkpoint's whole tensors, copies the kept units out of pruned ones and casts what
+    # is not in the compute dtype (on a GPU run it pins the result): an unpruned bf16 model computed
+    # in bf16 is only mapped.
     src_total = (m.read_params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
-    warm_bps = PAGE_CACHE_BPS if src_total <= machine.page_cache - host else machine.disk_bps
-    read = _first_read_seconds(src_total, machine.cached, machine) + (loads - 1) * src_total / warm_bps
+    warm_bps = MAPPED_BPS if src_total <= machine.page_cache - host else machine.disk_bps
+    read = (_first_read_seconds(src_total, machine.cached, machine, cached_bps=MAPPED_BPS)
+            + (loads - 1) * src_total / warm_bps)
     sliced = m.sliced_params * src_bytes
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
     if cuda:  # slice, cast and pin on the host
         prep = loads * (sliced + cast_bytes + (params + m.vocab * h) * b) / HOST_COPY_BPS
-    else:  # slice and cast; the read buffer, the sliced copy and the cast copy all fault their pages in
-        prep = loads * ((sliced + cast_bytes) / HOST_COPY_BPS + (src_total + sliced + cast_bytes) / machine.fresh_page_bps)
+    else:  # slice and cast; the sliced copy and the cast copy fault their pages in
+        prep = loads * (sliced + cast_bytes) * (1 / HOST_COPY_BPS + 1 / machine.fresh_page_bps)
         compute += rows * m.n_layers * m.activation_bytes_per_row(t, b) / machine.fresh_page_bps
     h2d = loads * (blocks_bytes + head_full) / H2D_BPS["pinned"] if cuda else 0.0
     cache_bw = {"device": math.inf, "host": H2D_BPS["pinned"] if cuda else HOST_COPY_BPS, "disk": DISK_BPS}[cache]
@@ -420,9 +423,10 @@ def _cached_share(spec: ModelSpec, machine: Machine) -> float:
     return 1.0 if ckpt <= machine.page_cache else machine.cached
 
 
-def _first_read_seconds(nbytes: float, cached: float, machine: Machine) -> float:
-    """Reading `nbytes` of which the share `cached` is in the page cache and the rest on disk."""
-    return nbytes * (cached / PAGE_CACHE_BPS + (1 - cached) / machine.disk_bps)
+def _first_read_seconds(nbytes: float, cached: float, machine: Machine, *, cached_bps: float = PAGE_CACHE_BPS) -> float:
+    """Reading (or mapping, `cached_bps=MAPPED_BPS`) `nbytes` of which the share `cached` is in the
+    page cache and the rest on disk."""
+    return nbytes * (cached / cached_bps + (1 - cached) / machine.disk_bps)
 
 
 def _plan_dtypes(machine: Machine, dtype: str | None) -> list[str]:
