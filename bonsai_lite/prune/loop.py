@@ -467,7 +467,7 @@ class Pruner:
             # the winner of many noisy measurements is biased low on its own windows: it must beat
             # the proposal again on windows it was not chosen on, else the proposal is removed
             fresh = self._confirm_tokens(self.it, tokens)
-            pair = self._confirm_losses(model, fresh, masks[[best, len(masks) - 1]])
+            pair = self._confirm_losses(model, fresh, masks[[best, len(masks) - 1]], "confirm")
             info.update(confirm_best=float(pair[0]), confirm_prior=float(pair[1]), confirm_tokens=2 * fresh.numel(),
                         confirmed=bool(pair[0] < pair[1]))
             if not pair[0] < pair[1]:
@@ -483,13 +483,13 @@ class Pruner:
         grid = allocation_grid()
         drops = [select(scores + allocation_offsets(layout, a, e)) for a, e in grid]
         tried = distinct(drops)  # the prior's allocation, grid[0], is always the first
-        losses = self._confirm_losses(model, tokens, torch.stack([~drops[i] for i in tried]))
+        losses = self._confirm_losses(model, tokens, torch.stack([~drops[i] for i in tried]), "allocation")
         best = tried[int(torch.nan_to_num(losses, nan=math.inf).argmin())]
         spent = len(tried) * tokens.numel()
         info.update(allocation_losses={f"{grid[i][0]:g},{grid[i][1]:g}": float(x) for i, x in zip(tried, losses)})
         if best != 0:
             fresh = self._confirm_tokens(self.it, tokens, salt=7)
-            pair = self._confirm_losses(model, fresh, torch.stack([~drops[best], ~drops[0]]))
+            pair = self._confirm_losses(model, fresh, torch.stack([~drops[best], ~drops[0]]), "allocation")
             spent += 2 * fresh.numel()
             info.update(allocation_confirm=[float(pair[0]), float(pair[1])], allocation_confirmed=bool(pair[0] < pair[1]))
             if not pair[0] < pair[1]:
@@ -502,9 +502,13 @@ class Pruner:
         return calibration_tokens(self.ids, samples=len(tokens), seq_len=tokens.shape[1],
                                   seed=_seed(self.cfg, iteration, salt))
 
-    def _confirm_losses(self, model, tokens, masks) -> torch.Tensor:
+    def _confirm_losses(self, model, tokens, masks, stage: str) -> torch.Tensor:
         """Losses of the few sub-models `best-confirmed` and the allocation search compare (at most the
-        offset grid's 9; not checkpointed: a killed run evaluates them again)."""
+        offset grid's 9; not checkpointed: a killed run evaluates them again), timed as `stage` in the
+        run's metrics (no bar of their own)."""
         plan = self._plan(model, len(masks), len(tokens), tokens.shape[1])
-        res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
+        with self.progress.stage(stage, total=0, predicted=plan.predicted_seconds, iteration=self.it,
+                                 masks=len(masks)) as st:
+            res = evaluate(model, tokens, masks, plan, spill_dir=self.cfg.spill_dir)
+            st.tokens = res.stats.tokens
         return self._finite_or_retry(model, tokens, masks, res.nll, dtype=plan.dtype)

@@ -10,6 +10,7 @@ import torch
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.progress import NullProgress, read_metrics
 from bonsai_lite.prune import loop as L
 from bonsai_lite.prune import run as R
 from bonsai_lite.search.engine import evaluate
@@ -21,14 +22,14 @@ from bonsai_lite.structure import UnitLayout
 pytestmark = pytest.mark.integration
 
 
-def _run(model_dir, tmp_path, name, *, allocation="prior", seed=0, sparsity=0.3):
+def _run(model_dir, tmp_path, name, *, allocation="prior", seed=0, sparsity=0.3, progress=None):
     cfg = RunConfig(model=str(model_dir), out=str(tmp_path / name), calib=CalibConfig(text=None, samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=sparsity, p_iter=0.15, masks_per_iter=8, seed=seed,
                                         regression="none", prior="flap-parent", candidates="global",
                                         allocation=allocation),
                     device="cpu")
     ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(1))
-    return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run")
+    return R.run_pruning(cfg, ids=ids, run_dir=tmp_path / f"{name}.run", progress=progress)
 
 
 def _shifted(monkeypatch, model_dir, head, edge):
@@ -59,8 +60,15 @@ def test_search_removes_what_the_winning_offset_removes(tiny_models, tmp_path, m
     model_dir = tiny_models["llama-gqa-tied"]
     changed = False
     for seed in range(3):
-        searched = _run(model_dir, tmp_path, f"s{seed}", allocation="search", seed=seed, sparsity=0.15)
+        metrics = tmp_path / f"s{seed}.metrics.jsonl"
+        searched = _run(model_dir, tmp_path, f"s{seed}", allocation="search", seed=seed, sparsity=0.15,
+                        progress=NullProgress(metrics))
         (h,) = searched.history
+        # the sub-models it evaluated are timed in the run's metrics: the grid's distinct ones, and the
+        # confirming pair when an offset other than the prior's won
+        timed = [m for m in read_metrics(metrics) if m.get("stage") == "allocation"]
+        assert sum(m["masks"] for m in timed) == len(h["allocation_losses"]) + 2 * ("allocation_confirm" in h)
+        assert all(m["iteration"] == 0 and m["seconds"] > 0 and m["predicted_seconds"] > 0 for m in timed)
         losses = h["allocation_losses"]
         head, edge = h["allocation"]
         best = min(losses, key=losses.get)
@@ -84,8 +92,8 @@ def test_recorded_losses_are_the_sub_models_losses(tiny_models, tmp_path, monkey
     seen = []
     real = L.Pruner._confirm_losses
 
-    def spy(self, model, tokens, masks):
-        out = real(self, model, tokens, masks)
+    def spy(self, model, tokens, masks, stage):
+        out = real(self, model, tokens, masks, stage)
         seen.append((model, tokens, masks, out))
         return out
 

@@ -221,8 +221,9 @@ def test_best_confirmed_keeps_the_winner_only_if_it_wins_again_on_fresh_windows(
         step.append((tokens, masks.clone()))
         return torch.where(torch.arange(len(masks)) == winner[0] % len(masks), losses.min() - 1, losses)
 
-    def confirm(self, model, tokens, masks):
-        losses = real_confirm(self, model, tokens, masks)
+    def confirm(self, model, tokens, masks, stage):
+        assert stage == "confirm"
+        losses = real_confirm(self, model, tokens, masks, stage)
         calls.append((tokens, masks.clone(), losses))
         return torch.tensor([0.0, 1.0] if confirmed else [1.0, 0.0], dtype=losses.dtype)
 
