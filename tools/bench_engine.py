@@ -82,6 +82,17 @@ def commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
+def emit(result: dict, tool: str, argv, record: str | None) -> dict:
+    """Stamp a benchmark's result with the commit, hardware and command that made it, print it as JSON
+    on stdout and, given `record`, write it to docs/results/<record>."""
+    result.update(commit=commit(), hardware=hardware(),
+                  command=f"python tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(json.dumps(result, indent=1))
+    if record:
+        (ROOT / "docs" / "results" / record).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(0)

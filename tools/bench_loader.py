@@ -1,8 +1,9 @@
 """The block loader's weight handling per pass, measured against the planner's prediction.
 
 One engine pass reads every decoder block and LM-head chunk through `io.blocks.BlockLoader`: the
-checkpoint's whole tensors into fresh buffers, the kept units copied out of pruned projections, a
-cast where the compute dtype is not the checkpoint's. This times exactly that (no compute) on a
+checkpoint's whole tensors mapped (`Checkpoint.map`, populated; until the twenty-eighth session
+read into fresh buffers), the kept units copied out of pruned projections, a cast where the
+compute dtype is not the checkpoint's. This times exactly that (no compute) on a
 checkpoint already in the page cache (one untimed pass first), for each compute dtype, on the
 parent's structure and on one cut to --keep of every layer's heads and MLP units, and prints the
 planner's `weights_io_s` for the same pass beside it (`planner.candidate_cost`, the checkpoint
@@ -13,7 +14,6 @@ taken as cached). One JSON object on stdout (kind "loader"); --record writes it 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -76,13 +76,8 @@ def main(argv=None) -> dict:
             print(f"[loader] {name} {label}: {seconds:.2f} s measured, {predicted:.2f} s predicted", file=sys.stderr)
     result = {"kind": "loader", "model": str(args.model), "checkpoint_dtype": str(spec.dtype).removeprefix("torch."),
               "layers": len(spec.layers), "head_chunk": HEAD_CHUNK, "repeats": args.repeats, "rows": rows,
-              "probe_flops_per_s": machine.flops, "fresh_page_bps": machine.fresh_page_bps,
-              "commit": BE.commit(), "hardware": BE.hardware(),
-              "command": "python tools/bench_loader.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print(json.dumps(result, indent=1))
-    if args.record:
-        (ROOT / "docs" / "results" / args.record).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+              "probe_flops_per_s": machine.flops, "fresh_page_bps": machine.fresh_page_bps}
+    return BE.emit(result, "bench_loader.py", argv, args.record)
 
 
 if __name__ == "__main__":

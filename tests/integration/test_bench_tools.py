@@ -72,6 +72,9 @@ def test_bench_scale_fields(results):
     # the priors stage is predicted with FLAP's one read of the o/down projections, on the probed CPU rate
     assert rec["stages"]["priors"]["predicted_seconds"] > run["priors_plan"]["predicted_seconds"]
     assert rec["planned_flops_per_s"] > 0 and rec["bf16_factor"] > 0
+    import scale_docs  # the ratio at the GEMM peak: mask-tokens/s at the peak over accelerate's tokens/s
+    at_peak = r["compute_peak"]["flops"] / (ev["flops"] / ev["mask_tokens"]) / acc["tokens_per_s"]
+    assert scale_docs.ceiling(rec) == pytest.approx(at_peak, rel=1e-9)
     out = work / "records"  # a second record of the same settings never replaces the first
     (first,) = scale_extras.write_records([rec], out, extra="idle")
     (second,) = scale_extras.write_records([{**rec, "seconds": -1.0}], out, extra="idle")
@@ -343,3 +346,21 @@ def test_bench_loader_times_the_parent_and_a_cut_structure(results):
         assert parent["seconds"] > 0 and parent["predicted_seconds"] > 0
     # computing in the checkpoint's dtype reads; float32 also casts every tensor
     assert rows["float32", "parent"]["predicted_seconds"] > rows["bfloat16", "parent"]["predicted_seconds"]
+
+
+def test_bench_compute_times_one_block_and_one_chunk_per_tile():
+    # tools/bench_compute.py: the pass it reports is n_layers block calls and ceil(vocab / chunk) head
+    # calls, each as timed, beside the planner's compute_s of the same tile
+    sys.path.insert(0, str(TOOLS))
+    from random_checkpoint import shape_spec
+
+    r = _run("bench_compute.py", "--shape", "tiny", "--dtypes", "float32,bfloat16", "--tiles", "1x16,4x16",
+             "--repeats", "1")
+    spec = shape_spec("tiny")
+    assert r["kind"] == "compute" and r["layers"] == spec.n_layers and r["probe_flops_per_s"] > 0
+    assert {(x["dtype"], x["rows"], x["tokens"]) for x in r["rows"]} == {
+        (d, n, 16) for d in ("float32", "bfloat16") for n in (1, 4)}
+    for x in r["rows"]:
+        chunks = math.ceil(spec.vocab / r["head_chunk"])
+        assert x["seconds"] == pytest.approx(spec.n_layers * x["block_seconds"] + chunks * x["chunk_seconds"], abs=1e-3)
+        assert x["block_seconds"] > 0 and x["predicted_seconds"] > 0
