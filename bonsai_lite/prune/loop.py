@@ -42,7 +42,7 @@ from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.offsets import allocation_grid, allocation_offsets, distinct
-from bonsai_lite.search.machine import detect_machine
+from bonsai_lite.search.machine import detect_machine, page_cache_now
 from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
@@ -87,6 +87,7 @@ class Pruner:
 
     # ---- helpers -----------------------------------------------------------------------------
     def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
+        self.machine = page_cache_now(self.machine, self.cfg.model)
         return make_plan(model.spec, model.layers, Work(masks, samples, seq_len or self.cfg.calib.seq_len),
                          self.machine, dtype=self.cfg.dtype)
 

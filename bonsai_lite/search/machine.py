@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -168,6 +168,14 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     flops = cpu_gemm_probe()[0] * threads
     return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
                    bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached, fresh_page_bps=fresh_page_probe())
+
+
+def page_cache_now(machine: Machine, checkpoint) -> Machine:
+    """`machine` with the share of `checkpoint` in the page cache as it is now: the share detected at
+    the start is stale once a pass has streamed a checkpoint larger than the cache, which then holds
+    part of it (the planner prices the rest as disk reads)."""
+    cached = cached_fraction(checkpoint)
+    return machine if cached is None else replace(machine, cached=cached)
 
 
 @functools.lru_cache(maxsize=1)

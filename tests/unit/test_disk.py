@@ -48,3 +48,29 @@ def test_cached_fraction_follows_the_page_cache(tmp_path):
     finally:
         os.close(fd)
     assert warm > 0.9 and disk.cached_fraction(f) < 0.5
+
+
+def test_a_plan_sees_the_page_cache_as_it_is_now(tmp_path):
+    # The share detected at the start goes stale once a pass has streamed the checkpoint: the prune
+    # loop re-reads it before each plan (search.machine.page_cache_now).
+    from dataclasses import replace
+
+    from bonsai_lite.search.machine import nominal_machine, page_cache_now
+
+    f = tmp_path / "model.safetensors"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(8 * 2**20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    stale = replace(nominal_machine(device="cpu", budget=2**30), cached=0.0)
+    f.read_bytes()
+    now = page_cache_now(stale, tmp_path)
+    if disk.cached_fraction(tmp_path) is None:
+        pytest.skip("no mincore here")
+    assert now.cached > 0.9 and now.budget == stale.budget
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert page_cache_now(now, tmp_path).cached < 0.5

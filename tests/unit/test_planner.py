@@ -316,3 +316,41 @@ def test_a_probed_cpu_prices_fresh_pages_at_its_own_rate(specs, monkeypatch):
         io[rate] = candidate_cost(big, big.layers, Work(8, 1, 128), m, **kw)[2]["weights_io_s"]
     cast = 4 * (sum(big.block_params(s) for s in big.layers) + big.vocab * big.hidden)
     assert io[1e9] - io[2e9] == pytest.approx(cast / 2e9, rel=1e-3)
+
+
+def test_a_partly_cached_checkpoint_hides_only_the_disk_blocks_reads(specs):
+    # A pass over a checkpoint larger than the page cache finds some blocks there and reads the rest
+    # from disk. A block's read hides behind its neighbour's compute only, so the disk blocks' reads
+    # cannot hide behind the cached blocks' compute: with a disk so slow that its half of the reads
+    # outlasts the whole pass's compute, the pass takes those reads plus the cached half's compute
+    # (the planner once predicted max(compute, reads), as if any read could hide anywhere).
+    from dataclasses import replace
+
+    from bonsai_lite.search.planner import candidate_cost
+
+    big = specs["llama3-8b"]
+    cpu = replace(nominal_machine(device="cpu", budget=8 * GB), page_cache=0, disk_bps=0.02e9, cached=0.5)
+    kw = dict(dtype="bfloat16", order="layer-major", cache="device", group_rows=8, tile_rows=8, head_chunk=4096,
+              weights_8bit=False, src_bytes=2)
+    w = Work(8, 1, 128)
+    src = 2 * (big.non_embedding_params() + big.vocab * big.hidden)
+    _, overlapped, bd, _ = candidate_cost(big, big.layers, w, cpu, prefetch=True, **kw)
+    _, serial, _, _ = candidate_cost(big, big.layers, w, cpu, prefetch=False, **kw)
+    disk_half = 0.5 * src / cpu.disk_bps
+    assert disk_half > bd["compute_s"]  # the case this test is about
+    assert overlapped == pytest.approx(disk_half + 0.5 * (serial - bd["weights_io_s"]), rel=1e-3)
+    assert overlapped < serial  # the cached half's reads still hide behind its compute
+
+
+def test_a_slow_disk_never_gets_the_hidden_states_spilled_to_it(specs):
+    # When every block is read from a slow disk every candidate waits on the disk, and the near-tie
+    # rule (smallest peak) once chose to spill the hidden states to that same disk, whose writes and
+    # reads compete with the weights'. An 8B-shaped pass on the 24 GB Xeon VM planned that way took
+    # 25-29 s against 13-16 s for the device cache (docs/PERFORMANCE.md, twenty-ninth session).
+    from dataclasses import replace
+
+    big = specs["llama3-8b"]
+    cpu = replace(nominal_machine(device="cpu", budget=8 * GB), flops=380e9, bf16_factor=4.8, fresh_page_bps=12e9,
+                  page_cache=5 * GB, disk_bps=0.82e9, cached=0.0)
+    plan = make_plan(big, big.layers, Work(8, 1, 128), cpu, dtype="bfloat16")
+    assert plan.cache == "device", plan.describe()
