@@ -4,22 +4,27 @@ the page cache holds now.
 The planner's time model needs the cold read rate for passes whose weights the page cache cannot
 hold (a 15 GiB bf16 checkpoint beside an 8 GB budget on a 16 GB laptop). A nominal rate is wrong by
 3x on some machines (a VM measured 0.70 GB/s against the 2 GB/s assumed), so the rate is measured:
-one O_DIRECT read of up to PROBE_BYTES of the checkpoint's largest file, which the kernel serves from
-the device and not from its cache. Reading changes nothing on disk. Where O_DIRECT is refused (tmpfs,
-some overlay filesystems, macOS) or the file is too small to time, there is no measurement and the
-caller keeps its nominal rate.
+the engine's own way of reading (a mapping populated by madvise) on a part of the checkpoint that is
+not in the page cache, dropped from it again afterwards; else, where every part is cached or the
+kernel cannot populate a mapping, one O_DIRECT read of up to PROBE_BYTES of the checkpoint's largest
+file, which the kernel serves from the device and not from its cache. Reading changes nothing on
+disk. Where neither works (tmpfs, some overlay filesystems, macOS) or the file is too small to time,
+there is no measurement and the caller keeps its nominal rate.
 """
 from __future__ import annotations
 
 import functools
 import mmap
 import os
+import sys
 import time
 from pathlib import Path
 
 PROBE_BYTES = 128 * 2**20
 MIN_PROBE_BYTES = 16 * 2**20  # below this one read is dominated by its latency, not the device's rate
 CHUNK_BYTES = 8 * 2**20  # a multiple of every device's logical block size
+MAPPED_PROBE_BYTES = 256 * 2**20
+READAHEAD_PAGES = 32 * 2**20 // mmap.PAGESIZE  # past any readahead window (read_ahead_kb), dropped too
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -67,10 +72,14 @@ def read_direct(path: str | Path, nbytes: int) -> tuple[bytes, float] | None:
 
 @functools.lru_cache(maxsize=8)
 def cold_read_bps(path: str) -> float | None:
-    """Bytes per second of a cold read of the checkpoint at `path` (measured once per process)."""
+    """Bytes per second of a cold read of the checkpoint at `path` (measured once per process): the
+    engine's own way where it can (`mapped_read_bps`), else one O_DIRECT read."""
     f = largest_file(path)
     if f is None:
         return None
+    mapped = mapped_read_bps(path)
+    if mapped is not None:
+        return mapped
     size = f.stat().st_size
     if size < MIN_PROBE_BYTES:
         return None
@@ -80,41 +89,106 @@ def cold_read_bps(path: str) -> float | None:
     return len(res[0]) / res[1]
 
 
-def cached_fraction(path: str | Path) -> float | None:
-    """Share of a checkpoint's safetensors bytes in the page cache now (mincore(2) on a read-only
-    mapping that is never touched, so nothing is read and nothing counts towards the RSS); None
-    where mincore is not available."""
+def mapped_read_bps(path: str | Path) -> float | None:
+    """Bytes per second at which the engine's loader brings in a part of the checkpoint that is not in
+    the page cache: a read-only mapping of MAPPED_PROBE_BYTES populated by madvise, as
+    `Checkpoint.map` does, whose readahead keeps several requests in flight where an O_DIRECT read
+    has one (a VM's disk served 1.8-2.3 GB/s that way against 0.9-1.0 GB/s to O_DIRECT). The part is
+    dropped from the cache afterwards, which leaves the cache as it was found; pages cached before
+    are mapped, not read, and not counted. None where no part of that size is at least 15/16 cold,
+    or where mincore or MADV_POPULATE_READ are not available."""
+    advice = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+    if advice is None or not hasattr(os, "posix_fadvise"):
+        return None
+    step = MAPPED_PROBE_BYTES // mmap.PAGESIZE
+    for f in sorted(shard_files(path), key=lambda f: f.stat().st_size, reverse=True):
+        vec = _resident_pages(f)
+        if vec is None:
+            return None
+        windows = [(step - vec[i:i + step].count(0), i) for i in range(0, len(vec) - step + 1, step)]
+        if not windows or min(windows)[0] > step // 16:
+            continue  # no part of this file is cold enough to time
+        warm, first = min(windows)
+        window = vec[first:first + step + READAHEAD_PAGES]  # the kernel's readahead runs past the mapping
+        offset = first * mmap.PAGESIZE  # page-aligned, as mmap needs
+        with open(f, "rb") as fh:
+            try:
+                m = mmap.mmap(fh.fileno(), MAPPED_PROBE_BYTES, access=mmap.ACCESS_READ, offset=offset)
+            except (OSError, ValueError):
+                return None
+            try:
+                t0 = time.perf_counter()
+                m.madvise(advice)
+                seconds = time.perf_counter() - t0
+            except OSError:  # a kernel before 5.14 knows no MADV_POPULATE_READ
+                return None
+            finally:
+                m.close()
+                for start, stop in _zero_runs(window):  # drop what was cold before, and only that
+                    os.posix_fadvise(fh.fileno(), offset + start * mmap.PAGESIZE, (stop - start) * mmap.PAGESIZE,
+                                     os.POSIX_FADV_DONTNEED)
+        return (step - warm) * mmap.PAGESIZE / seconds if seconds > 0 else None
+    return None
+
+
+def _zero_runs(vec: bytes) -> list[tuple[int, int]]:
+    """[start, stop) of each run of zero bytes in `vec`."""
+    runs, start = [], None
+    for i, b in enumerate(vec + b"\1"):
+        if b == 0 and start is None:
+            start = i
+        elif b != 0 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _resident_pages(f: Path) -> bytes | None:
+    """One byte per page of file `f`, non-zero where the page is in the page cache (mincore(2) on a
+    read-only mapping that is never touched, so nothing is read and nothing counts towards the RSS);
+    None where mincore is not available."""
     import ctypes
     import ctypes.util
 
-    files = shard_files(path)
     name = ctypes.util.find_library("c")
-    if not files or name is None or not hasattr(os, "posix_fadvise"):  # Linux only
+    size = f.stat().st_size
+    if name is None or not hasattr(os, "posix_fadvise"):  # Linux only
         return None
+    if size == 0:
+        return b""
     libc = ctypes.CDLL(name, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(str(f), os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return None
+            return bytes(vec)  # non-zero where resident (bit 0; the others are reserved)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+def cached_fraction(path: str | Path) -> float | None:
+    """Share of a checkpoint's safetensors bytes in the page cache now (`_resident_pages`); None where
+    mincore is not available."""
+    files = shard_files(path)
+    if not files:
+        return None
     total = cached = 0
     for f in files:
+        vec = _resident_pages(f)
+        if vec is None:
+            return None
         size = f.stat().st_size
-        if size == 0:
-            continue
-        fd = os.open(str(f), os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            try:
-                vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
-                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                    return None
-                resident = len(vec) - bytes(vec).count(0)  # bit 0: resident; the others are reserved
-            finally:
-                libc.munmap(ctypes.c_void_p(addr), size)
-        finally:
-            os.close(fd)
         total += size
-        cached += min(size, resident * mmap.PAGESIZE)
+        cached += min(size, (len(vec) - vec.count(0)) * mmap.PAGESIZE)
     return cached / total if total else None

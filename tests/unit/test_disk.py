@@ -74,3 +74,32 @@ def test_a_plan_sees_the_page_cache_as_it_is_now(tmp_path):
     finally:
         os.close(fd)
     assert page_cache_now(now, tmp_path).cached < 0.5
+
+
+def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(tmp_path, monkeypatch):
+    # The loader maps and populates (Checkpoint.map), whose readahead keeps several requests in
+    # flight: the planner's disk rate is measured that way, on a part of the checkpoint that is not
+    # cached, and that part (with what readahead brought past it) is dropped again.
+    monkeypatch.setattr(disk, "MAPPED_PROBE_BYTES", 4 * 2**20)
+    f = tmp_path / "model.safetensors"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(64 * 2**20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.pread(fd, 2 * 2**20, 0)  # the user's own reads left the first 2 MiB cached
+    finally:
+        os.close(fd)
+    before = disk._resident_pages(f)
+    if before is None:
+        pytest.skip("no mincore here")
+    if before.count(0) == len(before) or any(before[len(before) // 2:]):
+        pytest.skip("this filesystem does not drop clean pages when asked")
+    rate = disk.mapped_read_bps(tmp_path)
+    if rate is None:
+        pytest.skip("no MADV_POPULATE_READ here")
+    assert rate > 0 and disk._resident_pages(f) == before
+    f.read_bytes()  # all of it cached: nothing cold to time, no rate
+    assert disk.mapped_read_bps(tmp_path) is None
