@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import struct
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bonsai_lite.errors import CheckpointError
+from bonsai_lite.io.disk import POPULATE_READ
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -35,11 +35,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python's mmap module names it from 3.13): map every
-# page of a new mapping now, reading from disk what the page cache lacks, so that the thread that
-# maps (the engine's prefetch thread) waits for the disk, not the GEMMs that first touch the pages.
-# Elsewhere MADV_WILLNEED starts the reads without waiting for them.
-_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+# `map` populates each mapping (io.disk.POPULATE_READ) so that the thread that maps (the engine's
+# prefetch thread) waits for the disk, not the GEMMs that first touch the pages. Elsewhere
+# MADV_WILLNEED starts the reads without waiting for them.
 
 
 @dataclass(frozen=True)
@@ -213,7 +211,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                 mapped = mmap.mmap(f.fileno(), offset - base + nbytes, access=mmap.ACCESS_COPY, offset=base)
         except (OSError, ValueError):  # a filesystem that cannot map: read it instead
             return self.read(name, rows)
-        advice = _POPULATE if _POPULATE is not None else getattr(mmap, "MADV_WILLNEED", None)
+        advice = POPULATE_READ if POPULATE_READ is not None else getattr(mmap, "MADV_WILLNEED", None)
         if advice is not None and hasattr(mapped, "madvise"):
             try:
                 mapped.madvise(advice)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ PROBE_BYTES = 128 * 2**20
 MIN_PROBE_BYTES = 16 * 2**20  # below this one read is dominated by its latency, not the device's rate
 CHUNK_BYTES = 8 * 2**20  # a multiple of every device's logical block size
 MAPPED_PROBE_BYTES = 256 * 2**20
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python's mmap module names it from 3.13): map every
+# page of a new mapping now, reading from disk what the page cache lacks. None off Linux.
+POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 READAHEAD_PAGES = 32 * 2**20 // mmap.PAGESIZE  # past any readahead window (read_ahead_kb), dropped too
 
 
@@ -98,8 +102,7 @@ def mapped_read_bps(path: str | Path) -> float | None:
     dropped from the cache afterwards, which leaves the cache as it was found; pages cached before
     are mapped, not read, and not counted. None where no part of that size is at least 15/16 cold,
     or where mincore or MADV_POPULATE_READ are not available."""
-    advice = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-    if advice is None or not hasattr(os, "posix_fadvise"):
+    if POPULATE_READ is None or not hasattr(os, "posix_fadvise"):
         return None
     step = MAPPED_PROBE_BYTES // mmap.PAGESIZE
     for f in sorted(shard_files(path), key=lambda f: f.stat().st_size, reverse=True):
@@ -119,7 +122,7 @@ def mapped_read_bps(path: str | Path) -> float | None:
                 return None
             try:
                 t0 = time.perf_counter()
-                m.madvise(advice)
+                m.madvise(POPULATE_READ)
                 seconds = time.perf_counter() - t0
             except OSError:  # a kernel before 5.14 knows no MADV_POPULATE_READ
                 return None
@@ -134,14 +137,7 @@ def mapped_read_bps(path: str | Path) -> float | None:
 
 def _zero_runs(vec: bytes) -> list[tuple[int, int]]:
     """[start, stop) of each run of zero bytes in `vec`."""
-    runs, start = [], None
-    for i, b in enumerate(vec + b"\1"):
-        if b == 0 and start is None:
-            start = i
-        elif b != 0 and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
+    return [m.span() for m in re.finditer(b"\0+", vec)]
 
 
 def _resident_pages(f: Path) -> bytes | None:

@@ -289,12 +289,10 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     src_total = (m.read_params + m.vocab * h) * src_bytes
     loads = 1 if resident else n_passes
     rereads_from_disk = src_total > machine.page_cache - host
-    read = (_first_read_seconds(src_total, machine.cached, machine, cached_bps=MAPPED_BPS)
-            + (loads - 1) * src_total / (machine.disk_bps if rereads_from_disk else MAPPED_BPS))
-    # the bytes of those that come from disk, and their share of the blocks streamed
     disk_bytes = src_total * (1 - machine.cached) + (loads - 1) * src_total * rereads_from_disk
     disk_io = disk_bytes / machine.disk_bps
-    disk_share = disk_bytes / (loads * src_total) if src_total else 0.0
+    read = disk_io + (loads * src_total - disk_bytes) / MAPPED_BPS
+    disk_share = disk_bytes / (loads * src_total) if src_total else 0.0  # of the blocks streamed
     sliced = m.sliced_params * src_bytes
     cast_bytes = (params + m.vocab * h) * b if b != src_bytes else 0
     if cuda:  # slice, cast and pin on the host
@@ -309,17 +307,16 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
         spill_io = 2 * rows * row_state * m.n_layers / machine.disk_bps
         read, disk_io = read + spill_io, disk_io + disk_share * spill_io
     if cuda:  # host work and transfers overlap GPU compute when prefetching
-        overlappable, serial = read + prep + h2d, compute + spill
+        host_work, serial = prep + h2d, compute + spill
     else:  # the loader thread's copies compete with the GEMMs for the same cores; only I/O overlaps
-        overlappable, serial = read, compute + prep + spill
+        host_work, serial = 0.0, compute + prep + spill
     if prefetch:  # a block's I/O hides behind its neighbour's compute only: the blocks read from disk
         # and those found in the page cache form two groups (contiguous after a scan larger than the
         # cache), each bound by its own I/O or by its own share of the compute
-        host_work = overlappable - read
         seconds = (max(disk_share * serial, disk_io + disk_share * host_work)
                    + max((1 - disk_share) * serial, read - disk_io + (1 - disk_share) * host_work))
     else:
-        seconds = serial + overlappable
+        seconds = serial + read + host_work
     bd.update(compute_s=round(compute, 3), weights_io_s=round(read + prep + h2d, 3), spill_s=round(spill, 3))
     return peak, seconds, bd, host
 
@@ -437,10 +434,9 @@ def _cached_share(spec: ModelSpec, machine: Machine) -> float:
     return 1.0 if ckpt <= machine.page_cache else machine.cached
 
 
-def _first_read_seconds(nbytes: float, cached: float, machine: Machine, *, cached_bps: float = PAGE_CACHE_BPS) -> float:
-    """Reading (or mapping, `cached_bps=MAPPED_BPS`) `nbytes` of which the share `cached` is in the
-    page cache and the rest on disk."""
-    return nbytes * (cached / cached_bps + (1 - cached) / machine.disk_bps)
+def _first_read_seconds(nbytes: float, cached: float, machine: Machine) -> float:
+    """Reading `nbytes` of which the share `cached` is in the page cache and the rest on disk."""
+    return nbytes * (cached / PAGE_CACHE_BPS + (1 - cached) / machine.disk_bps)
 
 
 def _plan_dtypes(machine: Machine, dtype: str | None) -> list[str]:
