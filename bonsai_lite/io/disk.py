@@ -28,7 +28,11 @@ MAPPED_PROBE_BYTES = 256 * 2**20
 # madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python's mmap module names it from 3.13): map every
 # page of a new mapping now, reading from disk what the page cache lacks. None off Linux.
 POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
-READAHEAD_PAGES = 32 * 2**20 // mmap.PAGESIZE  # past any readahead window (read_ahead_kb), dropped too
+# The kernel reads around a faulting page (half its readahead window before it) and ahead of it,
+# so a populated mapping brings in pages on both sides: up to this many, dropped too.
+READAHEAD_PAGES = 32 * 2**20 // mmap.PAGESIZE  # past any readahead window (read_ahead_kb)
+DROP_SECONDS = 2.0  # at most this long dropping them, for reads that land late or are still in flight
+QUIET_SECONDS = 0.1
 
 
 def shard_files(path: str | Path) -> list[Path]:
@@ -113,7 +117,8 @@ def mapped_read_bps(path: str | Path) -> float | None:
         if not windows or min(windows)[0] > step // 16:
             continue  # no part of this file is cold enough to time
         warm, first = min(windows)
-        window = vec[first:first + step + READAHEAD_PAGES]  # the kernel's readahead runs past the mapping
+        lo = max(0, first - READAHEAD_PAGES)
+        around = vec[lo:first + step + READAHEAD_PAGES]
         offset = first * mmap.PAGESIZE  # page-aligned, as mmap needs
         with open(f, "rb") as fh:
             try:
@@ -128,11 +133,31 @@ def mapped_read_bps(path: str | Path) -> float | None:
                 return None
             finally:
                 m.close()
-                for start, stop in _zero_runs(window):  # drop what was cold before, and only that
-                    os.posix_fadvise(fh.fileno(), offset + start * mmap.PAGESIZE, (stop - start) * mmap.PAGESIZE,
-                                     os.POSIX_FADV_DONTNEED)
+                _drop(fh.fileno(), f, lo, around)
         return (step - warm) * mmap.PAGESIZE / seconds if seconds > 0 else None
     return None
+
+
+def _drop(fd: int, f: Path, lo: int, before: bytes) -> None:
+    """Drop from the page cache the pages of `f` from page `lo` on that `before` marks cold, and only
+    those. The kernel's readahead lands some pages milliseconds after the reads that asked for it
+    (Linux 6.18: 7 ms on an idle disk) and pages still being read survive a drop, so the drop is
+    repeated until no such page has been seen for QUIET_SECONDS, or DROP_SECONDS have passed."""
+    runs = _zero_runs(before)
+    deadline = time.monotonic() + DROP_SECONDS
+    while True:
+        for start, stop in runs:
+            os.posix_fadvise(fd, (lo + start) * mmap.PAGESIZE, (stop - start) * mmap.PAGESIZE, os.POSIX_FADV_DONTNEED)
+        quiet = time.monotonic() + QUIET_SECONDS
+        while time.monotonic() < min(quiet, deadline):
+            time.sleep(0.005)
+            now = _resident_pages(f)
+            if now is None:
+                return
+            if any(any(now[lo + start:lo + stop]) for start, stop in runs):
+                break
+        else:
+            return  # quiet, or out of time
 
 
 def _zero_runs(vec: bytes) -> list[tuple[int, int]]:

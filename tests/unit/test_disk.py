@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -79,7 +80,8 @@ def test_a_plan_sees_the_page_cache_as_it_is_now(tmp_path):
 def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(tmp_path, monkeypatch):
     # The loader maps and populates (Checkpoint.map), whose readahead keeps several requests in
     # flight: the planner's disk rate is measured that way, on a part of the checkpoint that is not
-    # cached, and that part (with what readahead brought past it) is dropped again.
+    # cached, and that part (with what the kernel's readahead brought around it, some of which lands
+    # milliseconds later) is dropped again.
     monkeypatch.setattr(disk, "MAPPED_PROBE_BYTES", 4 * 2**20)
     f = tmp_path / "model.safetensors"
     with open(f, "wb") as fh:
@@ -92,6 +94,7 @@ def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(
         os.pread(fd, 2 * 2**20, 0)  # the user's own reads left the first 2 MiB cached
     finally:
         os.close(fd)
+    time.sleep(0.2)  # the readahead of those reads has landed
     before = disk._resident_pages(f)
     if before is None:
         pytest.skip("no mincore here")
@@ -100,6 +103,7 @@ def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(
     rate = disk.mapped_read_bps(tmp_path)
     if rate is None:
         pytest.skip("no MADV_POPULATE_READ here")
+    time.sleep(0.2)  # a readahead the probe started and did not drop would have landed by now
     assert rate > 0 and disk._resident_pages(f) == before
     f.read_bytes()  # all of it cached: nothing cold to time, no rate
     assert disk.mapped_read_bps(tmp_path) is None
