@@ -153,6 +153,9 @@ def instrumented(meter: StageMeter):
         res = engine(model, tokens, masks, plan, **kw)
         rows = (1 if masks is None else len(masks)) * len(tokens)
         meter.evaluated(model, res, plan, rows, tokens.shape[1], model.ckpt.bytes_read - before)
+        if kw.get("on_weights") is not None and meter.machine is not None:  # FLAP's norms, taken in the pass
+            meter._entry(meter.current or "other")["predicted_seconds"] += column_norm_seconds(
+                model.spec, meter.machine, read=False)
         return res
     loop.evaluate = evaluate
     scores = loop.S.flap_unit_scores  # the prior's own cost inside the priors stage (it reads o/down)

@@ -207,8 +207,11 @@ class Pruner:
         plan = self._plan(model, 1, len(tokens), seq)
         log.debug(plan.describe())
         predicted = plan.predicted_seconds
+        observe = None  # FLAP's column norms from this pass's own weights, where they are the checkpoint's
         if kind.startswith("flap") and not self.column_norms.loaded:
-            predicted += column_norm_seconds(model.spec, self.machine)
+            if not plan.weights_8bit and S.whole_projections(model, getattr(torch, plan.dtype)):
+                observe = self.column_norms.observe
+            predicted += column_norm_seconds(model.spec, self.machine, read=observe is None)
         residual = self._residual_groups(model)
         if residual:
             predicted += second_moment_seconds(model.spec, model.layers, tokens.numel(), self.machine)
@@ -217,7 +220,7 @@ class Pruner:
             with self.progress.stage("priors", total=len(model.layers), predicted=predicted,
                                      iteration=self.it) as bar:
                 dense = evaluate(model, tokens, None, plan, tap=tap, spill_dir=self.cfg.spill_dir,
-                                 progress=lambda rows: bar.advance(rows / len(tokens)))
+                                 progress=lambda rows: bar.advance(rows / len(tokens)), on_weights=observe)
                 if kind in ("flap-parent", "flap-anchored"):  # z-scores on the parent's group scale
                     prior = self._flap_parent(model, tap.stats, layout, anchored=kind == "flap-anchored")
                 else:

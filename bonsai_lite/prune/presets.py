@@ -12,13 +12,16 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+import torch
+
 from bonsai_lite.config import (PRESETS, auto_allocation, auto_first_step, auto_regression, dense_scale, removal_schedule,
                                 smallest_step)
 from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
 from bonsai_lite.search.machine import Machine
 from bonsai_lite.search.offsets import allocation_grid
-from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
+from bonsai_lite.search.planner import (Work, column_norm_seconds, exact_cast, make_plan, refit_seconds,
+                                        second_moment_seconds)
 from bonsai_lite.structure import ModelSpec
 
 LADDER: tuple[tuple[str, dict], ...] = (
@@ -106,8 +109,11 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     if allocation == "auto":  # bonsai's default prior is FLAP's (flap-parent)
         allocation = auto_allocation(method, "flap-parent" if method == "bonsai" else "wanda", regression,
                                      smallest_step(schedule))
-    # FLAP's scores read every o/down projection once per run
-    start = column_norm_seconds(spec, machine) if flap_metric else 0.0
+    # FLAP's column norms, once per run: taken in the first dense pass where it loads the projections
+    # as stored or exactly cast (`scores.whole_projections`), else read once more
+    first = make_plan(spec, spec.layers, Work(1, prior_n, dense_t), machine, dtype=dtype)
+    taken = not first.weights_8bit and exact_cast(spec.dtype, getattr(torch, first.dtype))
+    start = column_norm_seconds(spec, machine, read=not taken) if flap_metric else 0.0
 
     def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments
         rows = prior_n * scale

@@ -88,11 +88,13 @@ def _row_masks(masks: torch.Tensor | None, layout: UnitLayout, layer: int, mask_
 
 
 def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | None, plan: Plan, *,
-             tap: Tap | None = None, spill_dir=None, progress: Callable[[int], None] | None = None) -> EvalResult:
+             tap: Tap | None = None, spill_dir=None, progress: Callable[[int], None] | None = None,
+             on_weights: Callable[[int, BlockWeights], None] | None = None) -> EvalResult:
     """Mean token NLL of each masked sub-model on `tokens` [n, T] (next-token loss on T-1 positions).
 
     `masks` [K, U] bool over the units of `model.layers` (UnitLayout order; True = kept); None means
-    the unmasked model (K = 1). Rows of different masks share one batch.
+    the unmasked model (K = 1). Rows of different masks share one batch. `on_weights(layer, w)` sees
+    each block's weights once, after its first tiles, while the next block is being read.
     """
     t0 = time.perf_counter()
     spec, device = model.spec, torch.device(plan.device)
@@ -144,6 +146,8 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
                                           window=spec.window(layer), tap=layer_tap)
                     cache.put(local_tile(s), x)
                     del x
+                if on_weights is not None and g0 == 0:
+                    on_weights(layer, w)
                 del w
                 if progress:
                     progress(g1 - g0)

@@ -321,16 +321,26 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     return peak, seconds, bd, host
 
 
-def column_norm_seconds(spec: ModelSpec, machine: Machine) -> float:
-    """Predicted time of FLAP's one read of every layer's o_proj and down_proj (`scores.ColumnNorms`,
-    once per run, just after the first dense pass): from the page cache when the whole checkpoint
-    fits there, else the share cached at the start from there and the rest from disk (an 8B run
-    with the checkpoint cached read them in 4.5-5.7 s where a disk read was predicted at 11.4);
-    plus the read buffers' fresh pages and the float32 slabs."""
+def column_norm_seconds(spec: ModelSpec, machine: Machine, *, read: bool = True) -> float:
+    """Predicted time of FLAP's column norms of every layer's o_proj and down_proj (`scores.ColumnNorms`,
+    once per run): the float32 slabs, plus with `read` their one read of the projections just after
+    the first dense pass, from the page cache when the whole checkpoint fits there, else the share
+    cached at the start from there and the rest from disk (an 8B run with the checkpoint cached read
+    them in 4.5-5.7 s where a disk read was predicted at 11.4), and the read buffers' fresh pages.
+    Without `read` they are taken from the dense pass's own weights (`ColumnNorms.observe`); the slabs
+    are then counted as if they did not overlap the pass's reads, which they do where it waits on disk."""
     params = sum(spec.hidden * (len(s.heads) * spec.head_dim + len(s.mlp)) for s in spec.layers)
+    slabs = 2 * params * 4 / HOST_COPY_BPS
+    if not read:
+        return slabs
     src = params * spec.dtype.itemsize
     cached = _cached_share(spec, machine)
-    return _first_read_seconds(src, cached, machine) + src / machine.fresh_page_bps + 2 * params * 4 / HOST_COPY_BPS
+    return _first_read_seconds(src, cached, machine) + src / machine.fresh_page_bps + slabs
+
+
+def exact_cast(stored: torch.dtype, compute: torch.dtype) -> bool:
+    """Whether casting a weight stored in `stored` to `compute` keeps every value exactly."""
+    return compute == stored or (compute == torch.float32 and stored in (torch.float16, torch.bfloat16))
 
 
 # float64 factorisations (the second moments' inverses and solves) at this share of the fp32 rate:

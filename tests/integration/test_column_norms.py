@@ -107,3 +107,79 @@ def test_residual_prior_streamed_equals_transformers_hooks(tiny_models, tiny_tok
         o, d = S.output_projections(model, l)
         torch.testing.assert_close(cache.blocks(model, l, "heads"), P.column_gram_blocks(o, group_size=hd), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(cache.blocks(model, l, "mlp"), P.column_gram_blocks(d, group_size=1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stored, compute", [(torch.bfloat16, "bfloat16"), (torch.bfloat16, "float32"),
+                                             (torch.float32, "float32")])
+def test_norms_taken_from_the_dense_pass_equal_the_read_ones_without_reading(tmp_path, tiny_tokens, monkeypatch,
+                                                                               stored, compute):
+    # The first dense pass loads every whole o/down anyway: ColumnNorms.observe takes the norms from
+    # those weights (cast exactly) instead of reading the projections again (4.8 GB at 8B).
+    from conftest import make_tiny_model
+    from test_engine import plan
+
+    from bonsai_lite.search.engine import evaluate
+
+    model = StreamedModel.open(str(make_tiny_model(tmp_path / "m", "llama-gqa-tied", dtype=stored)))
+    assert S.whole_projections(model, getattr(torch, compute))
+    reads, real_read = [], type(model.ckpt).read
+    monkeypatch.setattr(type(model.ckpt), "read", lambda self, name, *a, **k: reads.append(name) or
+                        real_read(self, name, *a, **k))
+    fed, seen = S.ColumnNorms(), []
+    evaluate(model, tiny_tokens, None, plan(dtype=compute, group_rows=2, tile_rows=1),  # two row groups
+             on_weights=lambda l, w: seen.append(l) or fed.observe(l, w))
+    assert seen == list(range(len(model.layers)))  # each block once, not once per row group
+    names = {n for l in range(len(model.layers)) for k, n in model.spec.adapter.block_tensor_names(l).items()
+             if k in ("o_w", "down_w")}
+    got = {(l, k): fed(model, l, k) for l in range(len(model.layers)) for k in ("heads", "mlp")}
+    assert not names & set(reads)
+    read = S.ColumnNorms()
+    for (l, k), v in got.items():
+        assert torch.equal(v, read(model, l, k))
+    assert names <= set(reads)  # the reference did read them
+
+
+def test_norms_are_not_taken_from_a_pass_that_cuts_or_rounds_the_projections(tmp_path, tiny_models):
+    from conftest import make_tiny_model
+
+    fp32 = StreamedModel.open(str(tiny_models["llama-gqa-tied"]))
+    bf16 = StreamedModel.open(str(make_tiny_model(tmp_path / "m", "llama-gqa-tied", dtype=torch.bfloat16)))
+    assert S.whole_projections(fp32, torch.float32) and S.whole_projections(bf16, torch.float32)
+    assert not S.whole_projections(fp32, torch.bfloat16)  # rounded
+    assert not S.whole_projections(bf16, torch.float16)  # bf16's range and digits are not float16's
+    pruned = fp32.with_layers(_pruned(fp32.layers, torch.Generator().manual_seed(0)))
+    assert not S.whole_projections(pruned, torch.float32)  # cut: the norms of the kept columns only
+
+
+def test_a_bonsai_iteration_takes_the_norms_in_its_dense_pass_and_prunes_as_with_the_read(tmp_path, monkeypatch):
+    # The loop's first prior (flap-parent) takes the norms in the dense pass (bf16 checkpoint, float32
+    # pass): the iteration reads no o/down, and removes what the iteration reading them removes.
+    from conftest import make_tiny_model
+
+    from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
+    from bonsai_lite.io.checkpoint import Checkpoint
+    from bonsai_lite.prune.loop import Pruner
+    from bonsai_lite.prune.state import RunState
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama-gqa-tied", dtype=torch.bfloat16)
+    ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))
+    cfg = RunConfig(model=str(model_dir), out=str(tmp_path / "out"), calib=CalibConfig(text=None, samples=2, seq_len=16),
+                    search=SearchConfig(method="bonsai", sparsity=0.2, p_iter=0.2, masks_per_iter=8, seed=1,
+                                        compensate="off"),  # compensation reads them to fold biases
+                    device="cpu", dtype="float32")
+    reads, real_read = [], Checkpoint.read
+
+    def layers(name):
+        pruner = Pruner(cfg, ids=ids, state=RunState(tmp_path / name))
+        reads.clear()
+        out = pruner.iteration(0, pruner.parent.layers, {})[0]
+        names = {n for l in range(len(out)) for k, n in pruner.parent.spec.adapter.block_tensor_names(l).items()
+                 if k in ("o_w", "down_w")}
+        return out, names & set(reads)
+
+    monkeypatch.setattr(Checkpoint, "read", lambda self, name, *a, **k: reads.append(name) or real_read(self, name, *a, **k))
+    taken, taken_reads = layers("taken")
+    monkeypatch.setattr(S, "whole_projections", lambda *a: False)
+    read, read_reads = layers("read")
+    assert not taken_reads and read_reads
+    assert taken == read and taken != Pruner(cfg, ids=ids, state=RunState(tmp_path / "x")).parent.layers

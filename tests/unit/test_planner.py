@@ -187,6 +187,8 @@ def test_flap_column_read_is_priced_at_the_disk_rate_unless_cached(specs):
     assert column_norm_seconds(spec, replace(cpu, cached=1.0)) == pytest.approx(fits)
     half = column_norm_seconds(spec, replace(cpu, cached=0.5))
     assert half == pytest.approx((slow + fits) / 2)
+    taken = column_norm_seconds(spec, cpu, read=False)  # from the dense pass's weights: no read, no buffers
+    assert 0 < taken < fits and taken == column_norm_seconds(spec, replace(cpu, disk_bps=2e9), read=False)
 
 
 def test_describe_states_peak_and_time(specs):

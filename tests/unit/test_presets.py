@@ -194,7 +194,8 @@ def test_the_estimate_splits_into_iterations_and_the_refit(tiny_models):
     one = refit_seconds(spec, None, 4 * t, t, machine, keep=0.5)
     off, ls, loop = (estimate(spec, settings, refit=r, **kw) for r in ("off", "ls", "loop"))
     for e in (off, ls, loop):
-        assert len(e.iterations) == 5 and e.start == pytest.approx(column_norm_seconds(spec, machine))
+        # a float32 checkpoint and a float32 pass on the CPU: the norms are taken in the first dense pass
+        assert len(e.iterations) == 5 and e.start == pytest.approx(column_norm_seconds(spec, machine, read=False))
         assert e.seconds == pytest.approx(e.start + sum(e.iterations) + e.refit)
     assert off.refit == 0 and ls.refit == loop.refit == pytest.approx(one)
     assert ls.iterations == off.iterations  # the search's passes do not depend on the refit after it
