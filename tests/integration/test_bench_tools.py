@@ -364,3 +364,19 @@ def test_bench_compute_times_one_block_and_one_chunk_per_tile():
         chunks = math.ceil(spec.vocab / r["head_chunk"])
         assert x["seconds"] == pytest.approx(spec.n_layers * x["block_seconds"] + chunks * x["chunk_seconds"], abs=1e-3)
         assert x["block_seconds"] > 0 and x["predicted_seconds"] > 0
+
+
+def test_bench_cold_splits_a_cold_pass_into_its_loads_and_its_forwards(tiny_models):
+    # tools/bench_cold.py: every case runs the real engine on the checkpoint; the reads case loads
+    # every block and computes nothing; a pass's loads and forwards are parts of its time
+    path = tiny_models["llama-gqa-tied"]
+    r = _run("bench_cold.py", str(path), "--dtype", "float32", "--tokens", "16", "--repeats", "1")
+    assert r["kind"] == "cold_pass" and r["checkpoint_bytes"] == sum(f.stat().st_size for f in path.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in path.glob("*.safetensors"))
+    rows = {x["case"]: x for x in r["rows"]}
+    assert set(rows) == {"reads", "pass", "pass_prefetch", "pass_on_copies", "warm"}
+    assert rows["reads"]["forward_seconds"] == 0 and rows["reads"]["load_seconds"] > 0
+    for case in ("pass", "pass_on_copies", "warm"):  # no prefetch: loads and forwards run in turn
+        x = rows[case]
+        assert 0 < x["load_seconds"] and 0 < x["forward_seconds"]
+        assert x["load_seconds"] + x["forward_seconds"] <= x["seconds"]
