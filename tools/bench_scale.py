@@ -350,7 +350,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     runs = []
     for budget in budgets:
         if args.hold_ram:
-            SX.drop_from_page_cache(model_dir)  # each budget starts cold, as on a machine that could not cache it
+            SX.start_cold(model_dir, args.cold_start)  # each budget starts cold, as on a machine that could not cache it
         if runs and time.perf_counter() > deadline:
             runs.append({"budget": budget, "error": "skipped: --deadline passed"})
             continue
@@ -372,7 +372,7 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
             print(f"[accelerate] offloaded transformers at {fmt_bytes(budget)}", file=sys.stderr)
             try:
                 r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows,
-                                                        cold=model_dir if args.hold_ram else None)
+                                                        cold=model_dir if args.hold_ram else None, cold_start=args.cold_start)
             except Exception as e:  # noqa: BLE001  # a third-party failure is a result; it must not lose ours
                 r["accelerate"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
         r["extrapolation"] = SX.extrapolate(model, r, work, device=device, regression_s=reg_s)
@@ -405,7 +405,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
         "settings": {"model": args.shape, "masks": args.masks, "samples": args.samples, "seq_len": args.seq_len,
                      "device": device, "dtype": dtype, "seed": args.seed, "params": model.params(),
                      "weights_bytes": model.ckpt.nbytes(), "generate_seconds": gen_s,
-                     "cold_read_bps": unbounded.disk_bps, "planned_flops_per_s": unbounded.flops,
+                     "cold_read_bps": unbounded.disk_bps, "cold_start": args.cold_start if args.hold_ram else None,
+                     "planned_flops_per_s": unbounded.flops,
                      "bf16_factor": unbounded.bf16_factor, "fresh_page_bps": unbounded.fresh_page_bps,
                      "paper_regression_seconds": reg_s},
         "peak": {"flops": peak, "source": peak_src},
@@ -443,6 +444,10 @@ def parse_args(argv):
     ap.add_argument("--sweep-per-order", type=int, default=3, help="tile sizes measured per streaming order")
     ap.add_argument("--sweep-max-predicted", type=float, default=3.0,
                     help="leave out sweep candidates predicted slower than this x the planner's choice")
+    ap.add_argument("--cold-start", choices=SX.COLD_STARTS, default="drop",
+                    help="with --hold-ram, how each budget's run and accelerate's forward start cold: drop the "
+                         "checkpoint's pages, or drop them and stream the checkpoint once through the page cache "
+                         "(no pool of free memory left; see scale_extras.start_cold)")
     ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                     help="start no new budget, reference or sweep run after this long (fits a device time limit)")
     ap.add_argument("--no-reference", action="store_true", help="skip the unbudgeted references")

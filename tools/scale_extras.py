@@ -94,6 +94,26 @@ def drop_from_page_cache(model_dir: Path) -> None:
             os.close(fd)
 
 
+COLD_STARTS = ("drop", "stream")
+
+
+def start_cold(model_dir: Path, how: str, *also: Path) -> None:
+    """Make the next pass find the checkpoint out of the page cache. "drop": drop its pages (and
+    those of `also`). "stream": then read every file of the checkpoint once through the page cache,
+    the state a pass over a checkpoint the page cache cannot hold leaves: its tail cached, the rest
+    recycled by the kernel, no large pool of free memory. On a VM whose balloon hands free memory
+    back to its host, a dense pass that read into such a pool right after a drop computed 3-7x
+    slower than one reading into recycled pages (tools/bench_cold.py, docs/PERFORMANCE.md)."""
+    for d in (model_dir, *also):
+        drop_from_page_cache(d)
+    if how == "stream":
+        view = memoryview(bytearray(64 * 2**20))
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+
+
 _HOLDER = """
 import os, sys, numpy
 with open("/proc/self/oom_score_adj", "w") as f:
@@ -127,12 +147,13 @@ def _rss_growth_since(rss0: int) -> int:
     return max(0, (BE._status_bytes("VmHWM") or 0) - rss0)
 
 
-def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor, cold: Path | None = None) -> dict:
+def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor, cold: Path | None = None,
+                       cold_start: str = "drop") -> dict:
     """What people use today for a model that does not fit: transformers + accelerate with
     `device_map="auto"`, `max_memory` at the budget and the rest offloaded to an `offload_folder`.
     One forward with the loss over `ids` [rows, T] (after a one-row warm-up), tokens/s and RSS growth.
-    `cold`: the checkpoint folder, dropped from the page cache (with the offload folder) before the
-    timed forward."""
+    `cold`: the checkpoint folder, out of the page cache (with the offload folder) before the timed
+    forward, as `start_cold(cold_start)` leaves it."""
     from transformers import AutoModelForCausalLM
 
     rss0 = BE._reset_peak("cpu")
@@ -147,8 +168,7 @@ def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.T
         with torch.no_grad():
             model(ids[:1, :8])  # warm-up: offload hooks, kernels
             if cold is not None:
-                drop_from_page_cache(cold)
-                drop_from_page_cache(Path(offload))
+                start_cold(cold, cold_start, Path(offload))
             disk0 = disk_read_bytes()
             t0 = time.perf_counter()
             loss = float(model(ids, labels=ids).loss)
@@ -255,7 +275,7 @@ def records(result: dict) -> list[dict]:
             "export": {**(r.get("export") or {}), **(r.get("export_eval") or {})} or None, "extrapolation": r.get("preset_extrapolation"),
             "masks": s["masks"], "samples": s["samples"], "seq_len": s["seq_len"], "dtype": s["dtype"],
             "threads": result["hardware"]["threads"], "load_average": result.get("load_average"),
-            "cold_read_bps": s.get("cold_read_bps"), "planned_flops_per_s": s.get("planned_flops_per_s"),
+            "cold_read_bps": s.get("cold_read_bps"), "cold_start": s.get("cold_start"), "planned_flops_per_s": s.get("planned_flops_per_s"),
             "bf16_factor": s.get("bf16_factor"), "fresh_page_bps": s.get("fresh_page_bps"),
             "commit": result["commit"], "hardware": result["hardware"], "command": result.get("command"),
         })
@@ -274,6 +294,8 @@ def write_records(recs: list[dict], directory: Path = RESULTS, *, extra: str = "
             tag += f"-{r['masks']}x{r['samples']}x{r['seq_len']}"
         if r.get("held_ram"):  # a smaller machine emulated: the page cache cannot hold the checkpoint
             tag += f"-hold{fmt_bytes(r['held_ram']['held_bytes']).replace(' ', '')}"
+        if r.get("cold_start") not in (None, "drop"):
+            tag += f"-{r['cold_start']}"
         stem = f"scale-{r['shape']}-{r['device']}-{budget}{tag}{'-' + extra if extra else ''}"
         p, n = directory / f"{stem}.json", 1
         while p.exists():

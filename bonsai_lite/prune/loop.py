@@ -83,11 +83,13 @@ class Pruner:
                                       checkpoint=cfg.model)
         self.dense_params = self.parent.spec.non_embedding_params()
         self.column_norms = S.ColumnNorms()  # the parent's o/down column norms, read at the first prior
+        self._planned = False  # no pass of this process has streamed the checkpoint yet
         self._overlay = None  # the --refit loop overlay the column norms were read from
 
     # ---- helpers -----------------------------------------------------------------------------
     def _plan(self, model, masks: int, samples: int, seq_len: int | None = None):
-        self.machine = page_cache_now(self.machine, self.cfg.model)
+        self.machine = page_cache_now(self.machine, self.cfg.model, streamed=self._planned)
+        self._planned = True  # every plan is for a pass over the model, which follows at once
         return make_plan(model.spec, model.layers, Work(masks, samples, seq_len or self.cfg.calib.seq_len),
                          self.machine, dtype=self.cfg.dtype)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bonsai_lite.errors import BonsaiError, BudgetError
-from bonsai_lite.io.disk import cached_fraction, cold_read_bps
+from bonsai_lite.io.disk import cached_fraction, cold_read_bps, shard_files
 from bonsai_lite.structure import ModelSpec
 
 # Fraction of free host RAM / disk we allow ourselves: the OS and page cache need the rest.
@@ -157,25 +157,35 @@ def detect_machine(*, device: str | None, budget: int | None, spill_dir=None, ch
     disk = int(psutil.disk_usage(str(spill_dir or tempfile.gettempdir())).free * DISK_FRACTION)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     disk_bps = (cold_read_bps(str(checkpoint)) if checkpoint else None) or DISK_BPS
-    cached = (cached_fraction(checkpoint) if checkpoint else None) or 0.0
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        return Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
-                       props.name, page_cache=free_ram, disk_bps=disk_bps, cached=cached)
+        machine = Machine(device, budget or props.total_memory, free_ram, disk, _gpu_flops(props.name), cores,
+                          props.name, page_cache=free_ram, disk_bps=disk_bps)
+        return page_cache_now(machine, checkpoint, streamed=False) if checkpoint else machine
     bound_host_allocator()
     threads = torch.get_num_threads()
     budget = budget or free_ram
     flops = cpu_gemm_probe()[0] * threads
-    return Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
-                   bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, cached=cached, fresh_page_bps=fresh_page_probe())
+    machine = Machine("cpu", budget, budget, disk, flops, cores, page_cache=max(0, free_ram - budget),
+                      bf16_factor=cpu_bf16_factor(), disk_bps=disk_bps, fresh_page_bps=fresh_page_probe())
+    return page_cache_now(machine, checkpoint, streamed=False) if checkpoint else machine
 
 
-def page_cache_now(machine: Machine, checkpoint) -> Machine:
+def page_cache_now(machine: Machine, checkpoint, *, streamed: bool = True) -> Machine:
     """`machine` with the share of `checkpoint` in the page cache as it is now: the share detected at
     the start is stale once a pass has streamed a checkpoint larger than the cache, which then holds
-    part of it (the planner prices the rest as disk reads)."""
+    part of it (the planner prices the rest as disk reads). Before this run has streamed the
+    checkpoint itself (`streamed` False), what the cache holds of a checkpoint larger than it was
+    read once by someone else (a download, a copy, another run's pass): the kernel evicts such pages
+    first, and a sequential pass evicts them ahead of itself, so the share a first pass finds is 0 (an
+    8B checkpoint 80% in the cache at the start: its first pass read 15.0 of its 15 GB from disk,
+    docs/PERFORMANCE.md, thirtieth session). A checkpoint that fits is priced as cached anyway."""
     cached = cached_fraction(checkpoint)
-    return machine if cached is None else replace(machine, cached=cached)
+    if cached is None:
+        return machine
+    if not streamed and sum(f.stat().st_size for f in shard_files(checkpoint)) > machine.page_cache:
+        cached = 0.0
+    return replace(machine, cached=cached)
 
 
 @functools.lru_cache(maxsize=1)

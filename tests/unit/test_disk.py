@@ -77,6 +77,29 @@ def test_a_plan_sees_the_page_cache_as_it_is_now(tmp_path):
     assert page_cache_now(now, tmp_path).cached < 0.5
 
 
+def test_a_first_pass_finds_none_of_a_checkpoint_larger_than_the_page_cache(tmp_path):
+    # What the cache holds before the run's first pass was read once by someone else: a sequential
+    # pass over a checkpoint larger than the cache evicts it ahead of itself. A checkpoint that fits
+    # keeps its share; after the run's own first pass, the share is what mincore says.
+    from dataclasses import replace
+
+    from bonsai_lite.search.machine import nominal_machine, page_cache_now
+
+    f = tmp_path / "model.safetensors"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(8 * 2**20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    f.read_bytes()
+    if (share := disk.cached_fraction(tmp_path)) is None or share < 0.9:
+        pytest.skip("no mincore here, or the file did not stay cached")
+    small = replace(nominal_machine(device="cpu", budget=2**30), page_cache=4 * 2**20)  # half the file
+    large = replace(small, page_cache=64 * 2**20)
+    assert page_cache_now(small, tmp_path, streamed=False).cached == 0.0
+    assert page_cache_now(small, tmp_path).cached > 0.9  # the run's own earlier pass left it there
+    assert page_cache_now(large, tmp_path, streamed=False).cached > 0.9
+
+
 def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(tmp_path, monkeypatch):
     # The loader maps and populates (Checkpoint.map), whose readahead keeps several requests in
     # flight: the planner's disk rate is measured that way, on a part of the checkpoint that is not
