@@ -30,6 +30,8 @@ def _held(r: dict) -> str:
     if not held:
         return "-"
     ok = "" if held.get("held_to_the_end") else " (hold lost)"
+    if r.get("cold_start") not in (None, "drop"):  # how each run started cold (bench_scale --cold-start)
+        ok += f", {r['cold_start']}"
     return (f"{_gib(held['held_bytes'])}{ok}: {_gib(r.get('disk_read_bytes'))} / "
             f"{_gib(r.get('accelerate_disk_read_bytes'))}")
 
