@@ -11,6 +11,15 @@ from bonsai_lite.io import disk
 pytestmark = pytest.mark.unit
 
 
+def _written(f, nbytes: int):
+    """`f` with `nbytes` of random data, on disk (fsync'd), so the page cache may drop it."""
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(nbytes))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return f
+
+
 def test_direct_read_returns_the_files_bytes(tmp_path):
     data = os.urandom(3 * disk.CHUNK_BYTES + 12345)
     f = tmp_path / "model-00001-of-00002.safetensors"
@@ -34,11 +43,7 @@ def test_no_rate_without_enough_to_read(tmp_path):
 
 
 def test_cached_fraction_follows_the_page_cache(tmp_path):
-    f = tmp_path / "model.safetensors"
-    with open(f, "wb") as fh:
-        fh.write(os.urandom(8 * 2**20))
-        fh.flush()
-        os.fsync(fh.fileno())  # clean pages: the kernel may drop them when asked
+    f = _written(tmp_path / "model.safetensors", 8 * 2**20)  # clean pages: the kernel may drop them when asked
     f.read_bytes()
     warm = disk.cached_fraction(tmp_path)
     if warm is None:
@@ -58,11 +63,7 @@ def test_a_plan_sees_the_page_cache_as_it_is_now(tmp_path):
 
     from bonsai_lite.search.machine import nominal_machine, page_cache_now
 
-    f = tmp_path / "model.safetensors"
-    with open(f, "wb") as fh:
-        fh.write(os.urandom(8 * 2**20))
-        fh.flush()
-        os.fsync(fh.fileno())
+    f = _written(tmp_path / "model.safetensors", 8 * 2**20)
     stale = replace(nominal_machine(device="cpu", budget=2**30), cached=0.0)
     f.read_bytes()
     now = page_cache_now(stale, tmp_path)
@@ -85,11 +86,7 @@ def test_a_first_pass_finds_none_of_a_checkpoint_larger_than_the_page_cache(tmp_
 
     from bonsai_lite.search.machine import nominal_machine, page_cache_now
 
-    f = tmp_path / "model.safetensors"
-    with open(f, "wb") as fh:
-        fh.write(os.urandom(8 * 2**20))
-        fh.flush()
-        os.fsync(fh.fileno())
+    f = _written(tmp_path / "model.safetensors", 8 * 2**20)
     f.read_bytes()
     if (share := disk.cached_fraction(tmp_path)) is None or share < 0.9:
         pytest.skip("no mincore here, or the file did not stay cached")
@@ -106,11 +103,7 @@ def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(
     # cached, and that part (with what the kernel's readahead brought around it, some of which lands
     # milliseconds later) is dropped again.
     monkeypatch.setattr(disk, "MAPPED_PROBE_BYTES", 4 * 2**20)
-    f = tmp_path / "model.safetensors"
-    with open(f, "wb") as fh:
-        fh.write(os.urandom(64 * 2**20))
-        fh.flush()
-        os.fsync(fh.fileno())
+    f = _written(tmp_path / "model.safetensors", 64 * 2**20)
     fd = os.open(f, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
