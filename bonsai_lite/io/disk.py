@@ -101,8 +101,9 @@ def mapped_read_bps(path: str | Path) -> float | None:
     """Bytes per second at which the engine's loader brings in a part of the checkpoint that is not in
     the page cache: a read-only mapping of MAPPED_PROBE_BYTES populated by madvise, as
     `Checkpoint.map` does, whose readahead keeps several requests in flight where an O_DIRECT read
-    has one (a VM's disk served 1.8-2.3 GB/s that way against 0.9-1.0 GB/s to O_DIRECT; a burst:
-    its 16 GB passes sustained 0.9-1.5, docs/PERFORMANCE.md, twenty-ninth session). The part is
+    has one (a VM's disk served 1.8-2.3 GB/s that way against 0.9-1.0 GB/s to O_DIRECT, and 2.0 GB/s
+    sustained over an 8B checkpoint's 14 GB of blocks: tools/bench_cold.py, docs/PERFORMANCE.md,
+    thirtieth session). The part is
     dropped from the cache afterwards, which leaves the cache as it was found; pages cached before
     are mapped, not read, and not counted. None where no part of that size is at least 15/16 cold,
     or where mincore or MADV_POPULATE_READ are not available."""

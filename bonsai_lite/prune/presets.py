@@ -109,21 +109,18 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     if allocation == "auto":  # bonsai's default prior is FLAP's (flap-parent)
         allocation = auto_allocation(method, "flap-parent" if method == "bonsai" else "wanda", regression,
                                      smallest_step(schedule))
-    # FLAP's column norms, once per run: taken in the first dense pass where it loads the projections
-    # as stored or exactly cast (`scores.whole_projections`), else read once more
-    first = make_plan(spec, spec.layers, Work(1, prior_n, dense_t), machine, dtype=dtype)
-    taken = not first.weights_8bit and exact_cast(spec.dtype, getattr(torch, first.dtype))
-    start = column_norm_seconds(spec, machine, read=not taken) if flap_metric else 0.0
-
-    def dense(scale: int) -> float:  # one dense pass on the parent, with the residual metric's second moments
-        rows = prior_n * scale
-        t = make_plan(spec, spec.layers, Work(1, rows, dense_t), machine, dtype=dtype).predicted_seconds
-        return t + (second_moment_seconds(spec, spec.layers, rows * dense_t, machine) if residual else 0.0)
-
     # a step larger than p_iter draws more dense-pass windows (config.dense_scale), when it has its own
     steps = [schedule[it] - (schedule[it - 1] if it else 0.0) for it in range(n_iter)]
     scales = [dense_scale(method, st, p_iter, first_step) if settings.get("prior_samples") else 1 for st in steps]
-    per_scale = {k: dense(k) for k in set(scales)}
+    # one dense pass on the parent per scale, with the residual metric's second moments
+    plans = {k: make_plan(spec, spec.layers, Work(1, prior_n * k, dense_t), machine, dtype=dtype) for k in set(scales)}
+    per_scale = {k: p.predicted_seconds + (second_moment_seconds(spec, spec.layers, prior_n * k * dense_t, machine)
+                                           if residual else 0.0) for k, p in plans.items()}
+    # FLAP's column norms, once per run: taken in the first dense pass where it loads the projections
+    # as stored or exactly cast (`scores.whole_projections`), else read once more
+    first = plans[scales[0]]
+    taken = not first.weights_8bit and exact_cast(spec.dtype, getattr(torch, first.dtype))
+    start = column_norm_seconds(spec, machine, read=not taken) if flap_metric else 0.0
     ev_seconds, ev_tokens = 0.0, 0
     if method in SEARCH_METHODS and regression != "none":  # one iteration's sub-models on the parent
         k = settings["masks_per_iter"]
