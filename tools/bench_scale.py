@@ -368,10 +368,10 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
             if not any("export" in x for x in runs):
                 r["export"] = SX.export_model(model_dir, layers, export_dir)
             r["export_eval"] = SX.eval_export(export_dir, budget=budget, ids=rows, device=device)
-        if args.accelerate and budget and not device.startswith("cuda"):
+        if args.accelerate and budget:
             print(f"[accelerate] offloaded transformers at {fmt_bytes(budget)}", file=sys.stderr)
             try:
-                r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows,
+                r["accelerate"] = SX.accelerate_forward(model_dir, budget=budget, dtype=dtype, ids=rows, device=device,
                                                         cold=model_dir if args.hold_ram else None, cold_start=args.cold_start)
             except Exception as e:  # noqa: BLE001  # a third-party failure is a result; it must not lose ours
                 r["accelerate"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
@@ -464,8 +464,11 @@ def main(argv: list[str] | None = None) -> dict | list:
     args = parse_args(argv)
     if args.from_json:
         results = [json.loads(Path(f).read_text()) for f in args.from_json]
-        if args.write_docs:
-            for res in results:
+        for res in results:
+            if args.records:  # a run printed on another machine (the GPU box), recorded here
+                for path in SX.write_records(SX.records(res), extra=args.record_tag):
+                    print(f"[records] {path}", file=sys.stderr)
+            if args.write_docs:
                 write_scale_docs(res)
         return results
     if args.threads:

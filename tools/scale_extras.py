@@ -148,20 +148,29 @@ def _rss_growth_since(rss0: int) -> int:
 
 
 def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor, cold: Path | None = None,
-                       cold_start: str = "drop") -> dict:
+                       cold_start: str = "drop", device: str = "cpu") -> dict:
     """What people use today for a model that does not fit: transformers + accelerate with
-    `device_map="auto"`, `max_memory` at the budget and the rest offloaded to an `offload_folder`.
-    One forward with the loss over `ids` [rows, T] (after a one-row warm-up), tokens/s and RSS growth.
+    `device_map="auto"`, `max_memory` at the budget (GPU memory on CUDA, the rest in host RAM; RAM on
+    a CPU) and the rest offloaded to an `offload_folder`. One forward with the loss over `ids`
+    [rows, T] (after a one-row warm-up): tokens/s, RSS growth, and on CUDA the peak GPU memory
+    reserved (accelerate budgets the weights only: activations and logits come on top).
     `cold`: the checkpoint folder, out of the page cache (with the offload folder) before the timed
     forward, as `start_cold(cold_start)` leaves it."""
     from transformers import AutoModelForCausalLM
 
+    cuda = device.startswith("cuda")
+    if cuda:
+        index = torch.device(device).index or 0
+        max_memory = {index: budget, "cpu": int(mem_available() * 0.8)}
+        ids = ids.to(device)
+    else:
+        max_memory = {"cpu": budget}
     rss0 = BE._reset_peak("cpu")
     offload = tempfile.mkdtemp(prefix="bench-accelerate-offload-", dir=model_dir.parent)
     try:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), device_map="auto", max_memory={"cpu": budget},
+            str(model_dir), dtype=getattr(torch, dtype), device_map="auto", max_memory=max_memory,
             offload_folder=offload).eval()
         load_s = time.perf_counter() - t0
         placed = sorted(set(map(str, getattr(model, "hf_device_map", {}).values())))
@@ -169,20 +178,25 @@ def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.T
             model(ids[:1, :8])  # warm-up: offload hooks, kernels
             if cold is not None:
                 start_cold(cold, cold_start, Path(offload))
+            if cuda:
+                BE._reset_peak(device)
             disk0 = disk_read_bytes()
             t0 = time.perf_counter()
-            loss = float(model(ids, labels=ids).loss)
+            loss = float(model(ids, labels=ids).loss)  # float(): waits for the GPU
         seconds = time.perf_counter() - t0
         disk = disk_read_bytes() - disk0 if disk0 is not None else None
         growth = _rss_growth_since(rss0)
+        peak_gpu = torch.cuda.max_memory_reserved() if cuda else None
         del model
         gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     finally:
         shutil.rmtree(offload, ignore_errors=True)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     return {"seconds": seconds, "load_seconds": load_s, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "loss": loss, "peak_rss_growth_bytes": growth, "budget_bytes": budget, "dtype": dtype,
-            "placement": placed, "disk_read_bytes": disk}
+            "loss": loss, "peak_rss_growth_bytes": growth, "peak_gpu_bytes": peak_gpu, "budget_bytes": budget,
+            "dtype": dtype, "placement": placed, "disk_read_bytes": disk}
 
 
 def export_model(model_dir: Path, layers, out: Path) -> dict:
@@ -266,6 +280,7 @@ def records(result: dict) -> list[dict]:
             "compute_gemm_flops_per_s": (result.get("compute_peak") or result["peak"])["flops"],
             "accelerate_tokens_per_s": acc.get("tokens_per_s"),
             "accelerate_peak_rss_growth_bytes": acc.get("peak_rss_growth_bytes"),
+            "accelerate_peak_gpu_bytes": acc.get("peak_gpu_bytes"),
             "accelerate_error": acc.get("error"),
             "speedup_vs_accelerate": (r["mask_tokens_per_s"] / acc["tokens_per_s"]) if acc.get("tokens_per_s") else None,
             "accelerate_disk_read_bytes": acc.get("disk_read_bytes"),
