@@ -44,24 +44,29 @@ from bonsai_lite.io.hf import load_causal_lm  # noqa: E402
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 
-FORMATS = ("per-layer", "uniform")
+FORMATS = ("per-layer", "per-layer-gqa-equal", "uniform")  # the last: a stock config
 CALIB_TOKENS = 32  # priors pass of the random / magnitude methods: one window, speed only
 MAX_P_ITER = 0.45  # SearchConfig requires p_iter < 0.5
 
 
 # ---- pruned variants ---------------------------------------------------------------------------
 def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, method: str, device: str,
-                 seed: int) -> dict:
-    """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`."""
+                 seed: int, multiple_of: int | None = None, gqa: str = "any") -> dict:
+    """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`.
+    `multiple_of` None: the MLP width alignment `bonsai-lite prune` uses by default (prune/align.py)."""
+    from bonsai_lite.prune.align import auto_multiple_of
+
     from bonsai_lite.export import export_pruned
     from bonsai_lite.prune.run import run_pruning
 
     p_iter = sparsity / math.ceil(sparsity / MAX_P_ITER)  # one iteration, two above 45%
+    spec = StreamedModel.open(parent).spec
+    multiple_of = auto_multiple_of(spec.intermediate) if multiple_of is None else multiple_of
     cfg = RunConfig(model=str(parent), out=str(out), calib=CalibConfig(text=None, samples=1, seq_len=CALIB_TOKENS),
                     search=SearchConfig(method=method, sparsity=sparsity, p_iter=p_iter, masks_per_iter=2,
-                                        uniform=uniform, seed=seed),
+                                        uniform=uniform, seed=seed, multiple_of=multiple_of, gqa=gqa),
                     device=device)
-    vocab = StreamedModel.open(parent).spec.vocab
+    vocab = spec.vocab
     ids = torch.randint(0, vocab, (2 * CALIB_TOKENS,), generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-infer-run-") as run_dir:
@@ -70,7 +75,8 @@ def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, met
     t0 = time.perf_counter()
     export_pruned(parent, outcome.layers, out, uniform=uniform, overwrite=True,
                   metadata={"method": method, "sparsity": sparsity, "purpose": "bench_infer (speed only)"})
-    return {"search_seconds": search_s, "export_seconds": time.perf_counter() - t0}
+    return {"search_seconds": search_s, "export_seconds": time.perf_counter() - t0, "multiple_of": multiple_of,
+            "gqa": gqa}
 
 
 # ---- measurement ---------------------------------------------------------------------------------
@@ -203,7 +209,8 @@ def run(args) -> dict:
                 out = work / f"{args.shape}-{name}"
                 print(f"[model] {name}: pruning ({args.method}) and exporting to {out}", file=sys.stderr)
                 made = make_variant(parent, out, sparsity=s, uniform=fmt == "uniform", method=args.method,
-                                    device=device, seed=args.seed)
+                                    device=device, seed=args.seed, multiple_of=args.multiple_of,
+                                    gqa="equal" if fmt.endswith("gqa-equal") else "any")
                 try:
                     results.append({**bench_model(name, out, args, device=device, dtype=dtype), "sparsity": s,
                                     "format": fmt, "method": args.method, **made})
@@ -232,7 +239,8 @@ def run(args) -> dict:
                      "model": args.shape or "custom", "device": device, "dtype": str(dtype).replace("torch.", ""),
                      "batch": args.batch, "prefill_len": args.prefill_len, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "warmup": args.warmup, "repeats": args.repeats,
-                     "method": args.method if args.shape else None, "seed": args.seed},
+                     "method": args.method if args.shape else None, "seed": args.seed,
+                     "multiple_of": args.multiple_of},
         "models": results,
     }
 
@@ -251,8 +259,11 @@ def parse_args(argv):
                          "weights); for CPUs whose AMX kernels die with SIGILL (llamacpp_runtime.model_params)")
     ap.add_argument("--work-dir", default=None, help="where --shape writes the parent and variants (default: temp)")
     ap.add_argument("--sparsities", default="0.2,0.35,0.5")
-    ap.add_argument("--formats", default="per-layer,uniform", help="per-layer and/or uniform exports")
+    ap.add_argument("--formats", default="per-layer,uniform",
+                    help="per-layer (free GQA groups), per-layer-gqa-equal (prune --gqa equal) and/or uniform exports")
     ap.add_argument("--method", default="random", choices=["random", "magnitude"])
+    ap.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                    help="MLP widths a multiple of N (default: what `bonsai-lite prune` uses, prune/align.py)")
     ap.add_argument("--keep", action="store_true", help="keep the pruned variants on disk")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prefill-len", type=int, default=512)

@@ -6,8 +6,8 @@
 #   bash tools/gpu_session.sh [STEPS]      STEPS: comma-separated, default tests,scale,infer
 #     tests  pytest -m gpu tests/gpu: the CUDA paths against the CPU references (tiny models)
 #     scale  bench_scale: one Bonsai iteration at 8B under 8 and 24 GB, export, accelerate, references
-#     sweep  bench_scale: the 12 GB iteration and the planner sweep at 8 and 12 GB (--no-reference)
-#     infer  bench_infer: parent vs 50% pruned (per-layer and uniform exports), prefill and decode
+#     sweep  bench_scale: 8 and 12 GB iterations, then the planner sweep at each (--no-reference)
+#     infer  bench_infer: parent vs 50% pruned (per-layer, per-layer --gqa equal, uniform), prefill, decode
 #
 # Packages missing there (bitsandbytes, gguf) travel unpacked in .whl/site, put on PYTHONPATH here.
 # A dry run on a CPU: SHAPE=tiny DEVICE=cpu WORK="--masks 4 --samples 2 --seq-len 64" INFER="--batch 2
@@ -34,7 +34,7 @@ ran() { echo "[$1] rc=$2 after $(( $(date +%s) - $3 )) s"; }
 
 if step tests; then
   t=$(date +%s)
-  timeout 90 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+  timeout 60 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
   ran tests $? "$t" | tee -a "$OUT/pytest.txt"; tail -4 "$OUT/pytest.txt"
 fi
 if step scale; then
@@ -48,17 +48,18 @@ fi
 if step sweep; then
   t=$(date +%s)
   # shellcheck disable=SC2086
-  timeout 280 python3 tools/bench_scale.py --shape "$SHAPE" --device "$DEVICE" --work-dir "$W" --keep \
-    --budgets 12GB,8GB $WORK --accelerate --sweep --sweep-per-order 1 --no-reference --no-paper-regression \
-    --deadline 150 > "$OUT/sweep.json" 2> "$OUT/sweep.log"
+  timeout 220 python3 tools/bench_scale.py --shape "$SHAPE" --device "$DEVICE" --work-dir "$W" --keep \
+    --budgets 8GB,12GB $WORK --accelerate --sweep --sweep-per-order 1 --no-reference --no-paper-regression \
+    --deadline 170 > "$OUT/sweep.json" 2> "$OUT/sweep.log"
   ran sweep $? "$t"; grep -v "%|" "$OUT/sweep.log" | tail -4
   rm -rf "$W/run-$SHAPE"
 fi
 if step infer; then
   t=$(date +%s)
   # shellcheck disable=SC2086
-  timeout 160 python3 tools/bench_infer.py --shape "$SHAPE" --device "$DEVICE" --work-dir "$W" --sparsities 0.5 \
-    --formats per-layer,uniform --trust-remote-code $INFER --deadline 80 > "$OUT/infer.json" 2> "$OUT/infer.log"
+  timeout 170 python3 tools/bench_infer.py --shape "$SHAPE" --device "$DEVICE" --work-dir "$W" --sparsities 0.5 \
+    --formats per-layer,per-layer-gqa-equal,uniform --trust-remote-code $INFER --deadline 110 \
+    > "$OUT/infer.json" 2> "$OUT/infer.log"
   ran infer $? "$t"; grep -v "%|" "$OUT/infer.log" | tail -4
 fi
 exit 0

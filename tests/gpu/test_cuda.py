@@ -144,7 +144,7 @@ def test_cli_prune_on_the_device_then_eval_matches_the_cpu(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert cli.main(["prune", str(model), "--out", str(out), "--sparsity", "0.3", "--p-iter", "0.15",
                      "--method", "bonsai", "--masks-per-iter", "8", "--calib", str(text), "--calib-samples", "2",
-                     "--seq-len", "32", "--device", DEVICE, "--memory-budget", "64MB", "--json"]) == 0
+                     "--seq-len", "32", "--device", DEVICE, "--memory-budget", "1GB", "--json"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(run["history"]) == 2, run
     ppl = {}
