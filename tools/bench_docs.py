@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -24,27 +25,28 @@ STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
 DOCS = BE.DOCS
 RESULTS = BE.ROOT / "docs" / "results"
 IMG = BE.ROOT / "docs" / "img"
-H100_HOWTO = """### How to run on an H100
+H100_HOWTO = """### How to run on a GPU
 
-The device runs each command in the repository root (10 minutes per command at most, 30 minutes
-of device time in all; the checkpoint in /tmp/bonsai-bench is reused while the machine stays warm,
-else regenerated in ~2 minutes). Results come back as JSON under $OUT and are recorded here with
---from-json, so the docs are written from this checkout, not the device's copy. The 8B checkpoint
-takes 16 GB of disk and each pruned variant 8-13 GB more until it is measured and deleted. Times
-in the comments are estimates; --deadline makes a command stop starting new work in time:
+`tools/gpu_session.sh` is the whole GPU half as one command for a lent machine (one 10-minute
+command, 15 minutes of device time in all, a bare machine per call): each step has its own time
+limit and writes JSON and a log under $OUT. On the H200 the steps took: `tests` 23-26 s, `scale`
+156 s (8 and 24 GB, export, accelerate, references; the 15 GiB checkpoint is generated in 13 s),
+`sweep` 183 s (8 and 12 GB with the planner sweep), `infer` 95-150 s (parent and 50% variants).
+bitsandbytes and gguf travel unpacked in `.whl/site` (ignored by git; `pip install --no-deps
+--target .whl/site` of their wheels here, then delete the CUDA builds the GPU does not need):
 
 ```
-# 1. one budgeted iteration at 8B per budget, references, export timed, paper run extrapolated (~6 min)
-python tools/bench_scale.py --shape llama3-8b --work-dir /tmp/bonsai-bench --budgets 8GB,12GB,24GB --masks 32 --samples 8 --seq-len 2048 --export --deadline 540 > $OUT/scale.json
-# 2. planner check: tiles x both orders per budget, choice within 15% of the best (~6 min)
-python tools/bench_scale.py --shape llama3-8b --work-dir /tmp/bonsai-bench --budgets 8GB,12GB,24GB --masks 32 --samples 8 --seq-len 2048 --sweep --sweep-per-order 2 --no-reference --no-paper-regression --deadline 540 > $OUT/sweep.json
-# 3. inference speed, parent vs pruned 20/35/50%, one export format per command (~5 min each)
-python tools/bench_infer.py --shape llama3-8b --work-dir /tmp/bonsai-bench --sparsities 0.2,0.35,0.5 --formats per-layer --trust-remote-code --deadline 480 > $OUT/infer-per-layer.json
-python tools/bench_infer.py --shape llama3-8b --work-dir /tmp/bonsai-bench --sparsities 0.2,0.35,0.5 --formats uniform --deadline 480 > $OUT/infer-uniform.json
+bash tools/gpu_session.sh tests,scale,infer        # run with carry: [".whl"]
+bash tools/gpu_session.sh tests,sweep,infer        # a second call
 # then here, with FILES = the run tool's files_at folder:
-python tools/bench_scale.py --from-json FILES/scale.json FILES/sweep.json --write-docs
-python tools/bench_infer.py --from-json FILES/infer-per-layer.json FILES/infer-uniform.json --write-docs
+python tools/bench_scale.py --from-json FILES/scale.json FILES/sweep.json --records --record-tag TAG --write-docs
+python tools/bench_infer.py --from-json FILES/infer.json --write-docs
+python tools/bench_docs.py
 ```
+
+The device's copy of the checkout can carry an older commit in its git metadata (the H200 runs
+printed the session's starting commit plus `+dirty`): commit before each call and correct the
+`commit` field of the JSON before recording it, as docs/results/gpu-h200-s31-*.json did.
 """
 
 
@@ -115,9 +117,26 @@ def _gib(n) -> str:
     return fmt_bytes(n) if n else "-"
 
 
+def _gpu_peak(result: dict) -> dict:
+    """The MFU yardstick: on a GPU the dense bf16 datasheet figure, as in the engine table (runs made
+    before bench_scale chose it there carry it as `compute_peak`); on a CPU the measured fp32 GEMM."""
+    if result["hardware"].get("gpu") and result["peak"]["source"].startswith("measured fp32"):
+        return result.get("compute_peak") or result["peak"]
+    return result["peak"]
+
+
+def _rescaled(x: dict, peak: float, old: float) -> dict:
+    return {**x, "mfu": x["mfu"] * old / peak} if x.get("mfu") is not None else x
+
+
 def write_scale_docs(result: dict) -> None:
     tool = "bench_scale"
     records = {_scale_key(r): r for r in read_records(tool)}
+    peak, old = _gpu_peak(result)["flops"], result["peak"]["flops"]
+    if peak != old:  # MFU figures against the GPU's bf16 peak, not its fp32 GEMM
+        result = {**result, "runs": [_rescaled(r, peak, old) for r in result["runs"]],
+                  "reference": {k: _rescaled(v, peak, old) for k, v in (result.get("reference") or {}).items()}
+                  if result.get("reference") else None}
     for run_ in result["runs"]:
         run_ = dict(run_)
         if "extrapolation" in run_:
@@ -127,7 +146,7 @@ def write_scale_docs(result: dict) -> None:
                 {k: x[k] for k in ("plan", "seconds", "predicted_seconds", "peak_bytes", "predicted_peak_bytes",
                                    "mask_tokens_per_s")} for x in run_["sweep"]["runs"]]}
         rec = {"hardware": result["hardware"], "commit": result["commit"], "settings": result["settings"],
-               "peak": result["peak"], "run": run_, "reference": result.get("reference"),
+               "peak": _gpu_peak(result), "run": run_, "reference": result.get("reference"),
                "commands": [result.get("command", "")]}
         records[_scale_key(rec)] = merge_record(records.get(_scale_key(rec)), rec)
     recs = list(records.values())
@@ -250,10 +269,10 @@ def render_infer(recs: list[dict]) -> list[str]:
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in recs) if c]
     lines += ["", "The paper's 1.58x (Table 2: LLaMA-2-7B at 50%, one A6000) is the end-to-end latency of forward "
               "passes over sequence-length chunks of Wikitext-2, i.e. closest to the prefill column; the GPU rows "
-              "are what to compare with it. Commands for an H100 are in the bench_scale section's \"How to run on "
-              "an H100\"."]
+              "are what to compare with it. Commands for a GPU are in the bench_scale section's \"How to run on "
+              "a GPU\"."]
     if (IMG / "infer-speedup.png").is_file():
-        lines += ["", "![speed-up against non-embedding parameters kept](img/infer-speedup.png)"]
+        lines += ["", "![prefill speed-up against non-embedding parameters kept](img/infer-speedup.png)"]
     return lines
 
 
@@ -351,13 +370,14 @@ def draw_plots() -> list[Path]:
         m, s = r["model"], r["settings"]
         if m.get("params_fraction") is None or m["params_fraction"] >= 1:
             continue
-        base = f"{s['model']}, {where(r['hardware'])}"
-        infer.setdefault(f"{base}: prefill", []).append((m["params_fraction"], m["prefill_speedup"]))
-        if m.get("decode_speedup"):
-            infer.setdefault(f"{base}: decode", []).append((m["params_fraction"], m["decode_speedup"]))
+        # one series per export family (per-layer-50-m1 -> per-layer-m1): variants of one sparsity
+        # would otherwise be joined by a vertical line; decode (overhead-bound on a GPU) is in the table
+        family = re.sub(r"-\d+(?=-|$)", "", m["name"])
+        infer.setdefault(f"{s['model']}, {where(r['hardware'])}: {family}", []).append(
+            (m["params_fraction"], m["prefill_speedup"]))
     if infer:
         drawn.append(plots.lines(infer, IMG / "infer-speedup.png", xlabel="non-embedding parameters kept (fraction)",
-                                 ylabel="speed-up over the parent", title="Inference speed of pruned models"))
+                                 ylabel="prefill speed-up over the parent", title="Prefill speed of pruned models"))
     timing: dict = {}
     for r in read_records("bench_engine"):
         m = r["measured"]
@@ -388,10 +408,14 @@ def regenerate() -> dict:
         counts[tool] = len(recs)
         if recs:
             write_block(tool, render(recs))
-    scale_cpu = SD.load()  # kind=scale records (bench_scale --records): the 7-8B CPU table
-    counts["scale"] = len(scale_cpu)
+    scale = SD.load()  # kind=scale records (bench_scale --records): the 7-8B tables, CPU and GPU
+    counts["scale"] = len(scale)
+    scale_cpu = [r for r in scale if r["device"] == "cpu"]
+    scale_gpu = [r for r in scale if r["device"] != "cpu"]
     if scale_cpu:
         write_block("scale_cpu", SD.render(scale_cpu).splitlines())
+    if scale_gpu:
+        write_block("scale_gpu", SD.render_gpu(scale_gpu).splitlines())
     import bench_distributed  # noqa: PLC0415 - their blocks come from their own records in docs/results
     import gguf_docs  # noqa: PLC0415
 

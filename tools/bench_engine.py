@@ -114,7 +114,8 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     kind = "bf16" if gemm_dtype == torch.bfloat16 else "fp32"
-    return 2 * n**3 / best, f"measured {kind} {n}^3 GEMM, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    return 2 * n**3 / best, f"measured {kind} {n}^3 GEMM, {where}"
 
 
 # ---- measurement ---------------------------------------------------------------------------------

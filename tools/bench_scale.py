@@ -342,7 +342,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     # --dtype auto: what `bonsai-lite prune` computes in here (bf16 on an AMX CPU for a 7-8B model)
     dtype = (search_dtype(unbounded, model.spec) if args.dtype == "auto" else args.dtype) or \
         make_plan(model.spec, model.layers, work, unbounded).dtype
-    peak, peak_src = BE.peak_flops(device, "float32")  # the issue's yardstick: the measured fp32 GEMM rate
+    # MFU yardstick: on a CPU the measured fp32 GEMM rate (issue 12's), on a GPU its dense bf16 figure
+    peak, peak_src = BE.peak_flops(device, "bfloat16" if device.startswith("cuda") else "float32")
     compute_peak = BE.peak_flops(device, dtype) if dtype != "float32" else (peak, peak_src)
     masks, wids = BE._inputs(model, 1, 1, min(args.seq_len, 32), args.seed)  # warm-up: kernels, page cache
     loop.evaluate(model, wids, masks, make_plan(model.spec, model.layers, Work(1, 1, wids.shape[1]), unbounded))

@@ -140,7 +140,7 @@ def test_int8_weights_on_cuda_are_fp_within_quantisation(tiny_models, tiny_token
 def test_cli_prune_on_the_device_then_eval_matches_the_cpu(tmp_path, capsys):
     from bonsai_lite.cli import main as cli
 
-    model, text = prunable_model(make_tiny_model(tmp_path / "parent", "qwen2-gqa-bias", seed=5), tmp_path)
+    model, text = prunable_model(make_tiny_model(tmp_path / "parent", "llama-mha-untied", seed=5), tmp_path)
     out = tmp_path / "pruned"
     assert cli.main(["prune", str(model), "--out", str(out), "--sparsity", "0.3", "--p-iter", "0.15",
                      "--method", "bonsai", "--masks-per-iter", "8", "--calib", str(text), "--calib-samples", "2",

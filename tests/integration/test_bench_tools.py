@@ -142,7 +142,7 @@ def test_docs_rewrite_only_own_block(results, tmp_path, monkeypatch):
     assert text.startswith("# Performance\n\nbefore\n\n<!-- other:begin -->\nkept\n<!-- other:end -->")
     assert text.count("<!-- bench_scale:begin -->") == 1 and text.count("<!-- bench_infer:begin -->") == 1
     assert text.count("| tiny | 4 x 2 x 16 | 64.0 MiB |") == 1 and text.count("| tiny | uniform-50 |") == 1
-    assert "How to run on an H100" in text
+    assert "How to run on a GPU" in text and "tools/gpu_session.sh" in text
     assert ":record" not in text and "{\"" not in text.split("<!-- bench_scale:begin -->")[1]  # no JSON in markdown
     files = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert files[0] == "bench_infer-000.json" and "bench_scale-000.json" in files
@@ -380,3 +380,36 @@ def test_bench_cold_splits_a_cold_pass_into_its_loads_and_its_forwards(tiny_mode
         x = rows[case]
         assert 0 < x["load_seconds"] and 0 < x["forward_seconds"]
         assert x["load_seconds"] + x["forward_seconds"] <= x["seconds"]
+
+
+def test_a_gpu_run_is_recorded_against_its_bf16_peak(results, tmp_path, monkeypatch):
+    """A run printed on a GPU machine (here: the CPU run relabelled as one that measured its fp32 GEMM
+    as the peak, as the H200 runs did) is recorded with MFU against the GPU's bf16 figure, and its
+    kind=scale records render in the GPU table with the peak GPU memory and accelerate's beside it."""
+    _, scale, _ = results
+    sys.path.insert(0, str(TOOLS))
+    import bench_docs
+    import scale_docs
+    import scale_extras
+
+    fp32, bf16 = 40e12, 990e12
+    run = dict(scale["runs"][0], peak_gpu_reserved=3 * 2**30, flops_per_s=1e14, mfu=1e14 / fp32,
+               accelerate={**scale["runs"][0]["accelerate"], "peak_gpu_bytes": 5 * 2**30})
+    gpu = {**scale, "hardware": {**scale["hardware"], "gpu": "NVIDIA H200"},
+           "settings": {**scale["settings"], "device": "cuda"}, "runs": [run],
+           "peak": {"flops": fp32, "source": "measured fp32 2048^3 GEMM, 16 threads"},
+           "compute_peak": {"flops": bf16, "source": "NVIDIA H200 dense bfloat16 datasheet"}}
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text("# Performance\n")
+    monkeypatch.setattr(bench_docs, "DOCS", page)
+    monkeypatch.setattr(bench_docs, "RESULTS", tmp_path / "results")
+    bench_docs.write_scale_docs(gpu)
+    (rec,) = bench_docs.read_records("bench_scale")
+    assert rec["peak"]["flops"] == bf16 and abs(rec["run"]["mfu"] - 1e14 / bf16) < 1e-12
+    assert "| NVIDIA H200 |" in page.read_text() and "| 10.1% |" in page.read_text()
+    (r,) = scale_extras.records(gpu)
+    assert r["device"] == "cuda" and r["peak_rss_growth_bytes"] is None and r["peak_gpu_bytes"] == 3 * 2**30
+    assert r["accelerate_peak_gpu_bytes"] == 5 * 2**30
+    table = scale_docs.render_gpu([r])
+    row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
+    assert "| 3.00 |" in row and f"({100 * r['eval_flops_per_s'] / bf16:.0f}%)" in row and "(5.00) |" in row
