@@ -445,10 +445,12 @@ def parse_args(argv):
     ap.add_argument("--sweep-per-order", type=int, default=3, help="tile sizes measured per streaming order")
     ap.add_argument("--sweep-max-predicted", type=float, default=3.0,
                     help="leave out sweep candidates predicted slower than this x the planner's choice")
-    ap.add_argument("--cold-start", choices=SX.COLD_STARTS, default="drop",
-                    help="with --hold-ram, how each budget's run and accelerate's forward start cold: drop the "
-                         "checkpoint's pages, or drop them and stream the checkpoint once through the page cache "
-                         "(no pool of free memory left; see scale_extras.start_cold)")
+    ap.add_argument("--cold-start", choices=SX.COLD_STARTS, default="stream",
+                    help="with --hold-ram, how each budget's run and accelerate's forward start cold: stream "
+                         "(default: drop the checkpoint's pages, then read it once through the page cache, the "
+                         "state a machine that cannot cache it is in) or drop (only drop them: on a VM with a "
+                         "memory balloon the pass then computes into just-freed memory, 4-11x slower; records "
+                         "before the thirty-first session used it; see scale_extras.start_cold)")
     ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                     help="start no new budget, reference or sweep run after this long (fits a device time limit)")
     ap.add_argument("--no-reference", action="store_true", help="skip the unbudgeted references")

@@ -148,7 +148,7 @@ def _rss_growth_since(rss0: int) -> int:
 
 
 def accelerate_forward(model_dir: Path, *, budget: int, dtype: str, ids: torch.Tensor, cold: Path | None = None,
-                       cold_start: str = "drop", device: str = "cpu") -> dict:
+                       cold_start: str = "stream", device: str = "cpu") -> dict:
     """What people use today for a model that does not fit: transformers + accelerate with
     `device_map="auto"`, `max_memory` at the budget (GPU memory on CUDA, the rest in host RAM; RAM on
     a CPU) and the rest offloaded to an `offload_folder`. One forward with the loss over `ids`
