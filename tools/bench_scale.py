@@ -228,9 +228,10 @@ def prune_iteration(model_dir: Path, ids: torch.Tensor, *, budget: int | None, d
 
 
 # ---- references: no budget -----------------------------------------------------------------------
-def engine_unbudgeted(model: StreamedModel, work: Work, device: str, seed: int, peak: float) -> dict:
-    machine = detect_machine(device=device, budget=None)
-    plan = make_plan(model.spec, model.layers, work, machine)
+def engine_unbudgeted(model: StreamedModel, work: Work, device: str, seed: int, peak: float,
+                      checkpoint: Path | None = None, dtype: str | None = None) -> dict:
+    machine = detect_machine(device=device, budget=None, checkpoint=checkpoint)
+    plan = make_plan(model.spec, model.layers, work, machine, dtype=dtype)
     return {**BE.measure(model, plan, work, seed=seed, peak=peak), "plan": _slim(plan)}
 
 
@@ -270,12 +271,16 @@ def hf_forward(model_dir: Path, *, device: str, dtype: str, batch: int, seq_len:
 
 # ---- planner check -------------------------------------------------------------------------------
 def sweep(model: StreamedModel, work: Work, device: str, budget: int | None, *, per_order: int, max_predicted: float,
-          seed: int, peak: float, deadline: float) -> dict:
+          seed: int, peak: float, deadline: float, checkpoint: Path | None = None, dtype: str | None = None) -> dict:
     """The planner's choice and, per streaming order, its fastest predicted tile plus tiles spread
     over the others that fit, all measured. Candidates predicted slower than `max_predicted` x the
-    choice are left out (on an 8B model they are minutes each: many passes re-reading 16 GB)."""
-    machine = detect_machine(device=device, budget=budget)
-    chosen = make_plan(model.spec, model.layers, work, machine)
+    choice are left out (on an 8B model they are minutes each: many passes re-reading 16 GB).
+    `checkpoint` and `dtype`: plan as the prune iteration does, with the checkpoint's page-cache share,
+    its disk rate and the run's compute dtype (without them every plan was priced as read cold and,
+    on a CPU, in the planner's own dtype: the H200's 12 GB sweep checked a choice the prune itself
+    did not make)."""
+    machine = detect_machine(device=device, budget=budget, checkpoint=checkpoint)
+    chosen = make_plan(model.spec, model.layers, work, machine, dtype=dtype)
     cands = [p for p in BE.sweep_plans(model, work, machine, chosen, 10**6)[1:]
              if p.predicted_seconds <= max_predicted * chosen.predicted_seconds]
     picked = [chosen]
@@ -383,7 +388,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
     ok = [r for r in runs if "error" not in r]
     reference = None
     if not args.no_reference and time.perf_counter() < deadline:
-        reference = {"engine": engine_unbudgeted(model, work, device, args.seed, peak)}
+        reference = {"engine": engine_unbudgeted(model, work, device, args.seed, peak, checkpoint=model_dir,
+                                                       dtype=dtype)}
         try:
             reference["transformers"] = hf_forward(model_dir, device=device, dtype=dtype, batch=args.samples,
                                                    seq_len=args.seq_len, batches=args.ref_batches, seed=args.seed,
@@ -400,7 +406,8 @@ def _run(args, device: str, deadline: float, work_dir: Path, model_dir: Path, ge
             r["sweep"] = None
             continue
         r["sweep"] = sweep(model, work, device, r["budget"], per_order=args.sweep_per_order,
-                           max_predicted=args.sweep_max_predicted, seed=args.seed, peak=peak, deadline=deadline)
+                           max_predicted=args.sweep_max_predicted, seed=args.seed, peak=peak, deadline=deadline,
+                           checkpoint=model_dir, dtype=dtype)
     return {
         "tool": "bench_scale", "hardware": BE.hardware(), "commit": BE.commit(),
         "settings": {"model": args.shape, "masks": args.masks, "samples": args.samples, "seq_len": args.seq_len,

@@ -93,6 +93,8 @@ def test_bench_scale_fields(results):
     sw = run["sweep"]
     assert {x["plan"]["order"] for x in sw["runs"]} == {"mask-group-major", "layer-major"}
     assert sw["choice_vs_best"] >= 1.0 and isinstance(sw["within_tolerance"], bool)
+    same = ("order", "cache", "tile_rows", "group_rows", "dtype", "prefetch")  # it checks the plan the prune made
+    assert {k: sw["runs"][0]["plan"][k] for k in same} == {k: run["plan"][k] for k in same}
 
 
 def test_bench_scale_deletes_only_what_it_wrote(results):
@@ -413,3 +415,19 @@ def test_a_gpu_run_is_recorded_against_its_bf16_peak(results, tmp_path, monkeypa
     table = scale_docs.render_gpu([r])
     row = next(line for line in table.splitlines() if line.startswith("| tiny |"))
     assert "| 3.00 |" in row and f"({100 * r['eval_flops_per_s'] / bf16:.0f}%)" in row and "(5.00) |" in row
+
+
+def test_the_sweep_plans_in_the_runs_dtype_with_the_checkpoints_state(results):
+    """The planner check measures the choice the prune made: planned in the run's compute dtype (bf16
+    on an AMX CPU, --dtype given) and with the checkpoint's page-cache share and disk rate."""
+    work, _, _ = results
+    sys.path.insert(0, str(TOOLS))
+    import bench_scale
+
+    from bonsai_lite.io.model import StreamedModel
+    from bonsai_lite.search.planner import Work
+
+    model = StreamedModel.open(work / "tiny")
+    sw = bench_scale.sweep(model, Work(2, 2, 16), "cpu", 64 * 2**20, per_order=1, max_predicted=10.0, seed=0,
+                           peak=1e9, deadline=math.inf, checkpoint=work / "tiny", dtype="bfloat16")
+    assert len(sw["runs"]) >= 2 and {x["plan"]["dtype"] for x in sw["runs"]} == {"bfloat16"}
