@@ -25,7 +25,7 @@ STAGES = ("priors", "sampling", "evaluate", "regression", "selection")
 DOCS = BE.DOCS
 RESULTS = BE.ROOT / "docs" / "results"
 IMG = BE.ROOT / "docs" / "img"
-H100_HOWTO = """### How to run on a GPU
+GPU_HOWTO = """### How to run on a GPU
 
 `tools/gpu_session.sh` is the whole GPU half as one command for a lent machine (one 10-minute
 command, 15 minutes of device time in all, a bare machine per call): each step has its own time
@@ -132,7 +132,8 @@ def _rescaled(x: dict, peak: float, old: float) -> dict:
 def write_scale_docs(result: dict) -> None:
     tool = "bench_scale"
     records = {_scale_key(r): r for r in read_records(tool)}
-    peak, old = _gpu_peak(result)["flops"], result["peak"]["flops"]
+    yardstick = _gpu_peak(result)
+    peak, old = yardstick["flops"], result["peak"]["flops"]
     if peak != old:  # MFU figures against the GPU's bf16 peak, not its fp32 GEMM
         result = {**result, "runs": [_rescaled(r, peak, old) for r in result["runs"]],
                   "reference": {k: _rescaled(v, peak, old) for k, v in (result.get("reference") or {}).items()}
@@ -146,7 +147,7 @@ def write_scale_docs(result: dict) -> None:
                 {k: x[k] for k in ("plan", "seconds", "predicted_seconds", "peak_bytes", "predicted_peak_bytes",
                                    "mask_tokens_per_s")} for x in run_["sweep"]["runs"]]}
         rec = {"hardware": result["hardware"], "commit": result["commit"], "settings": result["settings"],
-               "peak": _gpu_peak(result), "run": run_, "reference": result.get("reference"),
+               "peak": yardstick, "run": run_, "reference": result.get("reference"),
                "commands": [result.get("command", "")]}
         records[_scale_key(rec)] = merge_record(records.get(_scale_key(rec)), rec)
     recs = list(records.values())
@@ -220,7 +221,7 @@ def render_scale(recs: list[dict]) -> list[str]:
         lines += [f"| {BE.describe_plan(x['plan'])} | {_secs(x['predicted_seconds'])} s | {_secs(x['seconds'])} s "
                   f"| {_gib(x['peak_bytes'])} / {_gib(x['predicted_peak_bytes'])} |" for x in sw["runs"]]
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in dict.fromkeys(c for r in recs for c in r["commands"]) if c]
-    lines += ["", H100_HOWTO.rstrip()]
+    lines += ["", GPU_HOWTO.rstrip()]
     return lines
 
 

@@ -54,9 +54,8 @@ def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, met
                  seed: int, multiple_of: int | None = None, gqa: str = "any") -> dict:
     """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`.
     `multiple_of` None: the MLP width alignment `bonsai-lite prune` uses by default (prune/align.py)."""
-    from bonsai_lite.prune.align import auto_multiple_of
-
     from bonsai_lite.export import export_pruned
+    from bonsai_lite.prune.align import auto_multiple_of
     from bonsai_lite.prune.run import run_pruning
 
     p_iter = sparsity / math.ceil(sparsity / MAX_P_ITER)  # one iteration, two above 45%

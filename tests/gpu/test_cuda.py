@@ -23,6 +23,7 @@ from bonsai_lite.search.planner import Plan, Work, make_plan
 from bonsai_lite.structure import UnitLayout
 from tests.conftest import make_tiny_model, prunable_model
 from tests.integration.test_engine import CASES, hf_nll, naive_masked_nll
+from tests.integration.test_engine import plan as cpu_plan
 
 DEVICE = os.environ.get("BONSAI_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -30,10 +31,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.startswith("cuda") and 
 
 
 def plan(**kw) -> Plan:
-    base = dict(device=DEVICE, dtype="float32", order="layer-major", cache="host", group_rows=10**6, tile_rows=2,
-                head_chunk=50, prefetch=False, weights_8bit=False, predicted_peak_bytes=0, predicted_seconds=0,
-                budget_bytes=0)
-    return Plan(**{**base, **kw})
+    return cpu_plan(**{"device": DEVICE, **kw})  # test_engine's hand-made plan, on this device
 
 
 PLANS = {
