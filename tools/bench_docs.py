@@ -417,6 +417,10 @@ def regenerate() -> dict:
         write_block("scale_cpu", SD.render(scale_cpu).splitlines())
     if scale_gpu:
         write_block("scale_gpu", SD.render_gpu(scale_gpu).splitlines())
+    import plan_choices  # noqa: PLC0415 - the planner's predicted choices, from their stored run
+
+    if plan_choices.RESULT.is_file():
+        write_block("plan_choices", plan_choices.render(json.loads(plan_choices.RESULT.read_text())))
     import bench_distributed  # noqa: PLC0415 - their blocks come from their own records in docs/results
     import gguf_docs  # noqa: PLC0415
 

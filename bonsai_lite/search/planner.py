@@ -306,17 +306,26 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
     if cache == "disk":  # the spill also occupies the disk the weights stream from, in every block
         spill_io = 2 * rows * row_state * m.n_layers / machine.disk_bps
         read, disk_io = read + spill_io, disk_io + disk_share * spill_io
-    if cuda:  # host work and transfers overlap GPU compute when prefetching
-        host_work, serial = prep + h2d, compute + spill
+    if cuda:  # the prefetch thread's host work (map, slice, cast, pin) overlaps the GPU's compute, but
+        # not all of the stream: the copies are queued on the compute stream (`BlockLoader._to_device`),
+        # so they run between the kernels, not beside them; and each pass's first block and its LM-head
+        # chunks are mapped, pinned and sent from the main thread with nothing to hide behind
+        # (`engine._Weights`, `loader.head_chunks`). Without this, a pass was free whenever compute
+        # outweighed its stream, and an H200 ran the prune's 4-pass choices 1.15-1.2x slower than
+        # the 1-2 pass plans the planner had priced the same (docs/PERFORMANCE.md).
+        first = (max(m.block_params) + m.vocab * h) / (params + m.vocab * h)
+        in_line = h2d + first * (prep + read - disk_io)
+        host_work, serial = (1 - first) * prep, compute + spill + in_line
+        hidden_read = read - first * (read - disk_io)
     else:  # the loader thread's copies compete with the GEMMs for the same cores; only I/O overlaps
-        host_work, serial = 0.0, compute + prep + spill
+        host_work, serial, hidden_read = 0.0, compute + prep + spill, read
     if prefetch:  # a block's I/O hides behind its neighbour's compute only: the blocks read from disk
         # and those found in the page cache form two groups (contiguous after a scan larger than the
         # cache), each bound by its own I/O or by its own share of the compute
         seconds = (max(disk_share * serial, disk_io + disk_share * host_work)
-                   + max((1 - disk_share) * serial, read - disk_io + (1 - disk_share) * host_work))
+                   + max((1 - disk_share) * serial, hidden_read - disk_io + (1 - disk_share) * host_work))
     else:
-        seconds = serial + read + host_work
+        seconds = serial + hidden_read + host_work
     bd.update(compute_s=round(compute, 3), weights_io_s=round(read + prep + h2d, 3), spill_s=round(spill, 3))
     return peak, seconds, bd, host
 

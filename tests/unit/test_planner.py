@@ -356,3 +356,26 @@ def test_a_slow_disk_never_gets_the_hidden_states_spilled_to_it(specs):
                   page_cache=5 * GB, disk_bps=0.82e9, cached=0.0)
     plan = make_plan(big, big.layers, Work(8, 1, 128), cpu, dtype="bfloat16")
     assert plan.cache == "device", plan.describe()
+
+
+def test_on_a_gpu_each_pass_pays_its_weight_copies(specs):
+    # The loader queues its host-to-device copies on the compute stream and loads each pass's first
+    # block and LM head in the main thread, so on a GPU every extra pass costs at least its copies,
+    # however long the compute. The planner once priced passes as free whenever compute outweighed
+    # the stream; the near-tie rule (smallest peak) then chose 4 passes of 64 rows where one pass of
+    # 256 fitted, and an H200 ran that choice 1.2x slower (23.5 s against 19.3 s, docs/PERFORMANCE.md).
+    from dataclasses import replace
+
+    from bonsai_lite.search.planner import H2D_BPS, candidate_cost
+
+    big = specs["llama3-8b"]
+    w = Work(32, 8, 2048)
+    kw = dict(dtype="bfloat16", cache="device", tile_rows=16, head_chunk=4096, prefetch=True, weights_8bit=False,
+              src_bytes=2)
+    gpu = replace(h100(12 * GB), cached=1.0)  # the checkpoint in the page cache: no pass waits on the disk
+    _, one, _, _ = candidate_cost(big, big.layers, w, gpu, order="layer-major", group_rows=w.rows, **kw)
+    _, four, _, _ = candidate_cost(big, big.layers, w, gpu, order="mask-group-major", group_rows=w.rows // 4, **kw)
+    copies = 2 * (big.non_embedding_params() + big.vocab * big.hidden) / H2D_BPS["pinned"]
+    assert four - one >= 3 * copies
+    plan = make_plan(big, big.layers, w, gpu, dtype="bfloat16")
+    assert plan.group_rows == w.rows, plan.describe()  # one pass fits in 12 GB: the weights stream once
