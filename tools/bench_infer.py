@@ -43,6 +43,7 @@ from random_checkpoint import SHAPES, write_random_model  # noqa: E402
 from bonsai_lite.io.hf import load_causal_lm  # noqa: E402
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
+from bonsai_lite.prune.align import auto_multiple_of  # noqa: E402
 
 FORMATS = ("per-layer", "per-layer-gqa-equal", "uniform")  # the last: a stock config
 CALIB_TOKENS = 32  # priors pass of the random / magnitude methods: one window, speed only
@@ -55,7 +56,6 @@ def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, met
     """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`.
     `multiple_of` None: the MLP width alignment `bonsai-lite prune` uses by default (prune/align.py)."""
     from bonsai_lite.export import export_pruned
-    from bonsai_lite.prune.align import auto_multiple_of
     from bonsai_lite.prune.run import run_pruning
 
     p_iter = sparsity / math.ceil(sparsity / MAX_P_ITER)  # one iteration, two above 45%
@@ -199,9 +199,13 @@ def run(args) -> dict:
         parent = write_random_model(args.shape, work / args.shape, device=device, seed=args.seed)
         print(f"[model] parent: {parent}", file=sys.stderr)
         results.append({**bench_model("parent", parent, args, device=device, dtype=dtype), "sparsity": 0.0})
+        default = auto_multiple_of(StreamedModel.open(parent).spec.intermediate)
+        # a width alignment other than the CLI's is named in the variant (its speed differs: 0.59x against
+        # 1.66x on the H200), so its rows never replace the default's
+        tag = f"-m{args.multiple_of}" if args.multiple_of not in (None, default) else ""
         for s in [float(x) for x in args.sparsities.split(",") if x]:
             for fmt in formats:
-                name = f"{fmt}-{round(100 * s)}"
+                name = f"{fmt}-{round(100 * s)}{tag}"
                 if time.perf_counter() > deadline:
                     print(f"[model] {name}: skipped, --deadline passed", file=sys.stderr)
                     continue
