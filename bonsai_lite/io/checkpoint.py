@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bonsai_lite.errors import CheckpointError
-from bonsai_lite.io.disk import POPULATE_READ
+from bonsai_lite.io.disk import POPULATE_READ, advise
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -214,7 +214,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         advice = POPULATE_READ if POPULATE_READ is not None else getattr(mmap, "MADV_WILLNEED", None)
         if advice is not None and hasattr(mapped, "madvise"):
             try:
-                mapped.madvise(advice)
+                advise(mapped, torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr(), advice)
             except OSError as e:  # EFAULT: past the end of the file; else an older kernel (pages fault in on first touch)
                 if e.errno == errno.EFAULT:
                     raise truncated from None

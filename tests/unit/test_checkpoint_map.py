@@ -76,3 +76,31 @@ def test_a_file_cut_short_after_opening_is_a_clear_error(ckpt):
         ckpt.map("c.weight")
     with pytest.raises(CheckpointError, match="truncated while reading 'c.weight'; re-download"):
         ckpt.read("c.weight")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ is Linux's")
+def test_populating_a_mapping_lets_the_other_threads_run(ckpt, monkeypatch):
+    # The engine's prefetch thread maps the next block while the main thread computes. Python's
+    # mmap.madvise holds the GIL for the whole call, and populating pages that are on disk lasts as
+    # long as their read, so the main thread stood still between its ops for every read from disk
+    # (the eval pass of an 8B prune read 13.9 GB that way and took the reads' time on top of its
+    # compute). The populate goes through a ctypes call into libc instead: CDLL, not PyDLL, so the
+    # GIL is released for it.
+    import ctypes
+
+    from bonsai_lite.io import disk
+
+    real = disk._libc_madvise()
+    assert real is not None and not real._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    calls = []
+
+    def recording(address, length, advice):
+        calls.append((address, length, advice))
+        return real(address, length, advice)
+
+    monkeypatch.setattr(disk, "_libc_madvise", lambda: recording)
+    got = ckpt.map("c.weight")
+    assert torch.equal(got, ckpt.read("c.weight"))
+    [(address, length, advice)] = calls
+    assert advice == disk.POPULATE_READ and address % 4096 == 0
+    assert address <= got.data_ptr() and got.data_ptr() + got.numel() * got.element_size() <= address + length
