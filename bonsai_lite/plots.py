@@ -27,6 +27,9 @@ def pyplot():
     return plt
 
 
+LEGEND_INSIDE = 5  # series a legend inside the axes can hold without covering the data
+
+
 def _save(fig, plt, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,11 @@ def _finish(fig, ax, plt, path, *, xlabel: str, ylabel: str, title: str) -> Path
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[1]) > LEGEND_INSIDE:  # below the axes, where it hides no point
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        fig.set_figheight(fig.get_figheight() + 0.22 * -(-len(ax.get_legend_handles_labels()[1]) // 2))
+    else:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, plt, path)
