@@ -117,9 +117,10 @@ def _finish(fig, ax, plt, path, *, xlabel: str, ylabel: str, title: str) -> Path
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(ax.get_legend_handles_labels()[1]) > LEGEND_INSIDE:  # below the axes, where it hides no point
+    n = len(ax.get_legend_handles_labels()[1])
+    if n > LEGEND_INSIDE:  # below the axes, two columns, where it hides no point
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
-        fig.set_figheight(fig.get_figheight() + 0.22 * -(-len(ax.get_legend_handles_labels()[1]) // 2))
+        fig.set_figheight(fig.get_figheight() + 0.22 * -(-n // 2))
     else:
         ax.legend(fontsize=8)
     if title:

@@ -52,20 +52,18 @@ MAX_P_ITER = 0.45  # SearchConfig requires p_iter < 0.5
 
 # ---- pruned variants ---------------------------------------------------------------------------
 def make_variant(parent: Path, out: Path, *, sparsity: float, uniform: bool, method: str, device: str,
-                 seed: int, multiple_of: int | None = None, gqa: str = "any") -> dict:
-    """Prune `parent` to `sparsity` with a cheap selection method through the library, export to `out`.
-    `multiple_of` None: the MLP width alignment `bonsai-lite prune` uses by default (prune/align.py)."""
+                 seed: int, multiple_of: int, gqa: str = "any") -> dict:
+    """Prune `parent` to `sparsity` with a cheap selection method through the library (MLP widths a
+    multiple of `multiple_of`), export to `out`."""
     from bonsai_lite.export import export_pruned
     from bonsai_lite.prune.run import run_pruning
 
     p_iter = sparsity / math.ceil(sparsity / MAX_P_ITER)  # one iteration, two above 45%
-    spec = StreamedModel.open(parent).spec
-    multiple_of = auto_multiple_of(spec.intermediate) if multiple_of is None else multiple_of
     cfg = RunConfig(model=str(parent), out=str(out), calib=CalibConfig(text=None, samples=1, seq_len=CALIB_TOKENS),
                     search=SearchConfig(method=method, sparsity=sparsity, p_iter=p_iter, masks_per_iter=2,
                                         uniform=uniform, seed=seed, multiple_of=multiple_of, gqa=gqa),
                     device=device)
-    vocab = spec.vocab
+    vocab = StreamedModel.open(parent).spec.vocab
     ids = torch.randint(0, vocab, (2 * CALIB_TOKENS,), generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-infer-run-") as run_dir:
@@ -202,7 +200,8 @@ def run(args) -> dict:
         default = auto_multiple_of(StreamedModel.open(parent).spec.intermediate)
         # a width alignment other than the CLI's is named in the variant (its speed differs: 0.59x against
         # 1.66x on the H200), so its rows never replace the default's
-        tag = f"-m{args.multiple_of}" if args.multiple_of not in (None, default) else ""
+        multiple_of = default if args.multiple_of is None else args.multiple_of
+        tag = f"-m{multiple_of}" if multiple_of != default else ""
         for s in [float(x) for x in args.sparsities.split(",") if x]:
             for fmt in formats:
                 name = f"{fmt}-{round(100 * s)}{tag}"
@@ -212,7 +211,7 @@ def run(args) -> dict:
                 out = work / f"{args.shape}-{name}"
                 print(f"[model] {name}: pruning ({args.method}) and exporting to {out}", file=sys.stderr)
                 made = make_variant(parent, out, sparsity=s, uniform=fmt == "uniform", method=args.method,
-                                    device=device, seed=args.seed, multiple_of=args.multiple_of,
+                                    device=device, seed=args.seed, multiple_of=multiple_of,
                                     gqa="equal" if fmt.endswith("gqa-equal") else "any")
                 try:
                     results.append({**bench_model(name, out, args, device=device, dtype=dtype), "sparsity": s,

@@ -214,7 +214,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         advice = POPULATE_READ if POPULATE_READ is not None else getattr(mmap, "MADV_WILLNEED", None)
         if advice is not None and hasattr(mapped, "madvise"):
             try:
-                advise(mapped, torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr(), advice)
+                advise(mapped, advice)
             except OSError as e:  # EFAULT: past the end of the file; else an older kernel (pages fault in on first touch)
                 if e.errno == errno.EFAULT:
                     raise truncated from None

@@ -36,31 +36,48 @@ QUIET_SECONDS = 0.1
 
 
 @functools.lru_cache(maxsize=1)
-def _libc_madvise():
-    """libc's madvise through ctypes, which lets go of the GIL for the call; None where there is none."""
+def _libc():
+    """The C library through ctypes (errno kept), or None off Linux. A CDLL call lets go of the GIL."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name is None or not sys.platform.startswith("linux"):
         return None
-    fn = ctypes.CDLL(name, use_errno=True).madvise
+    return ctypes.CDLL(name, use_errno=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_madvise():
+    """libc's madvise, typed; None where there is no libc to call."""
+    import ctypes
+
+    libc = _libc()
+    if libc is None:
+        return None
+    fn = libc.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
 
 
-def advise(mapped: mmap.mmap, address: int, advice: int) -> None:
-    """madvise(`advice`) over all of `mapped`, which starts at `address`; OSError as mmap.madvise
-    raises it. Python's `mmap.madvise` holds the GIL for the whole call, and MADV_POPULATE_READ of
-    pages on disk lasts as long as their read: the engine's prefetch thread then stopped the main
-    thread between its ops (a 2 GB populate left another thread 0.2% of its loop rate; through
-    ctypes, 44%), so its reads ran beside the compute only when cached."""
-    fn = _libc_madvise()
-    if fn is None:
-        mapped.madvise(advice)
-        return
+def advise(mapped: mmap.mmap, advice: int) -> None:
+    """madvise(`advice`) over all of `mapped`; OSError as mmap.madvise raises it. Python's
+    `mmap.madvise` holds the GIL for the whole call, and MADV_POPULATE_READ of pages on disk lasts
+    as long as their read: the engine's prefetch thread then stopped the main thread between its ops
+    (a 2 GB populate left another thread 0.2% of its loop rate; through ctypes, 44%), so its reads
+    ran beside the compute only when cached."""
     import ctypes
 
+    fn = _libc_madvise()
+    try:
+        view = ctypes.c_char.from_buffer(mapped) if fn is not None else None
+    except TypeError:  # a read-only mapping: ctypes cannot take its address
+        view = None
+    if view is None:
+        mapped.madvise(advice)
+        return
+    address = ctypes.addressof(view)
+    del view  # the mapping must not stay exported (it could not be closed)
     if fn(address, len(mapped), advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -202,15 +219,13 @@ def _resident_pages(f: Path) -> bytes | None:
     read-only mapping that is never touched, so nothing is read and nothing counts towards the RSS);
     None where mincore is not available."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
+    libc = _libc()
     size = f.stat().st_size
-    if name is None or not hasattr(os, "posix_fadvise"):  # Linux only
+    if libc is None or not hasattr(os, "posix_fadvise"):  # Linux only
         return None
     if size == 0:
         return b""
-    libc = ctypes.CDLL(name, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -3,6 +3,7 @@ the file never written, the mapping gone with the tensor."""
 from __future__ import annotations
 
 import gc
+import mmap
 import sys
 from pathlib import Path
 
@@ -102,5 +103,5 @@ def test_populating_a_mapping_lets_the_other_threads_run(ckpt, monkeypatch):
     got = ckpt.map("c.weight")
     assert torch.equal(got, ckpt.read("c.weight"))
     [(address, length, advice)] = calls
-    assert advice == disk.POPULATE_READ and address % 4096 == 0
+    assert advice == disk.POPULATE_READ and address % mmap.PAGESIZE == 0
     assert address <= got.data_ptr() and got.data_ptr() + got.numel() * got.element_size() <= address + length
