@@ -27,6 +27,9 @@ class BlockWeights:
     down_w: torch.Tensor
     kv_map: torch.Tensor  # [n_heads] position of each head's key/value head
     head_dim: int
+    # Whether kv_map is the stock GQA layout (head h reads h // (n_heads / n_kv)), known on the host
+    # when the block is loaded; None: derived from kv_map in each call (a device sync on a GPU).
+    kv_equal: bool | None = None
     q_b: torch.Tensor | None = None
     k_b: torch.Tensor | None = None
     v_b: torch.Tensor | None = None
@@ -83,6 +86,12 @@ def _causal_window_mask(t: int, window: int, device) -> torch.Tensor:
     return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
 
 
+def equal_kv_groups(kv_map: list[int], n_kv: int) -> bool:
+    """True when head h reads key/value head h // (heads / n_kv): the stock GQA layout."""
+    n_heads = len(kv_map)
+    return n_kv > 0 and n_heads % n_kv == 0 and kv_map == [h // (n_heads // n_kv) for h in range(n_heads)]
+
+
 def attention(w: BlockWeights, h: torch.Tensor, cos, sin, *, head_mask=None, window: int | None = None, tap=None):
     """Self-attention output *before* the residual add; `head_mask` [B, n_heads] zeroes head outputs."""
     b, t, _ = h.shape
@@ -92,9 +101,7 @@ def attention(w: BlockWeights, h: torch.Tensor, cos, sin, *, head_mask=None, win
     v = F.linear(h, w.v_w, w.v_b).view(b, t, -1, d).transpose(1, 2)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     n_heads, n_kv = q.shape[1], k.shape[1]
-    uniform = n_heads % n_kv == 0 and torch.equal(
-        w.kv_map.cpu(), torch.arange(n_heads) // (n_heads // n_kv)
-    )
+    uniform = w.kv_equal if w.kv_equal is not None else equal_kv_groups(w.kv_map.tolist(), n_kv)
     if not uniform:  # pruned GQA: groups of unequal size, gather each head's key/value
         k, v = k.index_select(1, w.kv_map.to(k.device)), v.index_select(1, w.kv_map.to(v.device))
     mask = _causal_window_mask(t, window, h.device) if window is not None and t > window else None

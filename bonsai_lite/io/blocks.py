@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from bonsai_lite.io.checkpoint import Checkpoint
-from bonsai_lite.ops import BlockWeights
+from bonsai_lite.ops import BlockWeights, equal_kv_groups
 from bonsai_lite.prune.slicing import slice_param
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
@@ -58,7 +58,9 @@ class BlockLoader:
         head_fill, mlp_fill = self.fills.get(layer, (None, None))
         for key, fill in (("head_fill", head_fill), ("mlp_fill", mlp_fill)):
             kw[key] = None if fill is None else self._to_device(fill)
-        return BlockWeights(kv_map=structure.kv_map.to(self.device), head_dim=self.spec.head_dim, **kw)
+        kv_map = structure.kv_map
+        return BlockWeights(kv_map=kv_map.to(self.device), head_dim=self.spec.head_dim,
+                            kv_equal=equal_kv_groups(kv_map.tolist(), len(structure.kv)), **kw)
 
     def block_bytes(self, layer: int) -> int:
         """Bytes of the block in the compute dtype after slicing (what lands on the device)."""

@@ -80,11 +80,12 @@ class _Weights:
             self._pool.shutdown()
 
 
-def _row_masks(masks: torch.Tensor | None, layout: UnitLayout, layer: int, mask_of_row: torch.Tensor, device):
+def _row_masks(masks: torch.Tensor | None, layout: UnitLayout, layer: int, mask_of_row: torch.Tensor):
+    """The head and MLP masks of a tile's rows in `layer`; `masks` and `mask_of_row` on the compute
+    device, so no per-tile host copy waits for the device's queue."""
     if masks is None:
         return None, None
-    m = masks[mask_of_row]
-    return (m[:, layout.heads[layer]].to(device), m[:, layout.mlp[layer]].to(device))
+    return masks[:, layout.heads[layer]][mask_of_row], masks[:, layout.mlp[layer]][mask_of_row]
 
 
 def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | None, plan: Plan, *,
@@ -106,6 +107,7 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
         masks = masks.to(torch.bool)
         if masks.shape[1] != layout.total:
             raise ValueError(f"masks have {masks.shape[1]} units, the model has {layout.total}")
+        masks = masks.to(device)  # once per pass (planner: live "masks")
     n, t = tokens.shape
     k = 1 if masks is None else masks.shape[0]
     rows = k * n
@@ -133,12 +135,12 @@ def evaluate(model: StreamedModel, tokens: torch.Tensor, masks: torch.Tensor | N
             tiles = [slice(a, min(g1, a + plan.tile_rows)) for a in range(g0, g1, plan.tile_rows)]
             local_tile = lambda s: slice(s.start - g0, s.stop - g0)  # noqa: E731
             sample_of = lambda s: torch.arange(s.start, s.stop) % n  # noqa: E731
-            mask_of = lambda s: torch.arange(s.start, s.stop) // n  # noqa: E731
+            mask_of = {s.start: torch.arange(s.start, s.stop, device=device) // n for s in tiles}
             for s in tiles:
                 cache.put(local_tile(s), emb_rows[local[sample_of(s)]])
             for layer, w in weights:
                 for s in tiles:
-                    hm, mm = _row_masks(masks, layout, layer, mask_of(s), device)
+                    hm, mm = _row_masks(masks, layout, layer, mask_of[s.start])
                     x = cache.get(local_tile(s))
                     layer_tap = (lambda kind, a, _s=s, _l=layer: tap(_l, kind, a, _s)) if tap else None
                     with torch.no_grad():

@@ -224,6 +224,8 @@ def _cost(m: _Shape, work: Work, machine: Machine, *, dtype: str, order: str, ca
         live["weights"] = blocks_bytes + head_full
     if cache == "device":
         live["hidden_cache"] = group_rows * row_state
+    if cuda:
+        live["masks"] = work.masks * (m.attn_heads + m.mlp_units)  # bool [K, units], sent once per pass
     unique_tokens = min(m.vocab, work.samples * t)
     emb = unique_tokens * h * b
     host = 0

@@ -1,6 +1,7 @@
 """Streamed engine vs whole-model transformers; batched masks vs a naive per-mask loop."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bonsai_lite.io.model import StreamedModel
+from bonsai_lite.ops import attention, rotary_cos_sin
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.planner import Plan
 from bonsai_lite.structure import UnitLayout
@@ -83,3 +85,27 @@ def test_batched_masks_equal_naive_loop(tiny_models, tiny_tokens, case):
             ref = naive_masked_nll(tiny_models[case], tiny_tokens, masks[k], layout, model.spec.head_dim)
             assert abs(res.nll[k].item() - ref.item()) < 1e-4, (case, k, res.nll[k].item(), ref.item())
     assert len(set(round(v, 4) for v in res.nll.tolist())) > 3  # masks really change the loss
+
+
+def test_loaded_blocks_know_their_gqa_layout_without_reading_kv_map(tiny_models, tiny_tokens):
+    """The loader tells attention whether the GQA groups are stock (a host fact), so attention never
+    reads kv_map back from the device; the pruned, unequal layout still gathers its K/V heads."""
+    model = StreamedModel.open(tiny_models["llama-gqa-tied"])
+    s = model.layers[0]
+    assert len(s.heads) > len(s.kv) > 1
+    keep = torch.ones(len(s.heads), dtype=torch.bool)
+    keep[0] = False  # one head fewer in the first K/V group: groups of unequal size
+    pruned = model.with_layers((s.keep(heads=keep, mlp=torch.ones(len(s.mlp), dtype=torch.bool)),)
+                               + model.layers[1:])
+    spec = model.spec
+    cos, sin = rotary_cos_sin(*model.rope(seq_len=tiny_tokens.shape[1]), torch.arange(tiny_tokens.shape[1]),
+                              torch.float32)
+    x = torch.randn(2, tiny_tokens.shape[1], spec.hidden, generator=torch.Generator().manual_seed(0))
+    for m, equal in ((model, True), (pruned, False)):
+        w = m.loader(device="cpu", dtype=torch.float32).block(0)
+        assert w.kv_equal is equal
+        ref = attention(dataclasses.replace(w, kv_equal=None), x, cos, sin)  # derives it from kv_map
+        assert torch.allclose(attention(w, x, cos, sin), ref, atol=1e-6)
+        if equal:  # a kv_map that cannot be read back (no data) is never read
+            out = attention(dataclasses.replace(w, kv_map=w.kv_map.to("meta")), x, cos, sin)
+            assert torch.allclose(out, ref, atol=1e-6)
