@@ -322,6 +322,9 @@ class RunConfig:
     # CLI's default): ls when its memory fits the budget, else off (prune.api resolves it).
     refit: str = "off"
     refit_samples: int = 0  # 0: auto (`refit.auto_refit_samples`, resolved by prune.api before the search)
+    # The priors' and sub-models' passes may hold LLM.int8() weights (CUDA, bitsandbytes) where the
+    # planner finds that faster, or the only plan under the budget (search/int8.py).
+    allow_8bit: bool = False
 
     def __post_init__(self):
         if self.refit not in ("auto", "off", "ls", "loop"):
@@ -340,6 +343,8 @@ class RunConfig:
                 d["search"].pop(name)
         if self.search.allocation in ("prior", "auto"):  # unresolved "auto" runs as prior
             d["search"].pop("allocation")
+        if not self.allow_8bit:  # runs from before the setting existed resume
+            d.pop("allow_8bit")
         if self.refit != "loop":  # the refit follows the search: changing it re-exports a finished search
             d.pop("refit")
             d.pop("refit_samples")

@@ -111,6 +111,10 @@ def add_parser(sub) -> None:
     p.add_argument("--gqa", default="any", choices=["any", "equal"],
                    help="equal: every layer keeps the same number of query heads per key/value head, so the "
                         "GGUF needs no repeated K/V heads (a smaller KV cache in llama.cpp); any: free choice")
+    p.add_argument("--allow-8bit", action="store_true",
+                   help="let the priors' and sub-models' passes use LLM.int8() weights where the planner finds "
+                        "that faster or the only plan under --memory-budget (CUDA and bitsandbytes; within ~2%% "
+                        "of 16-bit losses; the export keeps the checkpoint's weights)")
     p.add_argument("--run-dir", default=None, help="resumable run state (default: OUT.run beside the output)")
     p.add_argument("--restart", action="store_true", help="discard an existing run state and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -157,7 +161,8 @@ def config_from_args(args) -> RunConfig:
     return RunConfig(model=str(Path(args.model_dir).resolve()), out=str(Path(args.out).resolve()), calib=calib,
                      search=search, budget=parse_bytes(args.memory_budget) if args.memory_budget else None,
                      device=args.device, dtype=args.dtype, spill_dir=args.spill_dir,
-                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 0))
+                     refit=getattr(args, "refit", "off"), refit_samples=getattr(args, "refit_samples", 0),
+                     allow_8bit=getattr(args, "allow_8bit", False))
 
 
 def _fit_time_budget(args) -> dict:
@@ -173,7 +178,8 @@ def _fit_time_budget(args) -> dict:
     e = fit_time_budget(load_spec(args.model_dir), seconds, method=args.method, sparsity=args.sparsity,
                         machine=machine, dtype=args.dtype, refit=getattr(args, "refit", "off"),
                         refit_samples=getattr(args, "refit_samples", 0), fluctuation=args.fluctuation,
-                        first_step=args.first_step, regression=args.regression, allocation=args.allocation)
+                        first_step=args.first_step, regression=args.regression, allocation=args.allocation,
+                        allow_8bit=getattr(args, "allow_8bit", False))
     log.info("--time-budget %s: settings '%s' %s, predicted %.0f s and %d forward tokens", args.time_budget, e.name,
              e.settings, e.seconds, e.forward_tokens)
     return e.settings

@@ -179,8 +179,13 @@ def _check_inputs(cfg: RunConfig, *, run_dir=None, overwrite: bool, root: bool =
         log.info("searching in %s: this CPU's bf16 GEMMs run %.1fx its fp32 rate (--dtype float32 keeps fp32)",
                  auto, machine.bf16_factor)
         cfg = replace(cfg, dtype=auto)
+    if cfg.allow_8bit:
+        from bonsai_lite.search.int8 import check_8bit
+
+        check_8bit(machine.device)
     # The first pass of every iteration; raises BudgetError naming the smallest budget that works.
-    make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype)
+    make_plan(parent.spec, parent.layers, Work(1, cfg.calib.samples, cfg.calib.seq_len), machine, dtype=cfg.dtype,
+              allow_8bit=cfg.allow_8bit)
     auto_samples = not cfg.refit_samples
     if auto_samples:
         cfg = _pick_refit_samples(cfg, parent.spec, machine)
@@ -303,7 +308,8 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
     s = cfg.search
     try:
         search = estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
-                          first_step=s.first_step, regression=s.regression, allocation=s.allocation)
+                          first_step=s.first_step, regression=s.regression, allocation=s.allocation,
+                          allow_8bit=cfg.allow_8bit)
     except BudgetError:
         return None
     return search.seconds, refit_seconds(spec, None, cfg.refit_samples * cfg.refit_seq_len, cfg.refit_seq_len, machine,
@@ -319,7 +325,8 @@ def _run_estimate(cfg: RunConfig, spec, machine):
     try:
         return estimate(spec, _rung(cfg), method=s.method, sparsity=s.sparsity, machine=machine, dtype=cfg.dtype,
                         refit=cfg.refit, refit_samples=cfg.refit_samples, fluctuation=s.fluctuation,
-                        first_step=s.first_step, regression=s.regression, allocation=s.allocation)
+                        first_step=s.first_step, regression=s.regression, allocation=s.allocation,
+                        allow_8bit=cfg.allow_8bit)
     except BudgetError:
         return None
 

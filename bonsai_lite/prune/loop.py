@@ -91,7 +91,7 @@ class Pruner:
         self.machine = page_cache_now(self.machine, self.cfg.model, streamed=self._planned)
         self._planned = True  # every plan is for a pass over the model, which follows at once
         return make_plan(model.spec, model.layers, Work(masks, samples, seq_len or self.cfg.calib.seq_len),
-                         self.machine, dtype=self.cfg.dtype)
+                         self.machine, dtype=self.cfg.dtype, allow_8bit=self.cfg.allow_8bit)
 
     def _tokens(self, iteration: int) -> torch.Tensor:
         c = self.cfg.calib

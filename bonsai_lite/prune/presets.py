@@ -74,7 +74,7 @@ def seconds_left(e: Estimate, done: int, pace: float) -> float:
 def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, machine: Machine,
              dtype: str | None = None, refit: str = "off", refit_samples: int = 0,
              fluctuation: str = "variance", first_step: float | str = 0.0, regression: str = "unit",
-             allocation: str = "prior") -> Estimate:
+             allocation: str = "prior", allow_8bit: bool = False) -> Estimate:
     """Predicted prune seconds and forward tokens for one rung (export and tokenisation excluded).
 
     `refit` ("off", "ls", "loop", or "auto": ls where its memory fits) adds the least-squares refit
@@ -113,7 +113,8 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     steps = [schedule[it] - (schedule[it - 1] if it else 0.0) for it in range(n_iter)]
     scales = [dense_scale(method, st, p_iter, first_step) if settings.get("prior_samples") else 1 for st in steps]
     # one dense pass on the parent per scale, with the residual metric's second moments
-    plans = {k: make_plan(spec, spec.layers, Work(1, prior_n * k, dense_t), machine, dtype=dtype) for k in set(scales)}
+    plans = {k: make_plan(spec, spec.layers, Work(1, prior_n * k, dense_t), machine, dtype=dtype,
+                       allow_8bit=allow_8bit) for k in set(scales)}
     per_scale = {k: p.predicted_seconds + (second_moment_seconds(spec, spec.layers, prior_n * k * dense_t, machine)
                                            if residual else 0.0) for k, p in plans.items()}
     # FLAP's column norms, once per run: taken in the first dense pass where it loads the projections
@@ -125,12 +126,12 @@ def estimate(spec: ModelSpec, settings: dict, *, method: str, sparsity: float, m
     if method in SEARCH_METHODS and regression != "none":  # one iteration's sub-models on the parent
         k = settings["masks_per_iter"]
         ev_seconds = make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine,
-                               dtype=dtype).predicted_seconds
+                               dtype=dtype, allow_8bit=allow_8bit).predicted_seconds
         ev_tokens = k * settings["samples"] * settings["seq_len"]
     if allocation == "search" and method in SEARCH_METHODS:  # the grid's sub-models, then a confirming pair
         k = len(allocation_grid()) + 2
         ev_seconds += make_plan(spec, spec.layers, Work(k, settings["samples"], settings["seq_len"]), machine,
-                                dtype=dtype).predicted_seconds
+                                dtype=dtype, allow_8bit=allow_8bit).predicted_seconds
         ev_tokens += k * settings["samples"] * settings["seq_len"]
     # the structure at iteration `it` keeps ~(1 - what the iterations before removed) of the prunable
     # parameters: scale the parent's compute by it (the planner's time is dominated by compute on a CPU)

@@ -134,13 +134,18 @@ def _require_cuda(device: torch.device) -> None:
         )
 
 
+def check_8bit(device) -> None:
+    """Before any work: 8-bit weights need a CUDA device and bitsandbytes (a clear error otherwise)."""
+    _require_cuda(torch.device(device))
+    _bnb()
+
+
 class Int8Loader:
     """BlockLoader look-alike whose blocks carry int8 projections (`.block`, `.embedding_rows`,
     `.final_norm`, `.head_chunks`, `.bytes_to_device`)."""
 
     def __init__(self, loader: BlockLoader, *, threshold: float = OUTLIER_THRESHOLD):
-        _require_cuda(loader.device)
-        _bnb()
+        check_8bit(loader.device)
         self.inner, self.threshold = loader, threshold
         # The same read -> slice -> cast chain, kept on the host so that tensors reach the GPU one by one.
         self.host = BlockLoader(loader.ckpt, loader.spec, loader.layers, device="cpu", dtype=loader.dtype,

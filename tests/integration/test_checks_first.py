@@ -292,6 +292,7 @@ FLAG_CASES = [
     (["--keep-spread", "5"], "--keep-spread must be in [0, 1]"),
     # was "only 2 of 2 sub-models have a finite loss (at least 4 are needed)" after the first pass
     (["--method", "bonsai", "--masks-per-iter", "2"], "--masks-per-iter must be at least 4 for bonsai's regression"),
+    (["--device", "cpu", "--allow-8bit"], "8-bit weights run on CUDA only", "drop --allow-8bit"),
 ]
 if not torch.cuda.is_available():
     FLAG_CASES.append((["--device", "cuda"], "CUDA is not available here"))

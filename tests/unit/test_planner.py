@@ -379,3 +379,23 @@ def test_on_a_gpu_each_pass_pays_its_weight_copies(specs):
     assert four - one >= 3 * copies
     plan = make_plan(big, big.layers, w, gpu, dtype="bfloat16")
     assert plan.group_rows == w.rows, plan.describe()  # one pass fits in 12 GB: the weights stream once
+
+
+def test_prune_estimates_plan_8bit_weights_when_allowed(specs):
+    """`prune --allow-8bit` plans the run's passes with 8-bit weights allowed: some budgets too small
+    for every 16-bit plan become runs, and allowing them never makes a run impossible."""
+    from bonsai_lite.prune.presets import PRESETS, estimate
+
+    spec, kw = specs["llama3-8b"], dict(method="bonsai", sparsity=0.5, regression="unit", allocation="prior")
+
+    def fits(budget, allow):
+        try:
+            return estimate(spec, PRESETS["quick"], machine=h100(budget), allow_8bit=allow, **kw).seconds
+        except BudgetError:
+            return None
+
+    budgets = [int(256 * 2**20 * 1.25**i) for i in range(14)]
+    runs = [(b, fits(b, False), fits(b, True)) for b in budgets]
+    assert all(eight is not None for _, full, eight in runs if full is not None)
+    only_8bit = [b for b, full, eight in runs if full is None and eight is not None]
+    assert only_8bit and runs[-1][1] is not None  # the grid spans both minimums

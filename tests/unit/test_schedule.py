@@ -41,6 +41,15 @@ def test_runs_without_a_first_step_keep_their_resume_key():
     assert stepped.resume_key()["search"]["first_step"] == 0.2
 
 
+def test_runs_without_8bit_weights_keep_their_resume_key():
+    from bonsai_lite.config import CalibConfig, RunConfig
+
+    cfg = RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig())
+    assert "allow_8bit" not in cfg.resume_key()  # runs from before the setting resume
+    assert RunConfig(model="m", out="o", calib=CalibConfig(text=None), search=SearchConfig(),
+                     allow_8bit=True).resume_key()["allow_8bit"] is True  # 8-bit losses differ: a new run
+
+
 def test_a_larger_step_gets_more_dense_pass_windows():
     # the priors' windows per parameter removed stay those of a p_iter step: 0.2 at p_iter 0.05 is 4x
     s = SearchConfig(sparsity=0.35, p_iter=0.05, first_step=0.2)
