@@ -129,8 +129,8 @@ def _require_cuda(device: torch.device) -> None:
     # bitsandbytes' CPU int8 kernels exist but run slower than fp32 GEMMs: no reason to use them.
     if device.type != "cuda":
         raise BonsaiError(
-            f"8-bit weights run on CUDA only (bitsandbytes' int8 kernels); this evaluation is on "
-            f"{device.type}: evaluate in float32 there, or drop --allow-8bit"
+            f"8-bit weights run on CUDA only (bitsandbytes' int8 kernels); this run is on {device.type}: "
+            "drop --allow-8bit"
         )
 
 
