@@ -5,7 +5,6 @@ the float32 run's within LLM.int8()'s error, and the export loads and evaluates.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -13,23 +12,15 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 import bonsai_lite.prune.loop as loop_mod  # noqa: E402
-from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
-from bonsai_lite.prune.api import prune  # noqa: E402
 from bonsai_lite.search import int8  # noqa: E402
-from conftest import prunable_model  # noqa: E402
+from conftest import prunable_model, prune_small  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 def _run(model, calib, tmp_path, name, allow_8bit=False):
-    cfg = RunConfig(model=str(model), out=str(tmp_path / name), dtype="float32", allow_8bit=allow_8bit,
-                    calib=CalibConfig(text=str(calib), samples=2, seq_len=16),
-                    search=SearchConfig(method="bonsai", sparsity=0.3, p_iter=0.15, masks_per_iter=8, seed=2),
-                    device="cpu")
-    res = prune(cfg, run_dir=tmp_path / f"{name}.run")
-    key = json.loads((tmp_path / f"{name}.run" / "state.json").read_text())["meta"]["config"]
-    return res, key
+    return prune_small(model, calib, tmp_path, name, dtype="float32", allow_8bit=allow_8bit)
 
 
 def test_prune_with_8bit_weights_tracks_float32(tiny_models, tmp_path, monkeypatch):

@@ -3,26 +3,16 @@ search, into the run's settings, so a run resumed on another machine computes as
 automatic bf16 search is the same search as an explicit `--dtype bfloat16` (auto vs explicit)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
-from bonsai_lite.prune.api import prune
 from bonsai_lite.search import machine
-from conftest import prunable_model  # noqa: E402
+from conftest import prunable_model, prune_small  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 def _run(model, calib, tmp_path, name, dtype=None):
-    cfg = RunConfig(model=str(model), out=str(tmp_path / name), dtype=dtype,
-                    calib=CalibConfig(text=str(calib), samples=2, seq_len=16),
-                    search=SearchConfig(method="bonsai", sparsity=0.3, p_iter=0.15, masks_per_iter=8, seed=2),
-                    device="cpu")
-    res = prune(cfg, run_dir=tmp_path / f"{name}.run")
-    key = json.loads((tmp_path / f"{name}.run" / "state.json").read_text())["meta"]["config"]
-    return res, key
+    return prune_small(model, calib, tmp_path, name, dtype=dtype)
 
 
 @pytest.fixture
