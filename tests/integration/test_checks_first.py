@@ -305,6 +305,14 @@ def test_bad_flag_is_one_line_before_any_work(done, untouched, capsys, no_forwar
     fails(prune_args(model, calib, untouched, *flags), capsys, *needles)
 
 
+def test_plan_refuses_8bit_weights_for_a_cpu(done, capsys):
+    """`plan --allow-8bit` for a CPU printed a plan without them; it now refuses as `prune` does."""
+    _, model, _, _ = done
+    fails(["plan", str(model), "--memory-budget", "1GB", "--device", "cpu", "--allow-8bit"], capsys,
+          "8-bit weights run on CUDA only", "--device cuda")
+    assert main(["plan", str(model), "--memory-budget", "1GB", "--device", "cuda", "--allow-8bit"]) == 0
+
+
 # ---- item 13: exported directories follow the umask -------------------------------------------------------
 
 @pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask 022", "umask 002"])
