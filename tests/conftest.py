@@ -98,16 +98,16 @@ _observed: dict[str, list[str]] = {}
 
 
 def prune_small(model: Path, calib: Path, root: Path, name: str, **settings) -> tuple[dict, dict]:
-    """`prune` of a `prunable_model` on the CPU: 2 iterations of 8 sub-models on 2 x 16 tokens to 30%,
+    """`prune` of a `prunable_model` (on the CPU unless `device` is given): 2 iterations of 8 sub-models on 2 x 16 tokens to 30%,
     into root/name (run state root/name.run); `settings` are RunConfig's. The result and the run's
     resume key as saved."""
     from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
     from bonsai_lite.prune.api import prune
 
-    cfg = RunConfig(model=str(model), out=str(root / name), device="cpu",
+    cfg = RunConfig(model=str(model), out=str(root / name),
                     calib=CalibConfig(text=str(calib), samples=2, seq_len=16),
                     search=SearchConfig(method="bonsai", sparsity=0.3, p_iter=0.15, masks_per_iter=8, seed=2),
-                    **settings)
+                    **{"device": "cpu", **settings})
     res = prune(cfg, run_dir=root / f"{name}.run")
     return res, json.loads((root / f"{name}.run" / "state.json").read_text())["meta"]["config"]
 

@@ -34,7 +34,7 @@ ran() { echo "[$1] rc=$2 after $(( $(date +%s) - $3 )) s"; }
 
 if step tests; then
   t=$(date +%s)
-  timeout 60 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+  timeout 90 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
   ran tests $? "$t" | tee -a "$OUT/pytest.txt"; tail -4 "$OUT/pytest.txt"
 fi
 if step scale; then

@@ -135,6 +135,15 @@ def test_int8_weights_on_cuda_are_fp_within_quantisation(tiny_models, tiny_token
     assert torch.equal(q.nll.argsort(), full.nll.argsort()), (q.nll, full.nll)
 
 
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="LLM.int8() runs on CUDA only")
+def test_prune_with_8bit_weights_on_cuda_tracks_fp16(tiny_models, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from tests.integration.test_int8_prune import check_8bit_prune
+
+    check_8bit_prune(tiny_models["llama-gqa-tied"], tmp_path, monkeypatch, device=DEVICE, dtype="float16",
+                     tolerance=0.02)
+
+
 def test_cli_prune_on_the_device_then_eval_matches_the_cpu(tmp_path, capsys):
     from bonsai_lite.cli import main as cli
 

@@ -1,13 +1,12 @@
 """`prune --allow-8bit` end to end on a CPU, bitsandbytes' reference kernels standing in for CUDA's
 (the planner offers 8-bit weights on CUDA only, so the test turns the loop's allowed plans to 8-bit):
 every priors and sub-model pass runs on int8 blocks, the parent's loss on the first windows tracks
-the float32 run's within LLM.int8()'s error, and the export loads and evaluates."""
+the 16/32-bit run's within LLM.int8()'s error, and the export loads. tests/gpu runs it on CUDA."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import torch
 
 pytest.importorskip("bitsandbytes")
 
@@ -19,15 +18,9 @@ from conftest import prunable_model, prune_small  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def _run(model, calib, tmp_path, name, allow_8bit=False):
-    return prune_small(model, calib, tmp_path, name, dtype="float32", allow_8bit=allow_8bit)
-
-
-def test_prune_with_8bit_weights_tracks_float32(tiny_models, tmp_path, monkeypatch):
-    model, calib = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
-    ref, ref_key = _run(model, calib, tmp_path, "fp32")
-
-    monkeypatch.setattr(int8, "_require_cuda", lambda device: None)
+def check_8bit_prune(parent, tmp_path, monkeypatch, *, device: str, dtype: str, tolerance: float) -> None:
+    model, calib = prunable_model(parent, tmp_path)
+    ref, ref_key = prune_small(model, calib, tmp_path, "full", device=device, dtype=dtype)
     real, plans, quantised = loop_mod.make_plan, [], []
     real_quantize = int8.Int8Weight.quantize
 
@@ -43,13 +36,19 @@ def test_prune_with_8bit_weights_tracks_float32(tiny_models, tmp_path, monkeypat
 
     monkeypatch.setattr(loop_mod, "make_plan", plan)
     monkeypatch.setattr(int8.Int8Weight, "quantize", staticmethod(quantize))
-    q, key = _run(model, calib, tmp_path, "int8", allow_8bit=True)
+    q, key = prune_small(model, calib, tmp_path, "int8", device=device, dtype=dtype, allow_8bit=True)
 
     assert key["allow_8bit"] is True and "allow_8bit" not in ref_key
     assert q["iterations"] == ref["iterations"] == 2
     assert sum(p.weights_8bit for p in plans) >= 2 * q["iterations"]  # priors and sub-models, each iteration
     assert quantised  # int8 blocks were built and used
     a, b = ref["history"][0]["dense_nll"], q["history"][0]["dense_nll"]
-    assert a != b and abs(a - b) < 0.05 * abs(a), (a, b)  # the same windows on the parent, in int8
+    assert a != b and abs(a - b) < tolerance * abs(a), (a, b)  # the same windows on the parent, in int8
     out = StreamedModel.open(tmp_path / "int8")  # the export keeps the checkpoint's weights
     assert out.params() == q["params_after"] < q["params_before"]
+
+
+def test_prune_with_8bit_weights_tracks_float32(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(int8, "_require_cuda", lambda device: None)  # the reference kernels run on a CPU
+    check_8bit_prune(tiny_models["llama-gqa-tied"], tmp_path, monkeypatch, device="cpu", dtype="float32",
+                     tolerance=0.05)
