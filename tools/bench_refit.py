@@ -4,7 +4,7 @@ Writes a random bf16 checkpoint of --shape cut to --layers decoder blocks (tools
 generator, embeddings and LM head included), cuts every layer to --keep of its heads and MLP units,
 and runs `prune.refit.refit_model` (what `bonsai-lite prune` runs after its search) on --samples x
 --seq-len random tokens. It reports the wall time and peak RSS growth (VmHWM) beside
-`planner.refit_seconds` and `refit.refit_peak_bytes`, and the time per layer scaled to the shape's
+`pass_costs.refit_seconds` and `refit.refit_peak_bytes`, and the time per layer scaled to the shape's
 full depth beside the planner's full-depth prediction (an estimate: every layer of a shape costs the
 same). One JSON object on stdout (kind "refit-scale"); --record writes it to docs/results/.
 
@@ -35,7 +35,7 @@ from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune.refit import refit_model, refit_peak_bytes  # noqa: E402
 from bonsai_lite.search.machine import detect_machine, fmt_bytes  # noqa: E402
-from bonsai_lite.search.planner import refit_seconds  # noqa: E402
+from bonsai_lite.search.pass_costs import refit_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 

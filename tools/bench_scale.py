@@ -48,7 +48,8 @@ from bonsai_lite.io.model import StreamedModel  # noqa: E402
 from bonsai_lite.prune import loop  # noqa: E402
 from bonsai_lite.prune.run import run_pruning  # noqa: E402
 from bonsai_lite.search.machine import detect_machine, fmt_bytes, parse_bytes, search_dtype  # noqa: E402
-from bonsai_lite.search.planner import Work, column_norm_seconds, flops_per_token, make_plan  # noqa: E402
+from bonsai_lite.search.pass_costs import column_norm_seconds  # noqa: E402
+from bonsai_lite.search.planner import Work, flops_per_token, make_plan  # noqa: E402
 from bonsai_lite.structure import load_spec  # noqa: E402
 
 import scale_extras as SX  # noqa: E402

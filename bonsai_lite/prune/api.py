@@ -287,7 +287,7 @@ def _pick_refit_samples(cfg: RunConfig, spec, machine) -> RunConfig:
 
     if cfg.refit == "off":
         return replace(cfg, refit_samples=32)  # unused; a valid value for the run's record
-    from bonsai_lite.search.planner import refit_seconds
+    from bonsai_lite.search.pass_costs import refit_seconds
 
     fits_time = lambda n: True  # noqa: E731
     search = _search_and_refit_seconds(cfg, spec, machine) if cfg.refit == "auto" else None
@@ -303,7 +303,7 @@ def _search_and_refit_seconds(cfg: RunConfig, spec, machine) -> tuple[float, flo
     """(the search's, the refit's) predicted seconds on `machine`, or None where the planner cannot
     plan the search (the budget check that follows says why)."""
     from bonsai_lite.prune.presets import estimate
-    from bonsai_lite.search.planner import refit_seconds
+    from bonsai_lite.search.pass_costs import refit_seconds
 
     s = cfg.search
     try:
@@ -417,7 +417,7 @@ def _refit(cfg: RunConfig, parent: StreamedModel, layers, ids, folder: Path, pro
     """The least-squares refit of the chosen structure (prune/refit.py): weights under `folder`,
     biases returned. Redone on every export, so it always matches the structure being exported."""
     from bonsai_lite.prune.refit import refit_model
-    from bonsai_lite.search.planner import refit_seconds
+    from bonsai_lite.search.pass_costs import refit_seconds
 
     tokens = calibration_tokens(ids, samples=cfg.refit_samples, seq_len=cfg.refit_seq_len, seed=cfg.search.seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,7 +43,8 @@ from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.offsets import allocation_grid, allocation_offsets, distinct
 from bonsai_lite.search.machine import detect_machine, page_cache_now
-from bonsai_lite.search.planner import Work, column_norm_seconds, make_plan, refit_seconds, second_moment_seconds
+from bonsai_lite.search.pass_costs import column_norm_seconds, refit_seconds, second_moment_seconds
+from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout, positions_in_parent

@@ -20,8 +20,8 @@ from bonsai_lite.errors import BonsaiError
 from bonsai_lite.prune.refit import auto_refit_samples, refit_peak_bytes, residual_fits
 from bonsai_lite.search.machine import Machine
 from bonsai_lite.search.offsets import allocation_grid
-from bonsai_lite.search.planner import (Work, column_norm_seconds, exact_cast, make_plan, refit_seconds,
-                                        second_moment_seconds)
+from bonsai_lite.search.pass_costs import column_norm_seconds, exact_cast, refit_seconds, second_moment_seconds
+from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.structure import ModelSpec
 
 LADDER: tuple[tuple[str, dict], ...] = (
@@ -65,7 +65,7 @@ def seconds_left(e: Estimate, done: int, pace: float) -> float:
     """What is left of the prune `e` predicts once `done` iterations are over: its iterations at
     `pace` (the run's measured seconds per planned second so far: the planner calibrated on the run
     itself), the refit after the search at its own prediction. The refit's time model was fitted
-    apart from the search's (`planner.refit_seconds`), and a search running slow does not make it
+    apart from the search's (`pass_costs.refit_seconds`), and a search running slow does not make it
     slow: SmolLM2 at 50% (docs/PERFORMANCE.md) searched at 1.12x and 1.15x its plan while its refit
     ran at 0.87x and 0.83x of its own, which the pace read as 1.27-1.37x of the time left."""
     return pace * sum(e.iterations[done:]) + e.refit

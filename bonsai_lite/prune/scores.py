@@ -66,7 +66,7 @@ class ColumnNorms:
 def whole_projections(model, dtype: torch.dtype) -> bool:
     """Whether a pass over `model` in `dtype` loads every layer's o_proj and down_proj with the
     values the checkpoint stores: every column kept, in order, and cast exactly (`exact_cast`)."""
-    from bonsai_lite.search.planner import exact_cast
+    from bonsai_lite.search.pass_costs import exact_cast
 
     hd = model.spec.head_dim
     for l, layer in enumerate(model.layers):

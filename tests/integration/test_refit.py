@@ -241,7 +241,7 @@ def test_refit_auto_leaves_out_a_refit_predicted_to_take_much_longer_than_the_se
 
     from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
     from bonsai_lite.prune import api
-    from bonsai_lite.search import machine, planner
+    from bonsai_lite.search import machine, pass_costs
 
     model, text = prunable_model(tiny_models["llama-gqa-tied"], tmp_path)
     cfg = RunConfig(model=str(model), out=str(tmp_path / "out"), calib=CalibConfig(text=str(text), samples=2, seq_len=16),
@@ -254,7 +254,7 @@ def test_refit_auto_leaves_out_a_refit_predicted_to_take_much_longer_than_the_se
     search, refit = api._search_and_refit_seconds(cfg, spec, machine.detect_machine(device="cpu", budget=None))
     assert search > 0 and refit > 0
     assert api._check_inputs(cfg, overwrite=False)[0].refit == "ls"  # the tiny model's refit is cheap
-    monkeypatch.setattr(planner, "refit_seconds", lambda *a, **k: 1.01 * ratio * search * 100)
+    monkeypatch.setattr(pass_costs, "refit_seconds", lambda *a, **k: 1.01 * ratio * search * 100)
     assert api._check_inputs(cfg, overwrite=False)[0].refit == "off"
     assert api._check_inputs(replace(cfg, refit="ls"), overwrite=False)[0].refit == "ls"
 

@@ -174,7 +174,7 @@ def test_flap_column_read_is_priced_at_the_disk_rate_unless_cached(specs):
     # ColumnNorms reads every o_proj and down_proj once: 32 x (4096^2 + 4096 x 14336) bf16 values at 8B.
     from dataclasses import replace
 
-    from bonsai_lite.search.planner import column_norm_seconds
+    from bonsai_lite.search.pass_costs import column_norm_seconds
 
     spec = specs["llama3-8b"]
     src = 32 * (4096 * 4096 + 4096 * 14336) * 2

@@ -42,7 +42,7 @@ def test_the_refit_and_the_residual_metric_are_counted(tiny_models):
     # --refit and --fluctuation residual cost time the search's passes do not: the estimate adds the
     # planner's refit time once (after every iteration with loop) and the second moments to every dense pass
     from bonsai_lite.prune.refit import refit_peak_bytes
-    from bonsai_lite.search.planner import refit_seconds, second_moment_seconds
+    from bonsai_lite.search.pass_costs import refit_seconds, second_moment_seconds
 
     spec = load_spec(tiny_models["llama-gqa-tied"])
     machine = nominal_machine(device="cpu", budget=2**30)
@@ -185,7 +185,7 @@ def test_the_estimate_splits_into_iterations_and_the_refit(tiny_models):
     # seconds = FLAP's column read + each iteration (its own refit under --refit loop) + the refit after
     # the search; what is left after k iterations: the rest of the search at the measured pace, then the refit
     from bonsai_lite.prune.presets import seconds_left
-    from bonsai_lite.search.planner import column_norm_seconds, refit_seconds
+    from bonsai_lite.search.pass_costs import column_norm_seconds, refit_seconds
 
     spec = load_spec(tiny_models["llama-gqa-tied"])
     machine = nominal_machine(device="cpu", budget=2**30)
