@@ -10,7 +10,9 @@ overrides (`per_layer_config`):
      "intermediate_size": 50, "biases": ["q_proj", "k_proj", "v_proj"]}
 
 `kv_map[h]` is the key/value head read by query head `h`; after pruning, groups may be unequal, so
-K/V are gathered per head (after the cache, which keeps only the kept K/V heads). A layer with no
+K/V are gathered per head (after the cache, which keeps only the kept K/V heads). Decoding one
+token with SDPA does not copy the cache: each K/V head's queries, padded to the largest group, attend
+to it as one short query sequence (what transformers' `pack_gqa` does for equal groups). A layer with no
 heads or no MLP units skips that sub-block (adding its output bias, if it has one).
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. Imports only the
@@ -80,6 +82,17 @@ class _BonsaiAttention:
         self.num_key_value_groups = group if equal else 1
         self._kv_map = None if equal else tuple(kv_map)
         self._kv_index = None  # built lazily on the compute device (never a buffer: loading is on meta)
+        # Decoding with unequal groups: query head h sits in slot _pack_slot[h] of a [kv heads, largest
+        # group] grid, so one SDPA call reads each K/V head once (empty slots are computed, then dropped).
+        sizes = [kv_map.count(k) for k in range(self.num_kv_heads)]
+        self._group = max(sizes, default=0)
+        seen = [0] * self.num_kv_heads
+        slots = []
+        for k in kv_map:
+            slots.append(k * self._group + seen[k])
+            seen[k] += 1
+        self._pack_slot = None if equal else tuple(slots)
+        self._pack_index = None
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
@@ -95,6 +108,20 @@ class _BonsaiAttention:
         if self._kv_index is None or self._kv_index.device != device:
             self._kv_index = torch.tensor(self._kv_map, dtype=torch.long, device=device)
         return self._kv_index
+
+    def _packed_decode(self, q, k, v, attention_mask):
+        """One query position, unequal groups, SDPA: the queries packed per K/V head ([b, kv heads,
+        largest group, d]) attend to the cache as it is; returns [b, 1, heads, d] like the attention
+        functions. The mask ([b or 1, 1, 1, keys] or None) broadcasts over a group's queries."""
+        b, _, _, d = q.shape
+        if self._pack_index is None or self._pack_index.device != q.device:
+            self._pack_index = torch.tensor(self._pack_slot, dtype=torch.long, device=q.device)
+        packed = q.new_zeros(b, self.num_kv_heads * self._group, d)
+        packed.index_copy_(1, self._pack_index, q[:, :, 0])
+        packed = packed.view(b, self.num_kv_heads, self._group, d)
+        out = torch.nn.functional.scaled_dot_product_attention(packed, k, v, attn_mask=attention_mask,
+                                                               scale=self.scaling)
+        return out.reshape(b, -1, d).index_select(1, self._pack_index).unsqueeze(1)
 
     def keep_cache_length(self, hidden_states: torch.Tensor, past_key_values) -> None:
         """A layer without heads still advances its cache: masks and positions read the cache length
@@ -117,6 +144,10 @@ class _BonsaiAttention:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if (self._kv_map is not None and q.shape[2] == 1 and self.config._attn_implementation == "sdpa"
+                and not self.training and (attention_mask is None or attention_mask.shape[1] == 1)):
+            out = self._packed_decode(q, k, v, attention_mask)
+            return self.o_proj(out.reshape(*input_shape, -1)), None
         if self._kv_map is not None:
             idx = self._gather_index(k.device)
             k, v = k.index_select(1, idx), v.index_select(1, idx)

@@ -431,3 +431,19 @@ def test_the_sweep_plans_in_the_runs_dtype_with_the_checkpoints_state(results):
     sw = bench_scale.sweep(model, Work(2, 2, 16), "cpu", 64 * 2**20, per_order=1, max_predicted=10.0, seed=0,
                            peak=1e9, deadline=math.inf, checkpoint=work / "tiny", dtype="bfloat16")
     assert len(sw["runs"]) >= 2 and {x["plan"]["dtype"] for x in sw["runs"]} == {"bfloat16"}
+
+
+def test_decode_ab_times_two_modeling_files_on_one_export(tiny_models, tmp_path):
+    """tools/decode_ab.py: one export loaded with the modeling file of a git revision and with the
+    current one (here the same revision), both decoding the same tokens."""
+    from bonsai_lite.export import export_pruned
+    from bonsai_lite.structure import load_spec
+    from test_export import per_layer_structure
+
+    parent, out = tiny_models["llama-gqa-tied"], tmp_path / "pruned"
+    export_pruned(parent, per_layer_structure(load_spec(parent), seed=0), out)
+    r = _run("decode_ab.py", str(out), "--baseline", "HEAD", "--prompts", "8,12", "--new-tokens", "3",
+             "--repeats", "1")
+    assert r["kind"] == "decode_ab" and set(r["results"]) == {"8", "12"} and r["commit"]
+    for row in r["results"].values():
+        assert row["same_tokens"] and row["baseline"]["median"] > 0 and row["current"]["median"] > 0

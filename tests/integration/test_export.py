@@ -190,6 +190,35 @@ def test_generation_with_cache_equals_no_cache(tiny_tokens, exported, case):
         assert torch.equal(model.generate(batch, use_cache=True, **kw), model.generate(batch, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_cached_decode_with_unequal_groups_equals_the_full_forward(tiny_tokens, exported, case, monkeypatch):
+    """Decoding one token at a time through the cache (unequal groups: the packed SDPA call, no K/V
+    copy) gives the logits of a full forward over the same tokens, with and without a padding mask."""
+    out, layers, _ = exported[case]
+    model = load_export(out, trust_remote_code=True)  # the shipped file, as users load it
+    assert model.config._attn_implementation == "sdpa"
+    mixin = next(c for c in type(model.model.layers[0].self_attn).__mro__ if c.__name__ == "_BonsaiAttention")
+    packed, calls = mixin._packed_decode, []
+    monkeypatch.setattr(mixin, "_packed_decode", lambda self, *a: calls.append(self.layer_idx) or packed(self, *a))
+    tokens, mask = tiny_tokens[:2, :24].clone(), torch.ones(2, 24, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: an explicit mask reaches the packed call
+    for m in (None, mask):
+        with torch.no_grad():
+            full = model(tokens, attention_mask=m).logits
+            step = model(tokens[:, :20], attention_mask=None if m is None else m[:, :20], use_cache=True)
+            cache, logits = step.past_key_values, [step.logits]
+            for i in range(20, 24):
+                step = model(tokens[:, i:i + 1], attention_mask=None if m is None else m[:, :i + 1],
+                             past_key_values=cache, use_cache=True)
+                cache = step.past_key_values
+                logits.append(step.logits)
+        rows = slice(None) if m is None else slice(1, 2)  # a padded row's logits at pad positions are moot
+        assert torch.allclose(torch.cat(logits, 1)[rows], full[rows], atol=1e-4), case
+    unequal = {l for l, s in enumerate(layers) if len({s.kv_of_head.count(k) for k in s.kv}) > 1}
+    assert set(calls) == unequal  # every unequal layer decoded packed, and only those
+    assert unequal or "mha" in case  # multi-head attention has groups of one: never unequal
+
+
 def test_saved_again_by_transformers_stays_readable(tiny_tokens, exported, tmp_path):
     """After fine-tuning, users save with transformers: the copy keeps the stock architecture name
     (for bonsai-lite's loader) and the auto_map (for transformers)."""
