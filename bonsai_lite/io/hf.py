@@ -1,12 +1,15 @@
 """Loading a model directory into transformers, with bonsai-lite's own per-layer exports recognised.
 
 A per-layer export ships `modeling_bonsai.py` and an `auto_map` to it. When that file is
-byte-identical to the one this version of bonsai-lite writes (and the auto_map names only it),
-the classes are taken from bonsai-lite itself: no remote code runs, so no --trust-remote-code is
-needed. Any other shipped modeling file is foreign code and still needs the user's consent.
+byte-identical to the one this version of bonsai-lite writes, or to one an earlier version wrote
+(`EARLIER_MODELING_SHA256`: the same config and weights, read by today's classes), and the auto_map
+names only it, the classes are taken from bonsai-lite itself: no remote code runs, so no
+--trust-remote-code is needed. Any other shipped modeling file is foreign code and still needs the
+user's consent.
 """
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +17,13 @@ from bonsai_lite.errors import CheckpointError
 from bonsai_lite.structure import read_config
 
 MODELING_FILE = "modeling_bonsai.py"  # must equal bonsai_lite.export.MODELING_FILE (export imports io, not back)
+# The modeling files earlier versions shipped (SHA-256 -> the last commit that wrote it). Add the
+# outgoing file's hash here whenever export_assets/modeling_bonsai.py changes in a way that keeps its
+# config and weights, so the exports it wrote still load as bonsai-lite's own.
+EARLIER_MODELING_SHA256 = {
+    "8f0500288c33d26561d8a5a7508d93ac8524ae9726b4ca425d9670fdc422560a": "d1264f6",
+    "d135e167a40f6aa6aacb0bbd1dd7084fea125eb98dd635e84114b099ae76ca22": "9a5fc71",
+}
 
 
 def own_model_class(model_dir: str | Path):
@@ -28,7 +38,10 @@ def own_model_class(model_dir: str | Path):
         return None
     shipped = root / MODELING_FILE
     ours = resources.files("bonsai_lite.export_assets").joinpath(MODELING_FILE).read_bytes()
-    if not shipped.is_file() or shipped.read_bytes() != ours:
+    if not shipped.is_file():
+        return None
+    data = shipped.read_bytes()
+    if data != ours and hashlib.sha256(data).hexdigest() not in EARLIER_MODELING_SHA256:
         return None
     from bonsai_lite.export_assets import modeling_bonsai
 

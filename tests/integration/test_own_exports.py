@@ -2,6 +2,8 @@
 shipped modeling file is the one it writes); a foreign or edited modeling file still needs the flag."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -10,7 +12,7 @@ from bonsai_lite.adapt.train import AdaptConfig, adapt
 from bonsai_lite.cli.main import main
 from bonsai_lite.errors import CheckpointError
 from bonsai_lite.export import MODELING_FILE, export_pruned
-from bonsai_lite.io.hf import load_causal_lm, own_model_class
+from bonsai_lite.io.hf import EARLIER_MODELING_SHA256, load_causal_lm, own_model_class
 from bonsai_lite.structure import load_spec
 from conftest import make_tiny_model
 from test_adapt import TEXT, add_char_tokenizer
@@ -41,6 +43,50 @@ def test_own_export_loads_without_remote_code_and_equals_remote_load(exported):
     tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ours(tokens).logits, remote(tokens).logits)
+
+
+@pytest.mark.parametrize("commit", sorted(EARLIER_MODELING_SHA256.values()))
+def test_exports_of_earlier_versions_load_as_own(exported, tmp_path, commit):
+    """An export that ships the modeling file an earlier bonsai-lite wrote (taken from git; the table
+    holds its hash) loads through today's classes without the flag, with the same logits as that
+    file run as remote code."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    old = subprocess.run(["git", "show", f"{commit}:bonsai_lite/export_assets/{MODELING_FILE}"], cwd=root,
+                         capture_output=True)
+    if old.returncode:
+        pytest.skip(f"this checkout has no commit {commit}")
+    _, out, _ = exported
+    d = shutil.copytree(out, tmp_path / commit)
+    (d / MODELING_FILE).write_bytes(old.stdout)
+    assert EARLIER_MODELING_SHA256[hashlib.sha256(old.stdout).hexdigest()] == commit
+    ours = load_causal_lm(d, dtype=torch.float32).eval()
+    assert type(ours).__module__ == "bonsai_lite.export_assets.modeling_bonsai"
+    remote = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens).logits, remote(tokens).logits, atol=1e-5)
+
+
+def test_every_earlier_modeling_file_is_known():
+    """Each version of the modeling file in the history is today's or in EARLIER_MODELING_SHA256, so
+    no export bonsai-lite wrote starts needing --trust-remote-code after a change to the file."""
+    import subprocess
+    from importlib import resources
+    from pathlib import Path
+
+    root, path = Path(__file__).resolve().parents[2], f"bonsai_lite/export_assets/{MODELING_FILE}"
+    log = subprocess.run(["git", "log", "--format=%H", "--", path], cwd=root, capture_output=True, text=True)
+    if log.returncode or not log.stdout.strip():
+        pytest.skip("no git history here")
+    ours = hashlib.sha256(resources.files("bonsai_lite.export_assets").joinpath(MODELING_FILE).read_bytes()).hexdigest()
+    for commit in log.stdout.split():
+        text = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True, check=True).stdout
+        digest = hashlib.sha256(text).hexdigest()
+        assert digest == ours or digest in EARLIER_MODELING_SHA256, f"add {digest} ({commit[:7]}) to the table"
 
 
 def test_edited_modeling_file_needs_the_flag(exported, tmp_path):
