@@ -13,8 +13,9 @@ per-layer widths and/or --uniform). Speed depends on the widths kept, not on whi
 cheap selection is enough. Variants are deleted after measuring unless --keep (8B ones take 10+ GB).
 
 Per-layer exports ship their own modeling file (`auto_map`); bonsai-lite's own (byte-identical to
-the one this version writes) load through bonsai-lite's classes, any other only with
---trust-remote-code, and only when the auto_map names a file inside the directory.
+the one this version writes, or to an earlier version's: io/hf.py) load through bonsai-lite's
+classes, any other only with --trust-remote-code, and only when the auto_map names a file inside
+the directory.
 
   python tools/bench_infer.py --shape tiny --sparsities 0.5 --batch 2 --prefill-len 64 --new-tokens 16 \\
       --trust-remote-code
