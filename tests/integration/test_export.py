@@ -3,6 +3,7 @@ per-layer, stock when uniform) and in the streamed engine; writes are atomic and
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import pytest
 import torch
@@ -200,6 +201,8 @@ def test_cached_decode_with_unequal_groups_equals_the_full_forward(tiny_tokens, 
     mixin = next(c for c in type(model.model.layers[0].self_attn).__mro__ if c.__name__ == "_BonsaiAttention")
     packed, calls = mixin._packed_decode, []
     monkeypatch.setattr(mixin, "_packed_decode", lambda self, *a: calls.append(self.layer_idx) or packed(self, *a))
+    # the cache's keyword: `cache` from transformers 5.24 (`past_key_values` deprecated), before it the old name
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens, mask = tiny_tokens[:2, :24].clone(), torch.ones(2, 24, dtype=torch.long)
     mask[0, :3] = 0  # left padding: an explicit mask reaches the packed call
     for m in (None, mask):
@@ -209,7 +212,7 @@ def test_cached_decode_with_unequal_groups_equals_the_full_forward(tiny_tokens, 
             cache, logits = step.past_key_values, [step.logits]
             for i in range(20, 24):
                 step = model(tokens[:, i:i + 1], attention_mask=None if m is None else m[:, :i + 1],
-                             past_key_values=cache, use_cache=True)
+                             **{cache_kw: cache}, use_cache=True)
                 cache = step.past_key_values
                 logits.append(step.logits)
         rows = slice(None) if m is None else slice(1, 2)  # a padded row's logits at pad positions are moot
