@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_engine import commit  # noqa: E402
 from random_checkpoint import shape_spec  # noqa: E402
 
 from bonsai_lite.errors import BudgetError  # noqa: E402
@@ -48,9 +48,7 @@ def choices(gpu: str) -> dict:
                 except BudgetError as e:
                     row["refused_minimum_bytes"] = e.minimum_bytes
                 rows.append(row)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    return {"kind": "plan-choices", "gpu": gpu, "commit": head, "rows": rows}
+    return {"kind": "plan-choices", "gpu": gpu, "commit": commit(), "rows": rows}
 
 
 def render(result: dict) -> list[str]:

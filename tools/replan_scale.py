@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+import bench_engine  # noqa: E402
 from random_checkpoint import shape_spec  # noqa: E402
 from scale_docs import RESULTS  # noqa: E402
 
@@ -117,13 +118,8 @@ def replan(base: str) -> dict:
                      "stored_ratio": round(r["predicted_seconds"] / r["engine_seconds"], 2),
                      "replanned_ratio": round(predicted / r["engine_seconds"], 2)})
 
-    return {"kind": "replan-scale", "base": base, "commit": _head(), "records": len(rows), **_within(rows),
-            "rows": rows}
-
-
-def _head() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    return {"kind": "replan-scale", "base": base, "commit": bench_engine.commit(), "records": len(rows),
+            **_within(rows), "rows": rows}
 
 
 def _within(rows: list[dict]) -> dict:
@@ -175,8 +171,8 @@ def replan_gpu(paths: list[Path]) -> dict:
         c["measured_seconds"] = sorted(round(m["seconds"], 2) for m in same if tuple(m["plan"][k] for k in SAME) == key)
         c["prune_then_seconds"] = sorted(round(m["seconds"], 2) for m in same if m["source"] == "prune")
 
-    return {"kind": "replan-gpu", "commit": _head(), "files": [p.name for p in paths], "measured": len(rows),
-            **_within(rows), "rows": rows, "choices": list(choices.values())}
+    return {"kind": "replan-gpu", "commit": bench_engine.commit(), "files": [p.name for p in paths],
+            "measured": len(rows), **_within(rows), "rows": rows, "choices": list(choices.values())}
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from bonsai_lite.cli.main import emit_json
-from bonsai_lite.errors import BonsaiError
+from bonsai_lite.search.int8 import require_cuda
 from bonsai_lite.search.machine import detect_machine, nominal_machine, parse_bytes, search_dtype
 from bonsai_lite.search.planner import Work, make_plan
 from bonsai_lite.structure import load_spec
@@ -34,9 +34,8 @@ def run(args) -> int:
         machine = nominal_machine(device=args.device or "cuda", budget=budget, gpu_name=args.gpu_name)
     else:
         machine = detect_machine(device=None, budget=budget)
-    if args.allow_8bit and not machine.is_cuda:  # as `prune --allow-8bit` refuses it
-        raise BonsaiError("8-bit weights run on CUDA only (bitsandbytes' int8 kernels); plan for a GPU with "
-                          "--device cuda [--gpu-name NAME], or drop --allow-8bit")
+    if args.allow_8bit:  # refused for a CPU, as `prune --allow-8bit` refuses it (no bitsandbytes needed here)
+        require_cuda(machine.device, "plan for a GPU with --device cuda [--gpu-name NAME], or drop --allow-8bit")
     work = Work(args.masks, args.calib_samples, args.seq_len)
     dtype = args.dtype or search_dtype(machine, spec)  # what `prune` would compute in here
     plan = make_plan(spec, spec.layers, work, machine, dtype=dtype, allow_8bit=args.allow_8bit)

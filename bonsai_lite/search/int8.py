@@ -125,18 +125,19 @@ def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def _require_cuda(device: torch.device) -> None:
+def require_cuda(device, remedy: str = "drop --allow-8bit") -> None:
+    """A clear error unless `device` is CUDA: the one place that says where 8-bit weights run."""
     # bitsandbytes' CPU int8 kernels exist but run slower than fp32 GEMMs: no reason to use them.
+    device = torch.device(device)
     if device.type != "cuda":
         raise BonsaiError(
-            f"8-bit weights run on CUDA only (bitsandbytes' int8 kernels); this run is on {device.type}: "
-            "drop --allow-8bit"
+            f"8-bit weights run on CUDA only (bitsandbytes' int8 kernels); this run is on {device.type}: {remedy}"
         )
 
 
 def check_8bit(device) -> None:
     """Before any work: 8-bit weights need a CUDA device and bitsandbytes (a clear error otherwise)."""
-    _require_cuda(torch.device(device))
+    require_cuda(device)
     _bnb()
 
 

@@ -11,6 +11,7 @@ from bonsai_lite.structure import ModelSpec
 
 PAGE_CACHE_BPS = 6e9  # re-reading a checkpoint that the OS keeps in its page cache (one reader thread)
 
+
 def column_norm_seconds(spec: ModelSpec, machine: Machine, *, read: bool = True) -> float:
     """Predicted time of FLAP's column norms of every layer's o_proj and down_proj (`scores.ColumnNorms`,
     once per run): the float32 slabs, plus with `read` their one read of the projections just after

@@ -49,6 +49,6 @@ def check_8bit_prune(parent, tmp_path, monkeypatch, *, device: str, dtype: str, 
 
 
 def test_prune_with_8bit_weights_tracks_float32(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(int8, "_require_cuda", lambda device: None)  # the reference kernels run on a CPU
+    monkeypatch.setattr(int8, "require_cuda", lambda device: None)  # the reference kernels run on a CPU
     check_8bit_prune(tiny_models["llama-gqa-tied"], tmp_path, monkeypatch, device="cpu", dtype="float32",
                      tolerance=0.05)

@@ -68,7 +68,7 @@ def _plan(**kw) -> Plan:
 @pytest.mark.parametrize("case", ["llama-gqa-tied", "qwen2-gqa-bias"])
 def test_engine_with_int8_blocks_tracks_full_precision(tiny_models, tiny_tokens, case, monkeypatch):
     # Run the CUDA-only loader on CPU (reference kernels) to test the engine wiring end to end.
-    monkeypatch.setattr(int8, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(int8, "require_cuda", lambda device: None)
     model = StreamedModel.open(tiny_models[case])
     layout = UnitLayout.of(model.layers)
     masks = torch.rand(4, layout.total, generator=torch.Generator().manual_seed(2)) > 0.3
