@@ -1,6 +1,7 @@
 """The cold-read probe: O_DIRECT reads return the file's bytes, and files too small to time give no rate."""
 from __future__ import annotations
 
+import mmap
 import os
 import time
 
@@ -116,10 +117,25 @@ def test_the_mapped_probe_times_a_cold_part_and_leaves_the_cache_as_it_found_it(
         pytest.skip("no mincore here")
     if before.count(0) == len(before) or any(before[len(before) // 2:]):
         pytest.skip("this filesystem does not drop clean pages when asked")
+    dropped = []  # every page the probe asked the kernel to drop
+    fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.extend(range(offset // mmap.PAGESIZE, (offset + length) // mmap.PAGESIZE))
+        return fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
     rate = disk.mapped_read_bps(tmp_path)
     if rate is None:
         pytest.skip("no MADV_POPULATE_READ here")
     time.sleep(0.2)  # a readahead the probe started and did not drop would have landed by now
-    assert rate > 0 and disk._resident_pages(f) == before
+    after = disk._resident_pages(f)
+    assert rate > 0 and dropped
+    # Nothing the probe read stays cached. The user's pages are never dropped by the probe; the
+    # kernel may still reclaim a few of them under memory pressure (a CI run lost 12 of 512), so
+    # what the probe did is read from its own requests, not from the cache after.
+    assert not any(a and not b for a, b in zip(after, before))
+    assert not [page for page in dropped if before[page]]
     f.read_bytes()  # all of it cached: nothing cold to time, no rate
     assert disk.mapped_read_bps(tmp_path) is None
