@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,13 +134,23 @@ def load_student(cfg: AdaptConfig, *, device, dtype):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     # A pruned layer may keep no heads or no MLP units: its empty projections get no adapter.
     empty = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and 0 in m.weight.shape]
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear", lora_dropout=0.0,
                       bias="none", exclude_modules=empty or None)
-    return get_peft_model(model, lora)
+    return with_lora(model, lora)
+
+
+def with_lora(model, lora):
+    """peft's `get_peft_model`, without the FutureWarning that peft 0.21 raises by reading a name
+    transformers 5.25 deprecated (`is_gradient_checkpointing`): the user can do nothing about it."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 class Trainer:

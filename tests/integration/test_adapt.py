@@ -15,7 +15,7 @@ from bonsai_lite.adapt import teacher as teacher_mod
 from bonsai_lite.adapt.budget import TrainShape, check_training_budget
 from bonsai_lite.adapt.merge import export_adapted, lora_deltas
 from bonsai_lite.adapt.teacher import build_teacher_cache
-from bonsai_lite.adapt.train import AdaptConfig, adapt, needs_remote_code
+from bonsai_lite.adapt.train import AdaptConfig, adapt, needs_remote_code, with_lora
 from bonsai_lite.errors import BonsaiError, BudgetError, CheckpointError
 from bonsai_lite.io.model import StreamedModel
 from conftest import make_tiny_model
@@ -90,13 +90,13 @@ def test_teacher_cache_equals_transformers_topk(tiny_models, tiny_tokens, tmp_pa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["llama-mha-untied", "qwen2-gqa-bias"])
 def test_merged_logits_equal_unmerged_lora(tmp_path, tiny_tokens, case, dtype):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     src = make_tiny_model(tmp_path / "src", case, dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
-                                            init_lora_weights=False))  # B != 0: the merge has work to do
+    model = with_lora(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear",
+                                       init_lora_weights=False))  # B != 0: the merge has work to do
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
