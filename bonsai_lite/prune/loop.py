@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bonsai_lite.calib.data import calibration_tokens
-from bonsai_lite.config import MIN_REGRESSION_MASKS, RunConfig
+from bonsai_lite.config import RunConfig
 from bonsai_lite.errors import BonsaiError, BudgetError
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.progress import NullProgress
@@ -34,18 +34,16 @@ from bonsai_lite.prune import scores as S
 from bonsai_lite.prune.faults import checkpoint
 from bonsai_lite.io.checkpoint import Checkpoint
 from bonsai_lite.prune.align import align_drop, equal_groups_drop
-from bonsai_lite.prune.ranking import group_members, rank_candidates
+from bonsai_lite.prune.ranking import regress_and_rank
 from bonsai_lite.prune.select import (apply_drop, comparable_prior, greedy_drop, normalised_prior, uniform_drop,
                                       unit_costs)
 from bonsai_lite.prune.state import RunState, group_key, layers_from_json, layers_to_json
-from bonsai_lite.search.allocation import fit_allocation
 from bonsai_lite.search.engine import evaluate
 from bonsai_lite.search.observe import StatsTap
 from bonsai_lite.search.offsets import allocation_grid, allocation_offsets, distinct
 from bonsai_lite.search.machine import detect_machine, page_cache_now
 from bonsai_lite.search.pass_costs import column_norm_seconds, refit_seconds, second_moment_seconds
 from bonsai_lite.search.planner import Work, make_plan
-from bonsai_lite.search.regression import fit_relevance
 from bonsai_lite.search.sampling import global_candidates, sample_masks
 from bonsai_lite.structure import LayerStructure, UnitLayout, positions_in_parent
 
@@ -364,6 +362,8 @@ class Pruner:
         self.it = it
         t0 = time.perf_counter()
         search_model = model
+        head_p, mlp_p = model.spec.unit_params()
+        costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         if s.method in ("bonsai", "bonsai-noregress"):
             info, prior, masks, candidates, means = self._sampled(it, model, tokens, layout)
             search_model = model.with_fills(C.fills(means, layers, model.spec.head_dim)) if s.compensates else model
@@ -375,34 +375,13 @@ class Pruner:
                 scores = self._best_measured(search_model, tokens, masks, ranked_prior, candidates, info)
             elif s.method == "bonsai":
                 losses = self._evaluate_masks(search_model, tokens, masks)
-                ok = torch.isfinite(losses)
-                if ok.sum() < MIN_REGRESSION_MASKS:  # the config guarantees enough masks: these losses overflowed
-                    raise BonsaiError(f"only {int(ok.sum())} of {len(losses)} sub-models have a finite loss (at least "
-                                      f"{MIN_REGRESSION_MASKS} are needed); use --dtype float32")
                 checkpoint("regression")
-                pairs = (torch.arange(len(masks)) // 2)[ok]  # sample_masks: rows 2k, 2k+1 are a pair
-                # --rank within uses only the order inside each group: --cv-scope within scores that
-                # alone, for the betas (their CV) and the prior (the guard), centred over the candidates
-                within = group_members(layout.groups(), layout.total, candidates) if s.cv_scope == "within" else None
-                with self.progress.stage("regression", total=0, iteration=it, masks=int(ok.sum())):
-                    if s.regression == "allocation":
-                        reg = fit_allocation(masks[ok], losses[ok], prior=prior, groups=layout.groups(),
-                                             candidates=candidates, pairs=pairs, seed=_seed(cfg, it, 4))
-                    else:
-                        reg = fit_relevance(masks[ok], losses[ok], penalty=s.penalty, seed=_seed(cfg, it, 4),
-                                            pairs=pairs, within=within)
+                with self.progress.stage("regression", total=0, iteration=it, masks=int(torch.isfinite(losses).sum())):
+                    scores, fitted = regress_and_rank(masks, losses, prior=prior, ranked_prior=ranked_prior,
+                                                      candidates=candidates, groups=layout.groups(), search=s,
+                                                      seed=_seed(cfg, it, 4), costs=costs)
                 checkpoint("regressed")
-                costs = None
-                if s.rank == "per-param" or s.regression == "allocation":
-                    head_p, mlp_p = model.spec.unit_params()
-                    costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
-                r = rank_candidates(reg, ranked_prior, candidates, masks[ok], losses[ok], pairs, layout.groups(),
-                                    rank=s.rank, regression=s.regression, guard=s.guard, within=within, costs=costs)
-                scores = r.scores
-                info.update(prior_pair_tau=r.prior_pair_tau, guard_margin=r.guard_margin, ranked_by=r.ranked_by)
-                info.update(cv_kendall_tau=reg.cv_kendall_tau, regression=reg.best_params, masks_used=int(ok.sum()),
-                            masks_dropped=int((~ok).sum()), loss_mean=float(losses[ok].mean()),
-                            loss_std=float(losses[ok].std()))
+                info.update(fitted)
             else:  # bonsai-noregress
                 ntap = StatsTap(len(layers), n_samples=len(tokens), n_masks=len(masks))
                 self._evaluate_masks(search_model, tokens, masks, tap=ntap)
@@ -429,8 +408,6 @@ class Pruner:
             else:  # flap
                 scores = S.flap_unit_scores(model, tap.stats, layout, columns_of=self.column_norms,
                                             fluctuation=s.fluctuation)[0]
-        head_p, mlp_p = model.spec.unit_params()
-        costs = unit_costs(layout, head_params=head_p, mlp_params=mlp_p)
         need = self._need(it, model)
         tiebreak = normalised_prior(prior, layout.groups())  # ties (e.g. beta all 0) go by the prior
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import bonsai_lite.export.safetensors as export_mod
 import bonsai_lite.prune.loop as loop_mod
+import bonsai_lite.prune.ranking as ranking
 import bonsai_lite.prune.state as state_mod
 from bonsai_lite.adapters import SUPPORTED_ARCHITECTURES
 from bonsai_lite.cli.main import main
@@ -422,13 +423,13 @@ def test_short_spill_writes_are_completed(tmp_path):
 
 def _spy_regression(monkeypatch):
     seen = []
-    real = loop_mod.fit_relevance
+    real = ranking.fit_relevance
 
     def spy(masks, losses, **kw):
         seen.append((masks.clone(), losses.clone()))
         return real(masks, losses, **kw)
 
-    monkeypatch.setattr(loop_mod, "fit_relevance", spy)
+    monkeypatch.setattr(ranking, "fit_relevance", spy)
     return seen
 
 

@@ -9,6 +9,7 @@ import torch
 from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig
 from bonsai_lite.io.model import StreamedModel
 from bonsai_lite.prune import loop as L
+from bonsai_lite.prune import ranking
 from bonsai_lite.prune import run as R
 from bonsai_lite.search.regression import fit_relevance, tau_null_sd
 from bonsai_lite.structure import UnitLayout
@@ -41,7 +42,7 @@ def test_prior_only_equals_bonsai_with_zero_beta(tiny_models, tmp_path, monkeypa
         res = fit_relevance(*a, **k)
         return type(res)(**{**res.__dict__, "beta": torch.zeros_like(res.beta)})
 
-    monkeypatch.setattr(L, "fit_relevance", zero_beta)
+    monkeypatch.setattr(ranking, "fit_relevance", zero_beta)
     reference = _run(model_dir, tmp_path, "zero", "unit")
     assert evaluated  # the reference did evaluate its sub-models
     assert prior_only.layers == reference.layers
