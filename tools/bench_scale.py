@@ -45,7 +45,7 @@ from bonsai_lite.config import CalibConfig, RunConfig, SearchConfig  # noqa: E40
 from bonsai_lite.errors import BudgetError  # noqa: E402
 from bonsai_lite.io.checkpoint import INDEX_NAME  # noqa: E402
 from bonsai_lite.io.model import StreamedModel  # noqa: E402
-from bonsai_lite.prune import loop  # noqa: E402
+from bonsai_lite.prune import loop, ranking  # noqa: E402
 from bonsai_lite.prune.run import run_pruning  # noqa: E402
 from bonsai_lite.search.machine import detect_machine, fmt_bytes, parse_bytes, search_dtype  # noqa: E402
 from bonsai_lite.search.pass_costs import column_norm_seconds  # noqa: E402
@@ -127,7 +127,7 @@ class StageMeter:
 
 @contextmanager
 def instrumented(meter: StageMeter):
-    """Wrap the search loop's stage functions (in `prune.loop`'s namespace) with the meter."""
+    """Wrap the search loop's stage functions (in the namespaces of `prune.loop` and `prune.ranking`) with the meter."""
     saved = []
 
     def wrap(owner, attr: str, stage: str):
@@ -143,7 +143,7 @@ def instrumented(meter: StageMeter):
     wrap(loop.Pruner, "_priors", "priors")
     wrap(loop, "sample_masks", "sampling")
     wrap(loop.Pruner, "_evaluate_masks", "evaluate")
-    wrap(loop, "fit_relevance", "regression")
+    wrap(ranking, "fit_relevance", "regression")
     for fn in ("greedy_drop", "uniform_drop", "apply_drop"):
         wrap(loop, fn, "selection")
     engine = loop.evaluate
