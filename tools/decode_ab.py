@@ -33,13 +33,18 @@ from bench_engine import emit  # noqa: E402
 MODELING = "bonsai_lite/export_assets/modeling_bonsai.py"
 
 
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens after `ids` (a random model's EOS must not end it early)."""
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+
 def ms_per_token(model, ids: torch.Tensor, new_tokens: int) -> float:
-    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    greedy(model, ids, new_tokens)
     many = time.perf_counter() - t
     t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, **kw)
+    greedy(model, ids, 1)
     return (many - (time.perf_counter() - t)) / (new_tokens - 1) * 1e3
 
 
@@ -69,9 +74,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             for p in [int(x) for x in args.prompts.split(",")]:
                 ids = torch.randint(0, vocab, (1, p), generator=g)
-                tokens = {k: m.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                        do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-                          for k, m in models.items()}  # also the warm-up
+                tokens = {k: greedy(m, ids, args.new_tokens) for k, m in models.items()}  # also the warm-up
                 times = {k: [] for k in models}
                 for _ in range(args.repeats):
                     for k, m in models.items():

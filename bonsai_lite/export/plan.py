@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from bonsai_lite.io.checkpoint import SINGLE_NAME, Checkpoint
+from bonsai_lite.ops import equal_kv_groups
 from bonsai_lite.prune.slicing import slice_param
 from bonsai_lite.structure import LayerStructure, ModelSpec
 
@@ -151,9 +152,8 @@ def check_uniform(layers: tuple[LayerStructure, ...]) -> None:
     heads, kv, mlp = widths[0]
     if heads == 0 or mlp == 0:
         raise ValueError(f"uniform export cannot remove every head or every MLP unit (got {heads} heads, {mlp} units)")
-    group = heads // kv
     for l, s in enumerate(layers):
-        if heads % kv or s.kv_map.tolist() != [h // group for h in range(heads)]:
+        if not equal_kv_groups(s.kv_map.tolist(), kv):
             raise ValueError(f"uniform export: layer {l} maps its heads to key/value heads {s.kv_map.tolist()}; "
                              f"a stock GQA config needs each of the {kv} KV heads to serve the same number of "
                              "consecutive heads. Export per-layer instead")

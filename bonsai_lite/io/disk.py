@@ -37,27 +37,27 @@ QUIET_SECONDS = 0.1
 
 @functools.lru_cache(maxsize=1)
 def _libc():
-    """The C library through ctypes (errno kept), or None off Linux. A CDLL call lets go of the GIL."""
+    """The C library through ctypes (errno kept), with the calls used here typed once; None off
+    Linux. A CDLL call lets go of the GIL."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name is None or not sys.platform.startswith("linux"):
         return None
-    return ctypes.CDLL(name, use_errno=True)
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
 
 
-@functools.lru_cache(maxsize=1)
 def _libc_madvise():
-    """libc's madvise, typed; None where there is no libc to call."""
-    import ctypes
-
+    """libc's madvise; None where there is no libc to call."""
     libc = _libc()
-    if libc is None:
-        return None
-    fn = libc.madvise
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
+    return None if libc is None else libc.madvise
 
 
 def advise(mapped: mmap.mmap, advice: int) -> None:
@@ -226,10 +226,6 @@ def _resident_pages(f: Path) -> bytes | None:
         return None
     if size == 0:
         return b""
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     fd = os.open(str(f), os.O_RDONLY)
     try:
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
